@@ -1,0 +1,216 @@
+"""The typer command line. Commands are thin: parse, call one library function, render.
+
+``deepscan PATH...`` with no command name means ``deepscan scan PATH...`` (see ``main``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import DeepscanError
+from .output import debug_enabled, emit_json, notice, stderr_console, stdout_console
+
+app = typer.Typer(
+    name="deepscan",
+    help="Tell whether the faces in a video are deepfakes (spatial-temporal long-distance attention, Lu et al. 2023).",
+    no_args_is_help=True,
+    add_completion=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+weights_app = typer.Typer(help="List, download, verify, create and publish checkpoints.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+VariantOpt = Annotated[
+    str,
+    typer.Option("--variant", "-v", help="Model variant: xception, spatial, temporal or spatial-temporal."),
+]
+
+
+def friendly(fn):
+    """Turn DeepscanError into one line on stderr and its exit code (traceback under DEEPSCAN_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DeepscanError as exc:
+            if debug_enabled():
+                raise
+            notice(f"deepscan: error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            notice("deepscan: interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"deepscan {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """Scan videos for deepfaked faces. `deepscan VIDEO_OR_FOLDER...` is short for `deepscan scan ...`."""
+
+
+# ---------------------------------------------------------------------------- scan
+@app.command()
+@friendly
+def scan(
+    paths: Annotated[list[str], typer.Argument(help="Video files and/or folders (searched recursively).", show_default=False)],
+    weights: Annotated[Optional[Path], typer.Option("--weights", "-w", help="A deepscan .safetensors checkpoint (default: the manifest's for --variant).")] = None,
+    variant: VariantOpt = "spatial-temporal",
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout, one object per input, nothing else.")] = False,
+    heatmaps: Annotated[Optional[Path], typer.Option("--heatmaps", help="Write attention heatmap PNGs per video into this folder.")] = None,
+    threshold: Annotated[float, typer.Option(help="Score at or above which a video is called fake.")] = 0.5,
+    clips: Annotated[int, typer.Option("--clips", "--frames", help="Clips sampled per video, spread evenly.")] = 32,
+    detector: Annotated[str, typer.Option(help="Face detector: auto, scrfd or dlib.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Face clips per model batch (mixed across videos).")] = 8,
+    aggregate: Annotated[str, typer.Option(help="Frame-to-track score: mean (paper), median or max.")] = "mean",
+    glob: Annotated[Optional[str], typer.Option("--glob", help="In folders, take files matching this pattern (e.g. '*.mp4') instead of video extensions.")] = None,
+    min_face: Annotated[int, typer.Option(help="Ignore faces smaller than this many pixels.")] = 24,
+    no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the sha256 of each input file.")] = False,
+) -> None:
+    """Scan videos for deepfaked faces: a verdict per video (exit 0 none fake, 1 fake found, 2 errors)."""
+    from . import scan as scan_mod
+    from .checkpoint import load_checkpoint
+    from .faces import make_detector
+    from .heatmaps import write_heatmaps
+    from .output import warn_untrained
+    from .weights import load_manifest, resolve_checkpoint, sha256_file
+
+    settings = scan_mod.ScanSettings(clips=clips, threshold=threshold, aggregation=aggregate, batch_size=batch_size,
+                                     min_face=min_face, hash_files=not no_hash,
+                                     keep_crops=4 if heatmaps is not None else 0)
+    dev = scan_mod.pick_device(device)
+    dtype = scan_mod.pick_precision(precision, dev)
+    manifest = load_manifest()
+    ckpt = resolve_checkpoint(variant, weights, manifest, say=notice)
+    model, info = load_checkpoint(ckpt)
+    if weights is not None and variant != info.variant and variant != "spatial-temporal":
+        notice(f"note: {ckpt} holds a {info.variant} model; --variant {variant} is ignored")
+    if info.untrained:
+        warn_untrained(str(ckpt))
+    model_rec = scan_mod.model_record(info, sha256_file(ckpt))
+    det = make_detector(detector, manifest=manifest, say=notice)
+    inputs = scan_mod.expand_inputs(paths, glob)
+    runner = scan_mod.Runner(model, dev, dtype)
+    taken: set[str] = set()
+    if heatmaps is not None:
+        heatmaps.mkdir(parents=True, exist_ok=True)
+    from .output import progress
+
+    with progress(len(inputs), "scanning", enabled=not json_out and len(inputs) > 1) as advance:
+        def on_result(res):
+            if heatmaps is not None and res.tracks:
+                res.heatmaps = write_heatmaps(res, heatmaps, taken)
+            if json_out:
+                emit_json(res.to_json(threshold=threshold, model=model_rec, detector=det.name))
+            elif res.error:
+                notice(f"deepscan: {res.error}")
+            advance()
+
+        results = scan_mod.scan(inputs, runner, det, settings, on_result)
+    if not json_out:
+        from .report import results_table
+
+        stdout_console().print(results_table(results, info, det.name, threshold))
+    if info.untrained:
+        warn_untrained(str(ckpt))
+    raise typer.Exit(scan_mod.exit_code(results))
+
+
+# ---------------------------------------------------------------------------- bench
+@app.command()
+@friendly
+def bench(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")] = False,
+    image_size: Annotated[int, typer.Option(help="Backbone input size.")] = 398,
+    lda_size: Annotated[int, typer.Option(help="LDA input size.")] = 224,
+) -> None:
+    """Parameters and GMACs of every variant, beside the paper's Table VII."""
+    from .costs import PAPER_COSTS, measure_all
+
+    costs = measure_all(image_size=image_size, lda_size=lda_size)
+    if json_out:
+        emit_json({"costs": [c.to_json() for c in costs]})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Model cost at {image_size}x{image_size} (LDA {lda_size}), paper Table VII beside")
+    for col in ("variant", "params (M)", "paper (M)", "diff", "GMACs", "paper", "diff"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for c in costs:
+        pg, pp = PAPER_COSTS[c.variant]
+        table.add_row(c.variant, f"{c.params_m:.2f}", f"{pp:.2f}", f"{c.params_m - pp:+.2f}",
+                      f"{c.gmacs:.2f}", f"{pg:.2f}", f"{c.gmacs - pg:+.2f}")
+    console = stdout_console()
+    console.print(table)
+    base = costs[0]
+    parts = Table(title="What each variant adds over the backbone")
+    for col in ("variant", "patch proj.", "pos. emb.", "U, t", "1x1 conv", "total (M)", "paper (M)", "GMACs", "paper"):
+        parts.add_column(col, justify="left" if col == "variant" else "right")
+    for c in costs[1:]:
+        pg, pp = PAPER_COSTS[c.variant]
+        p = c.parts
+        parts.add_row(
+            c.variant, f"{p['patch_projections']:,}", f"{p['position_embeddings']:,}", f"{p['latent_spaces_U_t']:,}",
+            f"{p['combine_1x1']:,}", f"{c.params_m - base.params_m:+.3f}", f"{pp - PAPER_COSTS['xception'][1]:+.2f}",
+            f"{c.gmacs - base.gmacs:+.3f}", f"{pg - PAPER_COSTS['xception'][0]:+.2f}",
+        )
+    console.print(parts)
+    console.print(
+        "Backbone: timm legacy_xception with a 2-class head (20.81 M). The paper's 22.38 M equals it plus "
+        "1.57 M, exactly a 2048x768 linear layer; see README 'Model cost'.",
+        highlight=False,
+    )
+
+
+# ---------------------------------------------------------------------------- weights
+@weights_app.command("init")
+@friendly
+def weights_init(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .safetensors checkpoint.")],
+    variant: VariantOpt = "spatial-temporal",
+    seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Backbone input size.")] = 398,
+    num_maps: Annotated[int, typer.Option("--maps", help="m, attention maps per component (Table IX).")] = 4,
+    num_frames: Annotated[int, typer.Option("--frames-per-clip", help="n, consecutive frames (Table X).")] = 3,
+    vit_init: Annotated[Optional[Path], typer.Option(help="A timm ViT-B/16 .safetensors file to initialise the LDA embeddings from.")] = None,
+) -> None:
+    """Write a randomly initialised checkpoint, marked untrained (for install checks and smoke tests)."""
+    from .weights import init_checkpoint
+
+    path = init_checkpoint(out, variant=variant, seed=seed, image_size=image_size,
+                           num_maps=num_maps, num_frames=num_frames, vit_file=vit_init)
+    notice(f"wrote {path} ({variant}, UNTRAINED: random weights, for smoke tests only)")
+
+
+KNOWN_COMMANDS = {"scan", "bench", "weights", "train", "eval", "prepare", "--help", "-h", "--version",
+                  "--install-completion", "--show-completion"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: route `deepscan PATH...` to `deepscan scan PATH...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in KNOWN_COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "scan")
+    elif argv and argv[0].startswith("-") and argv[0] not in KNOWN_COMMANDS:
+        argv.insert(0, "scan")  # e.g. `deepscan --json video.mp4`
+    app(args=argv, prog_name="deepscan")

@@ -1,0 +1,279 @@
+"""Faces: detect on the first frame of each clip, link detections into tracks, crop.
+
+Detectors (``--detector``):
+- ``scrfd``: insightface's SCRFD-10GF (det_10g.onnx) on onnxruntime, CUDA when present, with
+  5-point landmarks. Its file comes from the weights manifest (non-commercial licence).
+- ``dlib``: dlib's HOG frontal face detector (no model file, the paper's detector), offline.
+- ``auto``: SCRFD when its file is cached or can be fetched quickly, else dlib with a notice.
+
+One box per clip: the box found on the clip's first frame crops all n frames, so the motion
+residuals of the temporal component see the face move, not the detector jitter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .errors import ConfigError, WeightsError
+from .video import Clip
+
+CROP_MARGIN = 1.3  # box enlargement around the face, common for FF++ crops
+DET_SIZE = 640  # detector input: longest side (dlib) / square side (SCRFD)
+MIN_FACE = 24  # px in the frame; smaller faces are ignored
+TRACK_IOU = 0.3  # detections overlapping a track's last box at least this much continue it
+TRACK_CENTRE = 0.5  # ... or whose centre lies within this fraction of the box size
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in frame pixels
+    score: float
+    landmarks: tuple[tuple[float, float], ...] | None = None  # 5 points (SCRFD)
+
+    @property
+    def size(self) -> float:
+        return min(self.box[2] - self.box[0], self.box[3] - self.box[1])
+
+
+@dataclass(frozen=True)
+class FaceClip:
+    """One face in one clip: everything the model and the report need."""
+
+    video: str
+    track_id: int
+    clip_index: int
+    frame_indices: tuple[int, ...]
+    times: tuple[float, ...]
+    box: tuple[float, float, float, float]  # detector box
+    crop_box: tuple[int, int, int, int]  # square, enlarged box actually cropped (may leave the frame)
+    score: float
+    landmarks: tuple[tuple[float, float], ...] | None
+    image: np.ndarray = field(repr=False)  # (S, S, 3) uint8: frame t at the backbone size
+    frames: np.ndarray = field(repr=False)  # (n, s, s, 3) uint8: frames t..t+n-1 at the LDA size
+
+
+# ---------------------------------------------------------------------------- detectors
+class DlibDetector:
+    name = "dlib"
+
+    def __init__(self, det_size: int = DET_SIZE, min_score: float = 0.0):
+        import dlib
+
+        self._detector = dlib.get_frontal_face_detector()
+        self.det_size = det_size
+        self.min_score = min_score
+
+    def __call__(self, frame: np.ndarray) -> list[Detection]:
+        h, w = frame.shape[:2]
+        scale = self.det_size / max(h, w)
+        small = np.asarray(Image.fromarray(frame).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
+        rects, scores, _ = self._detector.run(small, 0, self.min_score)
+        out = []
+        for r, s in zip(rects, scores):
+            box = (r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale)
+            out.append(Detection(box, float(s)))
+        return out
+
+
+class ScrfdDetector:
+    """SCRFD on onnxruntime: letterboxed square input, three strides, two anchors per cell."""
+
+    name = "scrfd"
+    strides = (8, 16, 32)
+    num_anchors = 2
+
+    def __init__(self, model_path: str, det_size: int = DET_SIZE, threshold: float = 0.5,
+                 nms: float = 0.4, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(model_path), providers=providers or onnx_providers())
+        self.input_name = self.session.get_inputs()[0].name
+        self.det_size, self.threshold, self.nms = det_size, threshold, nms
+
+    def __call__(self, frame: np.ndarray) -> list[Detection]:
+        h, w = frame.shape[:2]
+        scale = self.det_size / max(h, w)
+        nw, nh = round(w * scale), round(h * scale)
+        canvas = np.zeros((self.det_size, self.det_size, 3), np.float32)
+        canvas[:nh, :nw] = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.BILINEAR), np.float32)
+        blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]  # RGB, as insightface feeds it
+        outputs = self.session.run(None, {self.input_name: blob})
+        return self.decode(outputs, scale)
+
+    def decode(self, outputs: list[np.ndarray], scale: float) -> list[Detection]:
+        n = len(self.strides)
+        boxes, scores, kpss = [], [], []
+        for i, stride in enumerate(self.strides):
+            score = outputs[i].reshape(-1)
+            dist = outputs[i + n].reshape(-1, 4) * stride
+            kps = outputs[i + 2 * n].reshape(-1, 10) * stride if len(outputs) >= 3 * n else None
+            side = self.det_size // stride
+            ys, xs = np.mgrid[:side, :side]
+            centres = np.repeat(np.stack([xs, ys], -1).reshape(-1, 2) * stride, self.num_anchors, axis=0)
+            keep = np.where(score >= self.threshold)[0]
+            c = centres[keep].astype(np.float32)
+            d = dist[keep]
+            boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], axis=1))
+            scores.append(score[keep])
+            if kps is not None:
+                kpss.append((np.tile(c, 5) + kps[keep]).reshape(-1, 5, 2))
+        if not boxes or sum(len(s) for s in scores) == 0:
+            return []
+        boxes_a, scores_a = np.concatenate(boxes) / scale, np.concatenate(scores)
+        kps_a = np.concatenate(kpss) / scale if kpss else None
+        out = []
+        for j in nms(boxes_a, scores_a, self.nms):
+            lm = tuple(map(tuple, kps_a[j].tolist())) if kps_a is not None else None
+            out.append(Detection(tuple(float(v) for v in boxes_a[j]), float(scores_a[j]), lm))
+        return out
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    order = np.argsort(-scores)
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        ious = iou_many(boxes[i], boxes[order[1:]])
+        order = order[1:][ious <= threshold]
+    return keep
+
+
+def iou_many(box, boxes: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def onnx_providers() -> list[str]:
+    """CUDA first when a GPU is visible to torch and onnxruntime offers it, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except Exception:
+        gpu = False
+    if gpu and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_detector(name: str = "auto", *, manifest=None, say=None, det_size: int = DET_SIZE):
+    """Build the detector ``name``; ``auto`` falls back to dlib, saying so, when SCRFD is not at hand."""
+    if name not in ("auto", "scrfd", "dlib"):
+        raise ConfigError(f"unknown detector {name!r}; choose auto, scrfd or dlib")
+    if name == "dlib":
+        return DlibDetector(det_size)
+    from . import weights
+
+    manifest = manifest or weights.load_manifest()
+    entry = manifest.detector()
+    if entry is None:
+        if name == "scrfd":
+            raise WeightsError("the weights manifest lists no detector; use --detector dlib")
+        return DlibDetector(det_size)
+    try:
+        if name == "auto" and weights.cached(entry) is None and (weights.offline() or not weights._reachable(weights.endpoint())):
+            raise WeightsError(f"{entry.name} is not cached and the Hub cannot be reached")
+        path = weights.fetch(entry, say=say)
+        return ScrfdDetector(str(path), det_size)
+    except WeightsError as exc:
+        if name == "scrfd":
+            raise
+        if say:
+            say(f"note: using dlib's HOG face detector ({exc})")
+        return DlibDetector(det_size)
+
+
+# ---------------------------------------------------------------------------- tracking
+def box_iou(a, b) -> float:
+    return float(iou_many(np.asarray(a, float), np.asarray([b], float))[0])
+
+
+class Tracker:
+    """Greedy linking of detections over time, by IoU or centre distance to a track's last box."""
+
+    def __init__(self, iou: float = TRACK_IOU, centre: float = TRACK_CENTRE):
+        self.iou, self.centre = iou, centre
+        self.last: dict[int, tuple] = {}  # track id -> its latest box
+        self.next_id = 0
+
+    def _close(self, a, b) -> float:
+        """A match score in [0, 1+]: IoU, or a centre-distance score when IoU fails."""
+        overlap = box_iou(a, b)
+        if overlap >= self.iou:
+            return 1.0 + overlap
+        size = max(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1])
+        dist = math.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2)
+        return 1.0 - dist / size if dist <= self.centre * size else 0.0
+
+    def assign(self, detections: list[Detection]) -> list[int]:
+        """Track ids for one clip's detections (best matches first, one detection per track)."""
+        pairs = sorted(
+            ((self._close(box, d.box), tid, j) for tid, box in self.last.items() for j, d in enumerate(detections)),
+            reverse=True,
+        )
+        ids: dict[int, int] = {}
+        used: set[int] = set()
+        for score, tid, j in pairs:
+            if score <= 0 or tid in used or j in ids:
+                continue
+            ids[j] = tid
+            used.add(tid)
+        for j in range(len(detections)):
+            if j not in ids:
+                ids[j], self.next_id = self.next_id, self.next_id + 1
+        result = [ids[j] for j in range(len(detections))]
+        for j, tid in enumerate(result):
+            self.last[tid] = detections[j].box
+        return result
+
+
+# ---------------------------------------------------------------------------- crops
+def crop_box(box, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+    """A square around the box's centre, side = margin x the box's longer side."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    side = max(box[2] - box[0], box[3] - box[1]) * margin
+    x1, y1 = int(round(cx - side / 2)), int(round(cy - side / 2))
+    s = max(2, int(round(side)))
+    return x1, y1, x1 + s, y1 + s
+
+
+def crop_square(frame: np.ndarray, square: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Cut ``square`` out of ``frame``, padding with black where it leaves the frame, resize to size."""
+    x1, y1, x2, y2 = square
+    h, w = frame.shape[:2]
+    side = x2 - x1
+    canvas = np.zeros((side, side, 3), np.uint8)
+    sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
+    if sx2 > sx1 and sy2 > sy1:
+        canvas[sy1 - y1: sy2 - y1, sx1 - x1: sx2 - x1] = frame[sy1:sy2, sx1:sx2]
+    return np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC if side < size else Image.BOX))
+
+
+def face_clips(video: str, clip: Clip, detections: list[Detection], track_ids: list[int],
+               image_size: int, lda_size: int, margin: float = CROP_MARGIN) -> list[FaceClip]:
+    out = []
+    for det, tid in zip(detections, track_ids):
+        square = crop_box(det.box, margin)
+        image = crop_square(clip.frames[0], square, image_size)
+        frames = np.stack([crop_square(f, square, lda_size) for f in clip.frames])
+        out.append(FaceClip(video, tid, clip.index, clip.frame_indices, clip.times, det.box, square,
+                            det.score, det.landmarks, image, frames))
+    return out
+
+
+def filter_faces(detections: list[Detection], min_face: int = MIN_FACE) -> list[Detection]:
+    return [d for d in detections if d.size >= min_face]

@@ -1,0 +1,110 @@
+"""Attention heatmaps: the most suspicious face crops with their 14x14 patch maps overlaid.
+
+As in the paper's Figs. 2, 10 and 11, each map is drawn per patch (nearest expansion, so the
+16x16 patches stay visible). A component's m maps are averaged for the overlay and also shown
+one by one in a strip below. Colours are normalised per image (min-max), so compare shapes,
+not absolute values, across images. Headless: Pillow only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+TILE = 224
+
+
+def _colormap(x: np.ndarray) -> np.ndarray:
+    """A blue-cyan-yellow-red ramp for values in [0, 1] -> (..., 3) uint8."""
+    stops = np.array([[0, 0, 128], [0, 160, 255], [255, 230, 0], [220, 0, 0]], float)
+    pos = np.clip(x, 0, 1) * (len(stops) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).astype(np.uint8)
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    lo, hi = float(m.min()), float(m.max())
+    return (m - lo) / (hi - lo) if hi > lo else np.full_like(m, 0.5)
+
+
+def overlay(crop: np.ndarray, amap: np.ndarray, alpha: float = 0.5, size: int = TILE) -> np.ndarray:
+    """A face crop with one 2-D attention map blended over it, patch by patch."""
+    face = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR), float)
+    heat = Image.fromarray(_colormap(_normalise(amap))).resize((size, size), Image.NEAREST)
+    return (face * (1 - alpha) + np.asarray(heat, float) * alpha).astype(np.uint8)
+
+
+def safe_folder_name(path: str, taken: set[str]) -> str:
+    """A folder name from a video path: readable, no separators or dots to escape, unique."""
+    stem = Path(path).name or "video"
+    clean = re.sub(r"[^\w.-]+", "_", stem, flags=re.UNICODE).strip("._") or "video"
+    clean = clean[:80]
+    tag = hashlib.sha1(str(Path(path).absolute()).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    name = f"{clean}-{tag}"
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
+
+
+def _label(img: Image.Image, text: str) -> Image.Image:
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
+    draw.text((3, 1), text, fill=(255, 255, 255), font=font)
+    return img
+
+
+def panel(frame, components: list[str]) -> Image.Image:
+    """One face clip: [face | overlay per component] on top, each single map below."""
+    tiles = [_label(Image.fromarray(np.asarray(Image.fromarray(frame.crop).resize((TILE, TILE)))),
+                    f"frame {frame.index} t={frame.time_s:.2f}s P(fake)={frame.score:.3f}")]
+    strips = []
+    for comp in components:
+        maps = frame.maps[comp]
+        tiles.append(_label(Image.fromarray(overlay(frame.crop, maps.mean(0))), f"{comp} (mean of {len(maps)})"))
+        small = TILE // max(len(maps), 1)
+        strips.extend(Image.fromarray(overlay(frame.crop, m, alpha=0.7, size=small)) for m in maps)
+    width = TILE * len(tiles)
+    strip_h = TILE // 4 if strips else 0
+    img = Image.new("RGB", (width, TILE + strip_h), (0, 0, 0))
+    for i, tile in enumerate(tiles):
+        img.paste(tile, (i * TILE, 0))
+    x = TILE
+    for s in strips:
+        img.paste(s.resize((strip_h, strip_h)), (x, TILE))
+        x += strip_h
+    return img
+
+
+def write_heatmaps(result, out_dir: str | Path, taken: set[str]) -> str | None:
+    """Write PNGs of the kept (most suspicious) face clips and a contact sheet; return the folder."""
+    frames = sorted((f for fr in result.tracks.values() for f in fr if f.crop is not None), key=lambda f: -f.score)
+    if not frames:
+        return None
+    components = sorted(frames[0].maps)
+    root = Path(out_dir).resolve()
+    folder = root / safe_folder_name(result.path, taken)
+    if root not in folder.resolve().parents:  # belt and braces: never write outside out_dir
+        raise ValueError(f"refusing to write heatmaps outside {root}")
+    folder.mkdir(parents=True, exist_ok=True)
+    panels = []
+    for rank, f in enumerate(frames, 1):
+        img = panel(f, components)
+        img.save(folder / f"rank{rank:02d}_frame{f.index:06d}.png")
+        panels.append(img)
+    head = Image.new("RGB", (panels[0].width, 18), (0, 0, 0))
+    _label(head, f"{Path(result.path).name}: verdict {result.verdict}, score {result.score:.3f}")
+    sheet = Image.new("RGB", (panels[0].width, 18 + sum(p.height for p in panels)), (0, 0, 0))
+    sheet.paste(head, (0, 0))
+    y = 18
+    for p in panels:
+        sheet.paste(p, (0, y))
+        y += p.height
+    sheet.save(folder / "contact_sheet.png")
+    return str(folder)

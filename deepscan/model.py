@@ -1,0 +1,185 @@
+"""The spatial-temporal long-distance-attention detector (Lu et al., TNNLS 2023, section IV).
+
+One code path serves the four variants of Table VII: an Xception backbone (timm's
+``legacy_xception`` architecture, randomly initialised as in paper V-A) whose conv2 output is
+recalibrated by the spatial LDA component and whose block1 output is recalibrated by the
+temporal LDA component, each switched on by the config.
+
+Inputs, both already normalised with the config's mean/std:
+  image   (B, 3, S, S)        frame t at the backbone size (398)
+  frames  (B, T, 3, s, s)     frames t..t+T-1 at the LDA size (224); T = config.clip_len.
+                              The spatial component reads frames[:, 0]; the temporal one the
+                              frame and its T-1 motion residuals r^k = I^(k+1) - I^k (eq. 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+
+class LongDistanceAttention(nn.Module):
+    """Patch tokens -> K latent-space activations per patch -> m attention maps (Fig. 5).
+
+    ``num_inputs`` images (1 for the spatial component; the frame plus n-1 residuals for the
+    temporal one) each get their own 16x16 patch projection, shaped like ViT-B/16's
+    ``patch_embed.proj`` so pretrained weights load into it. All tokens form one sequence with a
+    learned position embedding over (input, patch). In each latent space k the tokens are
+    mapped by U_k (D x d) and consulted by the template t_k: a = sigmoid(<x, t_k> / sqrt(d)).
+    Activations of the same patch at different times are averaged to one map per space
+    (SPEC §1), and a 1x1 convolution combines the K maps into m.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_inputs: int):
+        super().__init__()
+        self.num_inputs = num_inputs
+        self.grid = cfg.grid
+        self.latent_dim = cfg.latent_dim
+        num_patches = cfg.grid * cfg.grid
+        self.patch_embed = nn.ModuleList(
+            nn.Conv2d(3, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+            for _ in range(num_inputs)
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_inputs * num_patches, cfg.embed_dim))
+        self.proj = nn.Parameter(torch.empty(cfg.num_spaces, cfg.embed_dim, cfg.latent_dim))  # U_k
+        self.templates = nn.Parameter(torch.empty(cfg.num_spaces, cfg.latent_dim))  # t_k
+        self.combine = nn.Conv2d(cfg.num_spaces, cfg.num_maps, kernel_size=1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)  # as ViT
+        nn.init.normal_(self.proj, std=1.0 / math.sqrt(self.proj.shape[1]))
+        nn.init.normal_(self.templates, std=1.0)
+        # Start as the plain mean of the K maps, so initial maps stay in (0, 1).
+        nn.init.constant_(self.combine.weight, 1.0 / self.combine.in_channels)
+        nn.init.zeros_(self.combine.bias)
+
+    def activations(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, s, s) -> per-space patch activations (B, K, grid, grid) in (0, 1)."""
+        b, t = inputs.shape[:2]
+        if t != self.num_inputs:
+            raise ValueError(f"expected {self.num_inputs} LDA inputs, got {t}")
+        tokens = torch.cat(
+            [embed(inputs[:, i]).flatten(2).transpose(1, 2) for i, embed in enumerate(self.patch_embed)],
+            dim=1,
+        )  # (B, T*N, D)
+        z = tokens + self.pos_embed
+        x = torch.einsum("bnd,kde->bkne", z, self.proj)  # representations X_k = Z U_k
+        act = torch.sigmoid(torch.einsum("bkne,ke->bkn", x, self.templates) / math.sqrt(self.latent_dim))
+        act = act.view(b, act.shape[1], t, self.grid * self.grid).mean(dim=2)  # reduce over time
+        return act.view(b, -1, self.grid, self.grid)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, s, s) -> m attention maps (B, m, grid, grid)."""
+        return self.combine(self.activations(inputs))
+
+
+def recalibrate(features: torch.Tensor, maps: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Scale each channel group of ``features`` by its attention map (paper IV-B, last step).
+
+    Map j scales channels [j*C/m, (j+1)*C/m); when m does not divide C (m = 3 or 5 in
+    Table IX) the groups differ in size by one channel. "exact" expands every patch value over
+    its block of the feature map (nearest, integer factor: 14 on 196, 7 on 98); "adaptive"
+    stretches the map with adaptive average pooling (paper VI-D, other resolutions).
+    """
+    channels, size = features.shape[1], features.shape[-2:]
+    if cfg.map_fit == "exact":
+        if size[0] % maps.shape[-2] or size[1] % maps.shape[-1]:
+            raise ConfigError(f"feature map {tuple(size)} is not a multiple of the attention grid")
+        maps = F.interpolate(maps, size=size, mode="nearest")
+    else:
+        maps = F.adaptive_avg_pool2d(maps, size)
+    group = torch.arange(channels, device=features.device) * maps.shape[1] // channels
+    scale = maps.index_select(1, group).to(features.dtype)
+    return features * (1 + scale) if cfg.recalibration == "residual" else features * scale
+
+
+class LDADetector(nn.Module):
+    """Xception with spatial and/or temporal long-distance attention; 2-class logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        # Architecture only: paper V-A initialises the backbone randomly, and nothing here
+        # may download weights.
+        self.backbone = timm.create_model("legacy_xception", pretrained=False, num_classes=cfg.num_classes)
+        self.spatial = LongDistanceAttention(cfg, 1) if cfg.spatial else None
+        self.temporal = LongDistanceAttention(cfg, cfg.num_frames) if cfg.temporal else None
+
+    def attention_maps(self, frames: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The m maps of each enabled component, (B, m, 14, 14) each."""
+        maps: dict[str, torch.Tensor] = {}
+        if self.spatial is None and self.temporal is None:
+            return maps
+        cfg = self.config
+        if frames is None or frames.dim() != 5 or frames.shape[1] < cfg.clip_len:
+            shape = None if frames is None else tuple(frames.shape)
+            raise ValueError(f"{cfg.variant} needs frames of shape (B, {cfg.clip_len}, 3, {cfg.lda_size}, {cfg.lda_size}), got {shape}")
+        if self.spatial is not None:
+            maps["spatial"] = self.spatial(frames[:, :1])
+        if self.temporal is not None:
+            clip = frames[:, : cfg.num_frames]
+            residuals = clip[:, 1:] - clip[:, :-1]  # r^k = I^(k+1) - I^k, eq. (1)
+            maps["temporal"] = self.temporal(torch.cat([clip[:, :1], residuals], dim=1))
+        return maps
+
+    def forward(self, image: torch.Tensor, frames: torch.Tensor | None = None, return_maps: bool = False):
+        maps = self.attention_maps(frames)
+        b = self.backbone
+        x = b.act1(b.bn1(b.conv1(image)))
+        x = b.act2(b.bn2(b.conv2(x)))
+        if "spatial" in maps:  # shallow features (paper IV-C)
+            x = recalibrate(x, maps["spatial"], self.config)
+        x = b.block1(x)
+        if "temporal" in maps:  # mid-level features (paper IV-D)
+            x = recalibrate(x, maps["temporal"], self.config)
+        for name in ("block2", "block3", "block4", "block5", "block6", "block7",
+                     "block8", "block9", "block10", "block11", "block12"):
+            x = getattr(b, name)(x)
+        x = b.act3(b.bn3(b.conv3(x)))
+        x = b.act4(b.bn4(b.conv4(x)))
+        logits = b.forward_head(x)
+        return (logits, maps) if return_maps else logits
+
+
+def build_model(cfg: ModelConfig) -> LDADetector:
+    return LDADetector(cfg)
+
+
+def load_vit_embeddings(model: LDADetector, vit_state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy ViT-B/16's patch projection and position embedding into every LDA component.
+
+    ``vit_state`` is a timm ViT state dict (``patch_embed.proj.weight/bias``, ``pos_embed``
+    with one class token). Each of a component's projections gets the same pretrained weights;
+    the spatial position table is repeated over time for the temporal component. Returns
+    the names of the tensors it set.
+    """
+    weight, bias = vit_state["patch_embed.proj.weight"], vit_state["patch_embed.proj.bias"]
+    pos = vit_state["pos_embed"]
+    loaded = []
+    for comp_name in ("spatial", "temporal"):
+        comp = getattr(model, comp_name)
+        if comp is None:
+            continue
+        n = comp.grid * comp.grid
+        table = pos[:, -n:]  # drop the class token
+        if weight.shape != comp.patch_embed[0].weight.shape or table.shape[-1] != comp.pos_embed.shape[-1]:
+            raise ConfigError(
+                f"ViT weights {tuple(weight.shape)} do not fit the {comp_name} patch embedding "
+                f"{tuple(comp.patch_embed[0].weight.shape)}"
+            )
+        with torch.no_grad():
+            for i, embed in enumerate(comp.patch_embed):
+                embed.weight.copy_(weight)
+                embed.bias.copy_(bias)
+                loaded += [f"{comp_name}.patch_embed.{i}.weight", f"{comp_name}.patch_embed.{i}.bias"]
+            comp.pos_embed.copy_(table.repeat(1, comp.num_inputs, 1))
+            loaded.append(f"{comp_name}.pos_embed")
+    return loaded

@@ -1,0 +1,402 @@
+"""A scan: videos in, one result per input out.
+
+decode (video.py) -> detect, track, crop (faces.py) -> batches through the model (here) ->
+per-frame P(fake) -> per-track score (mean, paper) -> per-video score (the most fake track).
+
+Preparing a video (decode + detect + crop) runs in a background thread ahead of the model,
+and batches mix face clips of several videos; a video's result is emitted as soon as all its
+clips are scored. Any failure of one input becomes that input's ``error`` result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from . import faces as faces_mod
+from .checkpoint import CheckpointInfo
+from .errors import ConfigError, DeepscanError, MediaError
+from .model import LDADetector
+from .output import debug_enabled
+from .video import DecodeReport, check_readable, plan_clips, probe, read_clips
+
+SCHEMA = "deepscan.scan/1"
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp")
+AGGREGATIONS = ("mean", "median", "max")
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    clips: int = 32  # K clips per video (SPEC §2)
+    threshold: float = 0.5
+    aggregation: str = "mean"  # frame -> track score; the paper uses the mean
+    batch_size: int = 8
+    min_face: int = faces_mod.MIN_FACE
+    margin: float = faces_mod.CROP_MARGIN
+    strategy: str = "auto"  # decoding: auto | select | seek
+    hash_files: bool = True
+    keep_crops: int = 4  # most suspicious face clips kept per video for heatmaps (0: none)
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"--aggregate must be one of {', '.join(AGGREGATIONS)}")
+        if self.clips < 1 or self.batch_size < 1:
+            raise ConfigError("--clips and --batch-size must be >= 1")
+
+
+@dataclass
+class FrameScore:
+    index: int
+    time_s: float
+    score: float
+    box: tuple[float, float, float, float]
+    maps: dict = field(default_factory=dict, repr=False)  # component -> (m, 14, 14) float
+    crop: np.ndarray | None = field(default=None, repr=False)  # (s, s, 3) uint8, LDA size
+
+
+@dataclass
+class VideoResult:
+    path: str
+    verdict: str = "error"
+    score: float | None = None
+    error: str | None = None
+    sha256: str | None = None
+    video: dict | None = None
+    sampling: dict = field(default_factory=dict)
+    tracks: dict[int, list[FrameScore]] = field(default_factory=dict)
+    track_scores: dict[int, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    heatmaps: str | None = None
+
+    def to_json(self, *, threshold: float, model: dict, detector: str) -> dict:
+        return {
+            "schema": SCHEMA,
+            "path": self.path,
+            "sha256": self.sha256,
+            "verdict": self.verdict,
+            "score": None if self.score is None else round(self.score, 6),
+            "threshold": threshold,
+            "error": self.error,
+            "model": model,
+            "detector": detector,
+            "video": self.video,
+            "sampling": self.sampling,
+            "tracks": [
+                {
+                    "id": tid,
+                    "score": round(self.track_scores[tid], 6),
+                    "frames": [
+                        {"index": f.index, "time_s": f.time_s, "score": round(f.score, 6),
+                         "box": [round(v, 1) for v in f.box]}
+                        for f in frames
+                    ],
+                }
+                for tid, frames in sorted(self.tracks.items())
+            ],
+            "warnings": self.warnings,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "heatmaps": self.heatmaps,
+        }
+
+
+# ---------------------------------------------------------------------------- inputs
+def expand_inputs(paths: Iterable[str | os.PathLike], pattern: str | None = None) -> list[tuple[str, str | None]]:
+    """(path, error) pairs: files as given, folders searched recursively for videos.
+
+    A folder yields its video files (by extension, or matching ``pattern``), sorted; a folder
+    without any yields one error entry. Links to folders are not followed (no loops).
+    """
+    out: list[tuple[str, str | None]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = []
+            for root, dirs, files in os.walk(p, followlinks=False):
+                dirs.sort()
+                for name in sorted(files):
+                    f = Path(root, name)
+                    if f.match(pattern) if pattern else f.suffix.lower() in VIDEO_EXTENSIONS:
+                        found.append(str(f))
+            if not found:
+                what = f"matching {pattern!r}" if pattern else f"with a video extension ({', '.join(VIDEO_EXTENSIONS[:5])}, ...)"
+                out.append((str(p), f"{p}: folder holds no files {what}; use --glob to choose others"))
+            out.extend((f, None) for f in found)
+        else:
+            out.append((str(raw), None))
+    return out
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- devices
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    probe_fn = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe_fn and probe_fn()) or (amx and amx()))
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32."""
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if name not in table:
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not {name!r}")
+    if name == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 is for CUDA; on CPU use bf16 or fp32")
+    return table[name]
+
+
+class Runner:
+    """Face clips -> P(fake) and attention maps, in batches, on one device and precision."""
+
+    def __init__(self, model: LDADetector, device: torch.device, dtype: torch.dtype):
+        self.cfg = model.config
+        self.device, self.dtype = device, dtype
+        self.model = model.to(device).eval()
+        if device.type == "cpu" or dtype != torch.float32:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.cfg.std).view(1, 3, 1, 1) * 255
+        self.mean, self.std = mean.to(device), std.to(device)
+
+    def _to_input(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array).to(self.device, non_blocking=True)
+        t = t.permute(0, 3, 1, 2).float()
+        return ((t - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, clips: list[faces_mod.FaceClip]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        image = self._to_input(np.stack([c.image for c in clips]))
+        frames = None
+        if self.cfg.variant != "xception":
+            b, n = len(clips), clips[0].frames.shape[0]
+            flat = self._to_input(np.concatenate([c.frames for c in clips]))
+            frames = flat.view(b, n, *flat.shape[1:])
+        autocast = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+            logits, maps = self.model(image, frames, return_maps=True)
+        probs = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        return probs, {k: v.float().cpu().numpy() for k, v in maps.items()}
+
+
+# ---------------------------------------------------------------------------- preparing
+@dataclass
+class Prepared:
+    index: int
+    result: VideoResult
+    clips: list[faces_mod.FaceClip]
+    t0: float
+
+
+def prepare_video(index: int, path: str, detector, cfg, settings: ScanSettings) -> Prepared:
+    """Decode, detect, track and crop one video; errors become the result's error."""
+    t0 = time.perf_counter()
+    res = VideoResult(path=path)
+    clips: list[faces_mod.FaceClip] = []
+    try:
+        check_readable(path)
+        if settings.hash_files:
+            res.sha256 = sha256_of(path)
+        info = probe(path)
+        res.video = {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
+                     "duration_s": round(info.duration, 3), "rotation": info.rotation, "codec": info.codec}
+        clip_len = cfg.clip_len
+        starts = plan_clips(info.num_frames, settings.clips, clip_len)
+        if not starts:
+            if info.num_frames == 0 and info.duration == 0:
+                # Unknown length (a header without duration): try the first frames.
+                starts = [0]
+            else:
+                raise MediaError(f"{path}: only {info.num_frames} frame(s), fewer than the {clip_len} "
+                                 f"consecutive frames the {cfg.variant} model needs; use a longer video")
+        report = DecodeReport()
+        tracker = faces_mod.Tracker()
+        t_dec = t_det = 0.0
+        t = time.perf_counter()
+        for clip in read_clips(info, starts, clip_len, settings.strategy, report):
+            t1 = time.perf_counter()
+            t_dec += t1 - t
+            dets = faces_mod.filter_faces(detector(clip.frames[0]), settings.min_face)
+            ids = tracker.assign(dets)
+            clips.extend(faces_mod.face_clips(path, clip, dets, ids, cfg.image_size, cfg.lda_size, settings.margin))
+            t = time.perf_counter()
+            t_det += t - t1
+        res.sampling = {"clips": len(starts), "n": clip_len, "decoded_clips": report.decoded,
+                        "frames": report.decoded * clip_len, "face_clips": len(clips), "strategy": report.strategy}
+        res.timings = {"decode_s": t_dec, "detect_crop_s": t_det}
+        if report.warning:
+            res.warnings.append(report.warning)
+        if report.decoded == 0:
+            raise MediaError(f"{path}: no frame could be decoded; the file is damaged or truncated")
+        if not clips:
+            res.verdict = "no-face"
+    except DeepscanError as exc:
+        res.error, res.verdict = str(exc), "error"
+    except Exception as exc:  # an unexpected failure must not stop the other inputs
+        if debug_enabled():
+            traceback.print_exc()
+        res.error, res.verdict = f"{path}: unexpected {type(exc).__name__}: {exc}", "error"
+        clips = []
+    return Prepared(index, res, clips, t0)
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run ``items`` in a background thread, at most ``depth`` ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # surfaced in the consumer
+            q.put(exc)
+        q.put(done)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# ---------------------------------------------------------------------------- scoring
+def aggregate(scores: list[float], how: str) -> float:
+    if how == "median":
+        return float(np.median(scores))
+    if how == "max":
+        return float(np.max(scores))
+    return float(np.mean(scores))
+
+
+def finish(res: VideoResult, settings: ScanSettings) -> VideoResult:
+    if res.error is None and res.tracks:
+        res.track_scores = {tid: aggregate([f.score for f in frames], settings.aggregation)
+                            for tid, frames in res.tracks.items()}
+        res.score = max(res.track_scores.values())  # a video is as fake as its most fake track
+        res.verdict = "fake" if res.score >= settings.threshold else "real"
+        # keep crops only for the most suspicious face clips (heatmaps)
+        ranked = sorted((f for fr in res.tracks.values() for f in fr), key=lambda f: -f.score)
+        for f in ranked[settings.keep_crops:]:
+            f.crop = None
+    elif res.error is None and res.verdict != "no-face":
+        res.verdict = "no-face"
+    return res
+
+
+def scan(paths: list[tuple[str, str | None]], runner: Runner, detector, settings: ScanSettings,
+         on_result: Callable[[VideoResult], None]) -> list[VideoResult]:
+    """Scan every input, calling ``on_result`` as each finishes (input order kept)."""
+    cfg = runner.cfg
+    results: list[VideoResult | None] = [None] * len(paths)
+
+    def produce():
+        for i, (path, err) in enumerate(paths):
+            if err:
+                yield Prepared(i, VideoResult(path=path, error=err), [], time.perf_counter())
+            else:
+                yield prepare_video(i, path, detector, cfg, settings)
+
+    pending: list[tuple[Prepared, faces_mod.FaceClip]] = []
+    open_videos: dict[int, tuple[Prepared, int]] = {}  # index -> (prepared, clips left)
+    next_emit = [0]
+    model_time: dict[int, float] = {}
+
+    def emit_ready():
+        while next_emit[0] < len(paths) and results[next_emit[0]] is not None:
+            on_result(results[next_emit[0]])
+            next_emit[0] += 1
+
+    def complete(prep: Prepared):
+        res = prep.result
+        res.timings["model_s"] = model_time.get(prep.index, 0.0)
+        res.timings["total_s"] = time.perf_counter() - prep.t0
+        results[prep.index] = finish(res, settings)
+        emit_ready()
+
+    def run_batch(batch):
+        t = time.perf_counter()
+        probs, maps = runner([fc for _, fc in batch])
+        share = (time.perf_counter() - t) / len(batch)
+        for j, (prep, fc) in enumerate(batch):
+            model_time[prep.index] = model_time.get(prep.index, 0.0) + share
+            fs = FrameScore(fc.frame_indices[0], fc.times[0], float(probs[j]), fc.box,
+                            {k: v[j] for k, v in maps.items()}, fc.frames[0])
+            prep.result.tracks.setdefault(fc.track_id, []).append(fs)
+            p, left = open_videos[prep.index]
+            if left == 1:
+                del open_videos[prep.index]
+                complete(p)
+            else:
+                open_videos[prep.index] = (p, left - 1)
+
+    for prep in prefetch(produce()):
+        if not prep.clips:
+            complete(prep)
+            continue
+        open_videos[prep.index] = (prep, len(prep.clips))
+        pending.extend((prep, fc) for fc in prep.clips)
+        prep.clips = []
+        while len(pending) >= settings.batch_size:
+            batch, pending = pending[: settings.batch_size], pending[settings.batch_size:]
+            run_batch(batch)
+    while pending:
+        batch, pending = pending[: settings.batch_size], pending[settings.batch_size:]
+        run_batch(batch)
+    return [r for r in results if r is not None]
+
+
+def model_record(info: CheckpointInfo, checkpoint_sha: str) -> dict:
+    return {"variant": info.variant, "checkpoint": Path(info.path).name, "sha256": checkpoint_sha,
+            "untrained": info.untrained}
+
+
+def exit_code(results: list[VideoResult]) -> int:
+    """Antivirus convention: 1 if anything is fake, else 2 if anything failed, else 0."""
+    if any(r.verdict == "fake" for r in results):
+        return 1
+    if any(r.verdict == "error" for r in results):
+        return 2
+    return 0

@@ -1,0 +1,314 @@
+"""Checkpoints and detector files: the manifest, verified downloads from the Hub, the cache.
+
+Every file deepscan downloads is listed in ``weights_manifest.json`` with a pinned commit and
+its sha256. Downloads go through huggingface_hub (its cache, HF_HOME, HF_TOKEN, HF_ENDPOINT and
+HF_HUB_OFFLINE are honoured) and the bytes are checked after download and again before each
+use from the cache. Offline, a cached file is used without any network call and an uncached
+one fails within seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .config import VARIANTS
+from .errors import WeightsError
+
+MANIFEST_SCHEMA = 1
+KINDS = ("model", "detector")
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    name: str
+    kind: str  # "model" | "detector"
+    repo_id: str
+    revision: str  # a 40-hex commit, never a branch
+    filename: str
+    sha256: str
+    size: int
+    license: str
+    description: str
+    variant: str | None = None  # model entries only
+    preprocessing: dict | None = None
+    metrics: dict | None = None  # {dataset, split, frame_acc, frame_auc, video_acc, video_auc}
+    provenance_note: str = ""  # how sha256/size were established
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    entries: tuple[ManifestEntry, ...] = field(default_factory=tuple)
+    source: str = ""
+
+    def get(self, name: str) -> ManifestEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        names = ", ".join(e.name for e in self.entries) or "none"
+        raise WeightsError(f"no entry named {name!r} in {self.source} (known: {names}); see `deepscan weights list`")
+
+    def models(self, variant: str | None = None) -> list[ManifestEntry]:
+        return [e for e in self.entries if e.kind == "model" and (variant is None or e.variant == variant)]
+
+    def detector(self) -> ManifestEntry | None:
+        return next((e for e in self.entries if e.kind == "detector"), None)
+
+
+def manifest_path() -> Path | None:
+    override = os.environ.get("DEEPSCAN_MANIFEST")
+    if override:
+        return Path(override)
+    return None
+
+
+def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
+    """Read and validate the manifest (DEEPSCAN_MANIFEST, else the copy shipped in the package)."""
+    path = Path(path) if path else manifest_path()
+    try:
+        if path is not None:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        else:
+            text = resources.files("deepscan").joinpath("weights_manifest.json").read_text(encoding="utf-8")
+            source = "deepscan/weights_manifest.json"
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read the weights manifest ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{source}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    return parse_manifest(data, source)
+
+
+def parse_manifest(data: dict, source: str = "manifest") -> Manifest:
+    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA or not isinstance(data.get("entries"), list):
+        raise WeightsError(f"{source}: expected {{\"schema\": {MANIFEST_SCHEMA}, \"entries\": [...]}}")
+    entries, seen = [], set()
+    for i, raw in enumerate(data["entries"]):
+        label = f"{source}: entry {i}" + (f" ({raw.get('name')!r})" if isinstance(raw, dict) and raw.get("name") else "")
+
+        def bad(fld: str, why: str) -> WeightsError:
+            return WeightsError(f"{label}: field {fld!r} {why}")
+
+        if not isinstance(raw, dict):
+            raise WeightsError(f"{label}: must be an object")
+        unknown = set(raw) - set(ManifestEntry.__dataclass_fields__)
+        if unknown:
+            raise bad(sorted(unknown)[0], "is not a manifest field")
+        for fld in ("name", "kind", "repo_id", "revision", "filename", "sha256", "license", "description"):
+            if not isinstance(raw.get(fld), str) or not raw[fld]:
+                raise bad(fld, "is missing or not a non-empty string")
+        if raw["kind"] not in KINDS:
+            raise bad("kind", f"must be one of {KINDS}, not {raw['kind']!r}")
+        if not _HEX40.match(raw["revision"]):
+            raise bad("revision", "must be a 40-hex commit hash (never a branch or tag)")
+        if not _HEX64.match(raw["sha256"]):
+            raise bad("sha256", "must be 64 lowercase hex digits")
+        if not isinstance(raw.get("size"), int) or raw["size"] <= 0:
+            raise bad("size", "must be a positive integer (bytes)")
+        if raw["kind"] == "model":
+            if raw.get("variant") not in VARIANTS:
+                raise bad("variant", f"must be one of {VARIANTS} for a model")
+            if not raw["filename"].endswith(".safetensors"):
+                raise bad("filename", "must be a .safetensors file for a model (nothing is unpickled)")
+        if raw["name"] in seen:
+            raise bad("name", "is used twice")
+        seen.add(raw["name"])
+        for fld in ("preprocessing", "metrics"):
+            if raw.get(fld) is not None and not isinstance(raw[fld], dict):
+                raise bad(fld, "must be an object or null")
+        entries.append(ManifestEntry(**raw))
+    return Manifest(tuple(entries), source)
+
+
+# ---------------------------------------------------------------------------- hashing
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path, entry: ManifestEntry, *, fresh: bool) -> Path:
+    size = path.stat().st_size
+    digest = sha256_file(path) if size == entry.size else None
+    if digest == entry.sha256:
+        return path
+    got = f"sha256 {digest[:12]}..." if digest else f"{size} bytes instead of {entry.size}"
+    if fresh:
+        _discard(path)
+        raise WeightsError(
+            f"{entry.name}: the file downloaded from {entry.repo_id}@{entry.revision[:8]} does not match the manifest "
+            f"({got}); refused and removed. The upload or the manifest is wrong: report it"
+        )
+    raise WeightsError(
+        f"{entry.name}: the cached file {path} is corrupt ({got}); fetch it again with "
+        f"`deepscan weights download {entry.name} --force`"
+    )
+
+
+def _discard(path: Path) -> None:
+    """Remove a bad file from the Hub cache (the snapshot link and the blob behind it)."""
+    try:
+        real = path.resolve()
+        path.unlink(missing_ok=True)
+        if real != path:
+            real.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------- hub access
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """One TCP connect: fail in seconds instead of sitting in huggingface_hub's retries."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def cached(entry: ManifestEntry) -> Path | None:
+    """The cached file for this entry, or None. Makes no network call."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(entry.repo_id, entry.filename, revision=entry.revision)
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
+    """The verified local path of an entry's file, downloading it if needed."""
+    hit = None if force else cached(entry)
+    if hit is not None:
+        return verify(hit, entry, fresh=False)
+    fix = f"run `deepscan weights download {entry.name}` on a machine with internet access (same HF_HOME)"
+    if offline():
+        raise WeightsError(f"{entry.name}: not in the cache and HF_HUB_OFFLINE is set; {fix}")
+    url = endpoint()
+    if not _reachable(url):
+        raise WeightsError(f"{entry.name}: not in the cache and {url} cannot be reached; {fix}")
+    if say:
+        say(f"downloading {entry.name} ({entry.size / 1e6:.1f} MB) from {entry.repo_id}@{entry.revision[:8]}; "
+            f"licence: {entry.license}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(
+            entry.repo_id, entry.filename, revision=entry.revision, force_download=force,
+            library_name="deepscan", etag_timeout=10,
+        )
+    except Exception as exc:  # network, HTTP and consistency errors of every kind
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightsError(f"{entry.name}: download from {url} failed ({type(exc).__name__}: {first}); try again, or {fix}") from None
+    return verify(Path(path), entry, fresh=True)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def init_checkpoint(out, *, variant: str, seed: int = 0, image_size: int = 398, num_maps: int = 4,
+                    num_frames: int = 3, vit_file: str | os.PathLike | None = None) -> Path:
+    """A randomly initialised checkpoint, marked untrained."""
+    import torch
+
+    from .checkpoint import save_checkpoint
+    from .config import config_for_variant
+    from .model import LDADetector, load_vit_embeddings
+
+    cfg = config_for_variant(variant, image_size=image_size, num_maps=num_maps, num_frames=num_frames)
+    torch.manual_seed(seed)
+    model = LDADetector(cfg)
+    prov = {"data": None, "epochs": 0, "metrics": None, "seed": seed, "init": "random"}
+    if vit_file is not None:
+        load_vit_embeddings(model, read_vit_state(vit_file))
+        prov["init"] = f"LDA embeddings from {Path(vit_file).name}"
+    return save_checkpoint(model, out, untrained=True, provenance=prov)
+
+
+def read_vit_state(path: str | os.PathLike) -> dict:
+    from safetensors.torch import load_file
+
+    from .checkpoint import _check_safetensors
+
+    _check_safetensors(Path(path))
+    state = load_file(str(path))
+    missing = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed"} - set(state)
+    if missing:
+        raise WeightsError(f"{path}: not a timm ViT state dict (missing {', '.join(sorted(missing))})")
+    return state
+
+
+def resolve_checkpoint(variant: str, weights: str | os.PathLike | None, manifest: Manifest, say=None) -> Path:
+    """The checkpoint a scan uses: --weights, else the manifest's model for the variant."""
+    if weights is not None:
+        return Path(weights)
+    models = manifest.models(variant)
+    if not models:
+        raise WeightsError(
+            f"no published checkpoint for variant {variant!r} yet (see `deepscan weights list`); "
+            "train one with `deepscan train`, or pass --weights PATH "
+            "(`deepscan weights init --out x.safetensors` makes an untrained one for smoke tests)"
+        )
+    return fetch(models[0], say=say)
+
+
+def publish(checkpoint: str | os.PathLike, repo_id: str, *, name: str | None = None,
+            path_in_repo: str | None = None, private: bool = False) -> dict:
+    """Upload a checkpoint and return the manifest entry that pins it."""
+    from huggingface_hub import HfApi
+
+    from .checkpoint import read_info
+
+    checkpoint = Path(checkpoint)
+    info = read_info(checkpoint)
+    if info.untrained:
+        raise WeightsError(f"{checkpoint}: an untrained checkpoint; publish only trained weights")
+    if not _reachable(endpoint()):
+        raise WeightsError(f"{endpoint()} cannot be reached; publish from a machine with internet access")
+    api = HfApi(endpoint=endpoint())
+    path_in_repo = path_in_repo or checkpoint.name
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        commit = api.upload_file(path_or_fileobj=str(checkpoint), path_in_repo=path_in_repo, repo_id=repo_id,
+                                 commit_message=f"deepscan {info.variant} checkpoint")
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightsError(f"upload of {checkpoint} to {repo_id} failed: {first}") from None
+    prov = info.provenance
+    return {
+        "name": name or f"{info.variant}-{checkpoint.stem}",
+        "kind": "model",
+        "variant": info.variant,
+        "repo_id": repo_id,
+        "revision": commit.oid,
+        "filename": path_in_repo,
+        "sha256": sha256_file(checkpoint),
+        "size": checkpoint.stat().st_size,
+        "license": "see the model repository",
+        "preprocessing": info.preprocessing,
+        "metrics": prov.get("metrics"),
+        "description": f"{info.variant} trained on {prov.get('data')} for {prov.get('epochs')} epochs",
+    }
