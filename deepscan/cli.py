@@ -202,6 +202,87 @@ def weights_init(
     notice(f"wrote {path} ({variant}, UNTRAINED: random weights, for smoke tests only)")
 
 
+
+@weights_app.command("list")
+@friendly
+def weights_list(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False) -> None:
+    """The checkpoints and detector files in the manifest, and whether each is cached."""
+    from .weights import cached, load_manifest
+
+    manifest = load_manifest()
+    rows = [{**e.to_json(), "cached": cached(e) is not None} for e in manifest.entries]
+    if json_out:
+        emit_json({"manifest": manifest.source, "entries": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Weights manifest ({manifest.source})", title_justify="left")
+    for col in ("name", "kind", "variant", "cached", "size", "license", "metrics"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        metrics = ", ".join(f"{k} {v}" for k, v in (r["metrics"] or {}).items()) or "-"
+        table.add_row(r["name"], r["kind"], r["variant"] or "-", "yes" if r["cached"] else "no",
+                      f"{r['size'] / 1e6:.1f} MB", r["license"], metrics)
+    stdout_console().print(table)
+    if not manifest.models():
+        notice("No trained deepscan checkpoint is published yet: train one (`deepscan train`) or pass --weights.")
+
+
+@weights_app.command("download")
+@friendly
+def weights_download(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Entry names (see `weights list`).", show_default=False)] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Download every entry.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Fetch again even if cached (replaces a corrupt file).")] = False,
+) -> None:
+    """Download (and verify) manifest entries into the Hugging Face cache."""
+    from .weights import fetch, load_manifest
+
+    manifest = load_manifest()
+    if not names and not all_:
+        raise typer.BadParameter("name one or more entries, or pass --all")
+    entries = manifest.entries if all_ else [manifest.get(n) for n in names]
+    for e in entries:
+        print(fetch(e, force=force, say=notice))
+
+
+@weights_app.command("verify")
+@friendly
+def weights_verify() -> None:
+    """Check the sha256 of every cached manifest file (exit 2 if any is corrupt)."""
+    from .errors import WeightsError
+    from .weights import cached, load_manifest, verify
+
+    bad = 0
+    for e in load_manifest().entries:
+        path = cached(e)
+        if path is None:
+            print(f"{e.name}: not cached")
+            continue
+        try:
+            verify(path, e, fresh=False)
+            print(f"{e.name}: ok ({path})")
+        except WeightsError as exc:
+            bad += 1
+            print(f"{e.name}: CORRUPT - {exc}")
+    if bad:
+        raise typer.Exit(2)
+
+
+@weights_app.command("publish")
+@friendly
+def weights_publish(
+    checkpoint: Annotated[Path, typer.Argument(help="A trained deepscan .safetensors checkpoint.")],
+    repo: Annotated[str, typer.Option("--repo", help="Hub repository id, e.g. you/deepscan-ffpp.")],
+    name: Annotated[Optional[str], typer.Option(help="Manifest entry name.")] = None,
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+) -> None:
+    """Upload a checkpoint to the Hub and print the manifest entry that pins it (add it to weights_manifest.json)."""
+    from .weights import publish
+
+    emit_json(publish(checkpoint, repo, name=name, private=private))
+
+
 KNOWN_COMMANDS = {"scan", "bench", "weights", "train", "eval", "prepare", "--help", "-h", "--version",
                   "--install-completion", "--show-completion"}
 

@@ -31,13 +31,13 @@ def emit_json(obj) -> None:
 
 def notice(message: str) -> None:
     """A one-line remark for people, on stderr."""
-    stderr_console().print(message, markup=False, highlight=False)
+    stderr_console().print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def warn_untrained(where: str) -> None:
     stderr_console().print(
         f"[bold red]WARNING: {where} is an UNTRAINED checkpoint: its scores are random and mean nothing.[/]",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 

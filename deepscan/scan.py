@@ -257,7 +257,8 @@ def prepare_video(index: int, path: str, detector, cfg, settings: ScanSettings) 
         if report.warning:
             res.warnings.append(report.warning)
         if report.decoded == 0:
-            raise MediaError(f"{path}: no frame could be decoded; the file is damaged or truncated")
+            raise MediaError(f"{path}: no clip of {clip_len} consecutive frames could be decoded; "
+                             "the file is damaged, truncated or too short")
         if not clips:
             res.verdict = "no-face"
     except DeepscanError as exc:

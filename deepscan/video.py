@@ -13,6 +13,7 @@ Frames wider than ``max_side`` are scaled down in ffmpeg, which bounds memory fo
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -84,6 +85,9 @@ def probe(path: str | os.PathLike, max_side: int = MAX_SIDE) -> VideoInfo:
     err = proc.stderr
     if "Input #0" not in err:
         raise MediaError(f"{path}: not a readable video ({_first_error_line(err)})")
+    container = re.search(r"Input #0, ([\w,]+), from", err)
+    if container and (container.group(1) == "image2" or container.group(1).endswith("_pipe")):
+        raise MediaError(f"{path}: a still image, not a video; deepscan scans videos")
     video = _VIDEO.search(err)
     if video is None:
         raise MediaError(f"{path}: has no video stream (audio-only or not a video); pass a video file")
@@ -236,21 +240,27 @@ def _clip(info: VideoInfo, index: int, start: int, frames: list[np.ndarray]) -> 
     return Clip(index, idx, tuple(round(i / info.fps, 4) for i in idx), np.stack(frames))
 
 
+def _readable(p: Path) -> bool:
+    return os.access(p, os.R_OK)
+
+
 def check_readable(path: str | os.PathLike) -> Path:
     """Fail early, with the reason, for paths that are not readable regular files."""
     p = Path(path)
-    if p.is_symlink() and not p.exists():
-        raise MediaError(f"{p}: broken symbolic link; fix or remove it")
     try:
         st = p.stat()
     except FileNotFoundError:
+        if p.is_symlink():
+            raise MediaError(f"{p}: broken symbolic link; fix or remove it") from None
         raise MediaError(f"{p}: no such file") from None
-    except OSError as exc:  # e.g. a symlink loop
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MediaError(f"{p}: symbolic link loop; fix the link") from None
         raise MediaError(f"{p}: cannot be opened ({exc.strerror}); check the path") from None
     if not p.is_file():
         raise MediaError(f"{p}: not a regular file")
     if st.st_size == 0:
         raise MediaError(f"{p}: empty file (0 bytes); nothing to scan")
-    if not os.access(p, os.R_OK):
+    if not _readable(p):
         raise MediaError(f"{p}: permission denied; make it readable (chmod +r) or run as its owner")
     return p

@@ -182,6 +182,14 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
 
 
+def cache_dir() -> Path:
+    """The Hub cache, read from the environment at call time (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
 def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """One TCP connect: fail in seconds instead of sitting in huggingface_hub's retries."""
     parsed = urlparse(url)
@@ -197,7 +205,7 @@ def cached(entry: ManifestEntry) -> Path | None:
     """The cached file for this entry, or None. Makes no network call."""
     from huggingface_hub import try_to_load_from_cache
 
-    hit = try_to_load_from_cache(entry.repo_id, entry.filename, revision=entry.revision)
+    hit = try_to_load_from_cache(entry.repo_id, entry.filename, revision=entry.revision, cache_dir=cache_dir())
     return Path(hit) if isinstance(hit, str) else None
 
 
@@ -220,7 +228,7 @@ def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
     try:
         path = hf_hub_download(
             entry.repo_id, entry.filename, revision=entry.revision, force_download=force,
-            library_name="deepscan", etag_timeout=10,
+            library_name="deepscan", etag_timeout=5, endpoint=url, cache_dir=cache_dir(),
         )
     except Exception as exc:  # network, HTTP and consistency errors of every kind
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -1,0 +1,1 @@
+complete --command deepscan --no-files --arguments "(env _DEEPSCAN_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) deepscan)" --condition "env _DEEPSCAN_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) deepscan"

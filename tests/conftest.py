@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models, real face media made once per session, an isolated HF cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepscan.checkpoint import save_checkpoint
+from deepscan.config import config_for_variant
+from deepscan.model import LDADetector
+
+from . import media
+
+# A tiny but complete configuration: 62 px backbone input gives conv2 28 and block1 14,
+# both multiples of the 2x2 grid of a 32 px LDA input with 16 px patches.
+TINY = dict(image_size=62, lda_size=32)
+
+
+def tiny_config(variant: str = "spatial-temporal", **kw):
+    return config_for_variant(variant, **{**TINY, **kw})
+
+
+def tiny_model(variant: str = "spatial-temporal", seed: int = 0, **kw) -> LDADetector:
+    torch.manual_seed(seed)
+    return LDADetector(tiny_config(variant, **kw)).eval()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    """No test may touch the real Hub or the user's cache."""
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("DEEPSCAN_MANIFEST", raising=False)
+    monkeypatch.delenv("DEEPSCAN_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("media")
+    shutil.copy(media.carphone(), d / "carphone.mp4")
+    media.face_video(d / "astronaut.mp4")
+    media.two_face_video(d / "two_faces.mp4")
+    media.noise_video(d / "no_face.mp4")
+    media.rotated_video(d / "rotated.mp4")
+    media.vfr_video(d / "vfr.mp4")
+    media.audio_only(d / "audio.m4a")
+    media.write_video(d / "one_frame.mp4", media.moving(media.astronaut()[:300, 100:400], 1))
+    media.truncated(media.face_video(d / "faststart.mp4", faststart=True), d / "truncated.mp4")
+    media.truncated(d / "astronaut.mp4", d / "no_index.mp4")  # index at the end: nothing decodes
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-st.safetensors"
+    save_checkpoint(tiny_model(), path, untrained=True, provenance={"data": "none"})
+    return path

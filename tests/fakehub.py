@@ -1,0 +1,84 @@
+"""A minimal stand-in for the Hugging Face Hub's file endpoints, on 127.0.0.1.
+
+It answers HEAD and GET for ``/{repo_id}/resolve/{revision}/{filename}`` with the headers the
+real huggingface_hub client reads (X-Repo-Commit, ETag, Content-Length), so tests drive the
+real client through HF_ENDPOINT. ``mode`` switches on failures: "tamper" serves other bytes
+than were announced, "truncate" closes the connection half-way through the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeHub:
+    def __init__(self):
+        self.files: dict[tuple[str, str, str], bytes] = {}
+        self.mode = "ok"
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _find(self):
+                hub.requests.append(f"{self.command} {self.path}")
+                parts = self.path.split("?")[0].lstrip("/").split("/")
+                if "resolve" not in parts:
+                    return None
+                i = parts.index("resolve")
+                key = ("/".join(parts[:i]), parts[i + 1], "/".join(parts[i + 2:]))
+                return key, hub.files.get(key)
+
+            def _headers(self, key, data):
+                body = data if hub.mode != "tamper" else bytes(reversed(data))
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", key[1])
+                self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Type", "application/octet-stream")
+                self.end_headers()
+                return body
+
+            def _missing(self):
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_HEAD(self):
+                found = self._find()
+                if not found or found[1] is None:
+                    return self._missing()
+                self._headers(*found)
+
+            def do_GET(self):
+                found = self._find()
+                if not found or found[1] is None:
+                    return self._missing()
+                body = self._headers(*found)
+                if hub.mode == "truncate":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __exit__(self, *exc):
+        if self.thread.is_alive():
+            self.stop()

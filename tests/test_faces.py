@@ -1,0 +1,88 @@
+import numpy as np
+
+from deepscan.faces import (DlibDetector, ScrfdDetector, Tracker, crop_box, crop_square, face_clips,
+                            filter_faces, nms, Detection)
+from deepscan.video import plan_clips, probe, read_clips
+
+
+def _detect_video(path, clips=6, clip_len=3):
+    info = probe(path)
+    det, tracker, out = DlibDetector(), Tracker(), []
+    for clip in read_clips(info, plan_clips(info.num_frames, clips, clip_len), clip_len):
+        dets = filter_faces(det(clip.frames[0]))
+        out.extend(face_clips(str(path), clip, dets, tracker.assign(dets), 62, 32))
+    return out
+
+
+def test_known_face_is_found_in_real_talking_head(media_dir):
+    fcs = _detect_video(media_dir / "carphone.mp4", clips=8)
+    assert len(fcs) >= 7 and {f.track_id for f in fcs} == {0}
+    x1, y1, x2, y2 = fcs[0].box
+    assert 40 < (x1 + x2) / 2 < 140 and 20 < (y1 + y2) / 2 < 120  # the face is mid-frame
+
+
+def test_two_faces_give_two_tracks(media_dir):
+    fcs = _detect_video(media_dir / "two_faces.mp4")
+    tracks = {}
+    for f in fcs:
+        tracks.setdefault(f.track_id, []).append((f.box[0] + f.box[2]) / 2)
+    assert len(tracks) == 2
+    left, right = sorted(tracks.values(), key=np.mean)
+    assert max(left) < 320 < min(right)  # each track stays on its own side
+
+
+def test_no_face_video_gives_nothing(media_dir):
+    assert _detect_video(media_dir / "no_face.mp4") == []
+
+
+def test_crops_share_one_box_per_clip_and_have_model_sizes(media_dir):
+    fcs = _detect_video(media_dir / "astronaut.mp4", clips=2)
+    fc = fcs[0]
+    assert fc.image.shape == (62, 62, 3) and fc.frames.shape == (3, 32, 32, 3)
+    x1, y1, x2, y2 = fc.crop_box
+    assert x2 - x1 == y2 - y1  # square
+    # the face moves 2 px per frame under a fixed box: the crops differ, the box does not
+    assert not np.array_equal(fc.frames[0], fc.frames[2])
+
+
+def test_crop_pads_at_borders_instead_of_stretching():
+    frame = np.full((100, 100, 3), 200, np.uint8)
+    box = crop_box((-20, -20, 40, 40), margin=1.0)
+    assert box == (-20, -20, 40, 40)
+    out = crop_square(frame, box, 60)
+    assert out.shape == (60, 60, 3)
+    assert out[:15, :15].max() == 0 and out[-10:, -10:].min() == 200
+
+
+def test_tracker_links_by_overlap_and_opens_new_tracks():
+    t = Tracker()
+    a, b = Detection((0, 0, 50, 50), 1), Detection((200, 0, 250, 50), 1)
+    assert t.assign([a, b]) == [0, 1]
+    assert t.assign([Detection((205, 2, 255, 52), 1), Detection((3, 1, 53, 51), 1)]) == [1, 0]
+    assert t.assign([Detection((500, 500, 550, 550), 1)]) == [2]
+
+
+def test_scrfd_output_decoding():
+    det = ScrfdDetector.__new__(ScrfdDetector)
+    det.det_size, det.threshold, det.nms = 64, 0.5, 0.4
+    outs = []
+    for stride in det.strides:
+        n = (64 // stride) ** 2 * 2
+        outs.append(np.zeros((n, 1), np.float32))
+    for stride in det.strides:
+        outs.append(np.ones(((64 // stride) ** 2 * 2, 4), np.float32))
+    for stride in det.strides:
+        outs.append(np.zeros(((64 // stride) ** 2 * 2, 10), np.float32))
+    # one confident anchor at stride 16, cell (x=2, y=1): centre (32, 16)
+    outs[1][(1 * 4 + 2) * 2, 0] = 0.9
+    outs[4][(1 * 4 + 2) * 2] = [1, 0.5, 1, 0.5]  # distances in strides: 16, 8, 16, 8 px
+    found = det.decode(outs, scale=0.5)
+    assert len(found) == 1
+    assert np.allclose(found[0].box, [(32 - 16) / 0.5, (16 - 8) / 0.5, (32 + 16) / 0.5, (16 + 8) / 0.5])
+    assert np.allclose(found[0].landmarks[0], (64, 32))
+    assert found[0].score == np.float32(0.9)
+
+
+def test_nms_keeps_best_of_overlapping_boxes():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], float)
+    assert nms(boxes, np.array([0.5, 0.9, 0.7]), 0.4) == [1, 2]

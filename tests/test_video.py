@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+
+from deepscan.errors import MediaError
+from deepscan.video import DecodeReport, check_readable, choose_strategy, plan_clips, probe, read_clips
+
+
+def test_plan_clips_arithmetic():
+    assert plan_clips(120, 32, 3) == sorted(set(plan_clips(120, 32, 3)))
+    starts = plan_clips(120, 32, 3)
+    assert len(starts) == 32 and starts[0] == 0 and starts[-1] == 117
+    assert plan_clips(10, 32, 3) == list(range(8))  # short: one clip per possible start
+    assert plan_clips(3, 32, 3) == [0]
+    assert plan_clips(2, 32, 3) == []  # shorter than a clip
+    assert plan_clips(1, 32, 1) == [0]
+    assert plan_clips(100, 1, 3) == [48]  # a single clip sits in the middle
+    gaps = np.diff(plan_clips(10_000, 32, 3))
+    assert gaps.max() - gaps.min() <= 1  # evenly spread
+
+
+def test_probe_real_talking_head(media_dir):
+    info = probe(media_dir / "carphone.mp4")
+    assert (info.width, info.height) == (176, 144)
+    assert info.num_frames == 120 and abs(info.fps - 29.97) < 0.01 and info.codec == "h264"
+
+
+def test_select_and_seek_decode_the_same_frames(media_dir):
+    info = probe(media_dir / "astronaut.mp4")
+    starts = plan_clips(info.num_frames, 4, 3)
+    a = list(read_clips(info, starts, 3, "select"))
+    b = list(read_clips(info, starts, 3, "seek"))
+    assert [c.frame_indices for c in a] == [c.frame_indices for c in b]
+    for x, y in zip(a, b):
+        assert x.frames.shape == (3, 360, 640, 3)
+        assert np.abs(x.frames.astype(int) - y.frames.astype(int)).mean() < 1.0
+
+
+def test_long_videos_choose_seeking():
+    from deepscan.video import VideoInfo
+
+    short = VideoInfo("x", 1280, 720, 25, 10, 250, 0, "h264", 1280, 720)
+    long = VideoInfo("x", 1280, 720, 25, 3600, 90_000, 0, "h264", 1280, 720)
+    assert choose_strategy(short, 32) == "select" and choose_strategy(long, 32) == "seek"
+
+
+def test_rotation_metadata_is_applied(media_dir):
+    info = probe(media_dir / "rotated.mp4")
+    assert info.rotation in (90, 270) and (info.width, info.height) == (640, 360)
+    clip = next(read_clips(info, [0], 3))
+    assert clip.frames.shape == (3, 360, 640, 3)
+
+
+def test_large_frames_are_scaled_down(media_dir):
+    info = probe(media_dir / "astronaut.mp4", max_side=320)
+    assert (info.width, info.height) == (320, 180)
+    assert next(read_clips(info, [0], 3)).frames.shape == (3, 180, 320, 3)
+
+
+def test_vfr_video_decodes_planned_clips(media_dir):
+    info = probe(media_dir / "vfr.mp4")
+    report = DecodeReport()
+    clips = list(read_clips(info, plan_clips(info.num_frames, 8, 3), 3, report=report))
+    assert len(clips) >= 6 and all(c.frames.shape[0] == 3 for c in clips)
+
+
+def test_truncated_file_uses_what_decodes(media_dir):
+    info = probe(media_dir / "truncated.mp4")
+    report = DecodeReport()
+    clips = list(read_clips(info, plan_clips(max(info.num_frames, 30), 10, 3), 3, report=report))
+    assert 0 < len(clips) < 10 and "truncated" in report.warning
+
+
+@pytest.mark.parametrize("name,match", [("audio.m4a", "no video stream"), ("missing.mp4", None),
+                                        ("no_index.mp4", "not a readable video")])
+def test_unreadable_inputs(media_dir, name, match):
+    with pytest.raises(MediaError, match=match or "not a readable video"):
+        probe(media_dir / name)
+
+
+def test_check_readable(tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.touch()
+    with pytest.raises(MediaError, match="empty file"):
+        check_readable(empty)
+    link = tmp_path / "dangling.mp4"
+    link.symlink_to(tmp_path / "nowhere.mp4")
+    with pytest.raises(MediaError, match="broken symbolic link"):
+        check_readable(link)
+    loop = tmp_path / "loop.mp4"
+    loop.symlink_to(loop)
+    with pytest.raises(MediaError, match="symbolic link loop"):
+        check_readable(loop)
+    with pytest.raises(MediaError, match="no such file"):
+        check_readable(tmp_path / "nope.mp4")
+    with pytest.raises(MediaError, match="not a regular file"):
+        check_readable(tmp_path)
