@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import DeepscanError
+from .errors import ConfigError, DeepscanError
 from .output import debug_enabled, emit_json, notice, stderr_console, stdout_console
 
 app = typer.Typer(
@@ -134,6 +136,175 @@ def scan(
     if info.untrained:
         warn_untrained(str(ckpt))
     raise typer.Exit(scan_mod.exit_code(results))
+
+
+# ---------------------------------------------------------------------------- data: prepare, train, eval
+DataOpt = Annotated[Path, typer.Option("--data", help="Data set root: FaceForensics++, Celeb-DF v2, or real/ + fake/ folders.")]
+LayoutOpt = Annotated[str, typer.Option(help="auto, ffpp, celebdf or folders.")]
+CompressionOpt = Annotated[str, typer.Option(help="FF++ compression: c23, c40 or raw.")]
+MethodsOpt = Annotated[str, typer.Option(help="FF++ manipulation methods, comma-separated.")]
+SplitsOpt = Annotated[Optional[Path], typer.Option(help="Folder with FF++ train.json/val.json/test.json (default: data root).")]
+CacheOpt = Annotated[Optional[Path], typer.Option(help="Face-clip cache folder (default: DATA/.deepscan-cache).")]
+ClipsOpt = Annotated[int, typer.Option("--clips", help="Evenly spaced clips per video.")]
+DetectorOpt = Annotated[str, typer.Option(help="Face detector: auto, scrfd or dlib.")]
+
+
+def _dataset(data, layout, compression, methods, splits, seed=0):
+    from .data import load_dataset
+
+    return load_dataset(data, layout, compression=compression,
+                        methods=[m.strip() for m in methods.split(",") if m.strip()], splits_dir=splits, seed=seed)
+
+
+def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, num_frames, quiet=False):
+    from .faces import make_detector
+    from .output import progress
+    from .prepare import PrepareSettings, is_done, prepare
+
+    cache = cache or data / ".deepscan-cache"
+    settings = PrepareSettings(image_size=image_size, lda_size=lda_size, clip_len=num_frames, clips=clips)
+    todo = [i for i in items if not is_done(cache, i)]
+    if todo:
+        det = make_detector(detector, say=notice)
+        with progress(len(items), "preparing face clips", enabled=not quiet) as advance:
+            counts = prepare(items, cache, det, settings, advance)
+        notice(f"prepared {counts['prepared']} video(s) into {cache} ({counts['done_before']} done before, "
+               f"{counts['no_face']} without faces, {counts['errors']} unreadable)")
+    return cache
+
+
+FFPP_DEFAULT_METHODS = "Deepfakes,Face2Face,FaceSwap,NeuralTextures"
+
+
+@app.command()
+@friendly
+def prepare(
+    data: DataOpt,
+    layout: LayoutOpt = "auto",
+    compression: CompressionOpt = "c23",
+    methods: MethodsOpt = FFPP_DEFAULT_METHODS,
+    splits: SplitsOpt = None,
+    cache: CacheOpt = None,
+    clips: ClipsOpt = 32,
+    detector: DetectorOpt = "auto",
+    image_size: Annotated[int, typer.Option(help="Backbone crop size.")] = 398,
+    lda_size: Annotated[int, typer.Option(help="LDA crop size.")] = 224,
+    num_frames: Annotated[int, typer.Option("--frames-per-clip", help="n consecutive frames per clip.")] = 3,
+) -> None:
+    """Extract face clips of every video once into a cache (resumable; train and eval do it too)."""
+    kind, items = _dataset(data, layout, compression, methods, splits)
+    notice(f"{kind}: {len(items)} videos")
+    _prepare(items, data, cache, clips, detector, image_size, lda_size, num_frames)
+
+
+@app.command()
+@friendly
+def train(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints and metrics.jsonl.")] = Path("runs/deepscan"),
+    variant: VariantOpt = "spatial-temporal",
+    layout: LayoutOpt = "auto",
+    compression: CompressionOpt = "c23",
+    methods: MethodsOpt = FFPP_DEFAULT_METHODS,
+    splits: SplitsOpt = None,
+    cache: CacheOpt = None,
+    clips: ClipsOpt = 32,
+    detector: DetectorOpt = "auto",
+    epochs: Annotated[int, typer.Option(help="Epochs (paper: 20).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Batch size (paper: 32).")] = 32,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 3e-4).")] = 3e-4,
+    lr_step: Annotated[int, typer.Option(help="Halve the learning rate every this many epochs (paper: 5).")] = 5,
+    momentum: Annotated[float, typer.Option(help="SGD momentum (paper: 0.9).")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay (paper: none).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    no_balance: Annotated[bool, typer.Option("--no-balance", help="Do not rebalance real and fake clips.")] = False,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="No flips or colour jitter.")] = False,
+    self_blend: Annotated[float, typer.Option(help="Probability that a real clip becomes a self-blended pseudo-fake (0 = off; --self-blend 0.5 as in SBI).")] = 0.0,
+    vit_init: Annotated[str, typer.Option(help="LDA embeddings: imagenet (timm ViT-B/16 from the Hub), random, or a .safetensors path.")] = "imagenet",
+    num_maps: Annotated[int, typer.Option("--maps", help="m attention maps (Table IX).")] = 4,
+    num_frames: Annotated[int, typer.Option("--frames-per-clip", help="n consecutive frames (Table X).")] = 3,
+    image_size: Annotated[int, typer.Option(help="Backbone input size.")] = 398,
+    lda_size: Annotated[int, typer.Option(help="LDA input size.")] = 224,
+    max_steps: Annotated[int, typer.Option(help="Stop each epoch after this many steps (0 = full epochs; for smoke tests).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last finished epoch.")] = False,
+) -> None:
+    """Train a detector with the paper's protocol (section V-A); run under torchrun for several GPUs."""
+    from .prepare import load_cache
+    from .train import TrainConfig, train as run_train
+
+    rank = int(os.environ.get("RANK", "0"))
+    kind, items = _dataset(data, layout, compression, methods, splits, seed)
+    if rank == 0:
+        notice(f"{kind}: {len(items)} videos")
+        cache = _prepare([i for i in items if i.split in ("train", "val")], data, cache, clips, detector,
+                         image_size, lda_size, num_frames)
+    else:
+        cache = cache or data / ".deepscan-cache"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .train import _dist
+
+        _dist()
+        import torch.distributed
+
+        torch.distributed.barrier()  # the other ranks wait for rank 0's prepare
+    train_v = load_cache(cache, [i for i in items if i.split == "train"])
+    val_v = load_cache(cache, [i for i in items if i.split == "val"])
+    cfg = TrainConfig(out=str(out), variant=variant, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
+                      momentum=momentum, weight_decay=weight_decay, seed=seed, workers=workers, balance=not no_balance,
+                      augment=not no_augment, self_blend=self_blend, vit_init=vit_init, num_maps=num_maps,
+                      num_frames=num_frames, image_size=image_size, lda_size=lda_size,
+                      max_steps_per_epoch=max_steps, device=device,
+                      data={"root": str(data), "layout": kind, "compression": compression, "methods": methods})
+    result = run_train(cfg, train_v, val_v, resume=resume,
+                       log=lambda r: notice(json.dumps(r)) if rank == 0 else None)
+    if rank == 0:
+        emit_json({"out": result["out"], "best": result["best"], "epochs": len(result["epochs"])})
+
+
+@app.command("eval")
+@friendly
+def evaluate(
+    data: DataOpt,
+    weights: Annotated[Path, typer.Option("--weights", "-w", help="The checkpoint to evaluate.")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    layout: LayoutOpt = "auto",
+    compression: CompressionOpt = "c23",
+    methods: MethodsOpt = FFPP_DEFAULT_METHODS,
+    splits: SplitsOpt = None,
+    cache: CacheOpt = None,
+    clips: ClipsOpt = 32,
+    detector: DetectorOpt = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Frame- and video-level ACC/AUC/AP/EER of a checkpoint on a data set split, beside the paper."""
+    from .checkpoint import read_info
+    from .prepare import load_cache
+    from .train import evaluate as run_eval
+
+    info = read_info(weights)
+    kind, items = _dataset(data, layout, compression, methods, splits)
+    items = [i for i in items if i.split == split]
+    if not items:
+        raise ConfigError(f"{data}: no videos in the {split!r} split")
+    pre = info.preprocessing
+    cache = _prepare(items, data, cache, clips, detector, pre["image_size"], pre["lda_size"],
+                     max(pre["clip_len"], info.config.num_frames), quiet=json_out)
+    videos = load_cache(cache, items)
+    result = run_eval(str(weights), videos, device)
+    result.update({"data": str(data), "layout": kind, "split": split, "compression": compression})
+    if json_out:
+        emit_json(result)
+        return
+    from .report import eval_table
+
+    stdout_console().print(eval_table(result))
+    if info.untrained:
+        from .output import warn_untrained
+
+        warn_untrained(str(weights))
 
 
 # ---------------------------------------------------------------------------- bench

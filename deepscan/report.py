@@ -22,3 +22,39 @@ def results_table(results, info, detector: str, threshold: float) -> Table:
         table.add_row(r.path, f"[{_STYLE[r.verdict]}]{r.verdict}[/]", score, str(len(r.tracks)),
                       str(frames), f"{r.timings.get('total_s', 0):.1f}", note)
     return table
+
+
+# The paper's numbers (percent) to print beside ours: FF++ per method, frame level (Table III,
+# trained and tested per method) and video level (Table IV, c40); overall FF++ (Table I) and
+# Celeb-DF (Table II).
+PAPER_METHODS = {
+    "Deepfakes": {"frame": (99.47, 99.79), "video": (99.29, 99.64)},
+    "Face2Face": {"frame": (99.98, 100.00), "video": (99.64, 99.75)},
+    "FaceSwap": {"frame": (98.27, 99.46), "video": (98.58, 99.81)},
+    "NeuralTextures": {"frame": (93.25, 98.61), "video": (94.29, 96.31)},
+}
+PAPER_OVERALL = {("ffpp", "c23"): (99.51, 99.88), ("ffpp", "c40"): (95.81, 98.49), ("celebdf", None): (99.13, 99.87)}
+
+
+def _pct(x) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.2f}"
+
+
+def eval_table(result: dict) -> Table:
+    title = f"{result['variant']} on {result['layout']} {result['split']} ({result['checkpoint']})"
+    if result.get("untrained"):
+        title += "  [UNTRAINED CHECKPOINT]"
+    table = Table(title=title, title_justify="left")
+    for col in ("subset", "level", "n", "ACC", "AUC", "AP", "EER", "paper ACC", "paper AUC"):
+        table.add_column(col, justify="left" if col in ("subset", "level") else "right")
+    key = (result["layout"], result.get("compression") if result["layout"] == "ffpp" else None)
+    rows = [("all", result["overall"], {"frame": PAPER_OVERALL.get(key), "video": None})]
+    for m, met in result.get("methods", {}).items():
+        rows.append((m, met, PAPER_METHODS.get(m, {})))
+    for name, met, paper in rows:
+        for level in ("frame", "video"):
+            s = met[level]
+            p = paper.get(level) or (None, None)
+            table.add_row(name, level, str(s["n"]), _pct(s["acc"]), _pct(s["auc"]), _pct(s["ap"]), _pct(s["eer"]),
+                          "-" if p[0] is None else f"{p[0]:.2f}", "-" if p[1] is None else f"{p[1]:.2f}")
+    return table

@@ -1,0 +1,344 @@
+"""Training and evaluation with the paper's protocol (section V-A), resumable and distributed.
+
+Defaults (paper V-A): SGD momentum 0.9, lr 3e-4 halved every 5 epochs, 20 epochs, batch 32,
+backbone from random init, LDA patch/position embeddings from a pretrained ViT-B/16.
+Not in the paper, and documented here:
+- class balance: each epoch draws clips with probabilities inverse to their class's share
+  (FF++ has four fakes per real), with replacement, one epoch = as many clips as the split has;
+- augmentations (train only, the same draw for the image and all n frames): horizontal flip
+  (p=0.5) and a brightness/contrast jitter (+-10 %, p=0.5); nothing else;
+- ``--self-blend``: real clips become self-blended pseudo-fakes with probability 0.5 (selfblend.py);
+- validation each epoch on the val split, frame and video ACC/AUC; ``best.safetensors`` keeps the
+  epoch with the best video AUC (frame AUC when the split has one video per class or fewer).
+Checkpoints (``last.safetensors`` every epoch, atomically) carry the model, the momentum buffers,
+the RNG state, the epoch and the train config, so ``--resume`` continues exactly from the last
+finished epoch. Distributed: ``torchrun --nproc-per-node N -m deepscan train ...`` (DDP; nccl on
+GPU, gloo on CPU); every rank draws the same epoch order and takes its own share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, load_tensors, save_checkpoint
+from .config import config_for_variant
+from .errors import ConfigError
+from .metrics import frame_and_video
+from .model import LDADetector, load_vit_embeddings
+from .prepare import CachedVideo, open_arrays
+from .selfblend import self_blend
+
+VIT_DEFAULT = "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    variant: str = "spatial-temporal"
+    epochs: int = 20  # paper V-A
+    batch_size: int = 32  # paper V-A
+    lr: float = 3e-4  # paper V-A
+    momentum: float = 0.9  # paper V-A
+    lr_step: int = 5  # epochs between halvings (paper V-A)
+    lr_gamma: float = 0.5
+    weight_decay: float = 0.0  # the paper names none
+    seed: int = 0
+    workers: int = 2
+    balance: bool = True
+    augment: bool = True
+    self_blend: float = 0.0  # probability that a real clip becomes a pseudo-fake
+    vit_init: str = "imagenet"  # imagenet | random | PATH to a timm ViT-B/16 .safetensors
+    image_size: int = 398
+    lda_size: int = 224
+    num_maps: int = 4
+    num_frames: int = 3
+    max_steps_per_epoch: int = 0  # 0 = a full epoch; small values for smoke tests
+    device: str = "auto"
+    data: dict = field(default_factory=dict)  # where the clips came from (provenance only)
+
+
+def lr_at(epoch: int, cfg: TrainConfig) -> float:
+    """Step schedule of paper V-A: lr x gamma^(epoch // step)."""
+    return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step)
+
+
+# ---------------------------------------------------------------------------- data
+class ClipDataset(torch.utils.data.Dataset):
+    """Every cached face clip of the given videos; arrays are memory-mapped lazily per worker."""
+
+    def __init__(self, videos: list[CachedVideo], clip_len: int, train: bool, augment: bool = True,
+                 self_blend_p: float = 0.0, seed: int = 0):
+        self.videos, self.clip_len, self.train = videos, clip_len, train
+        self.augment, self.self_blend_p, self.seed = augment and train, self_blend_p if train else 0.0, seed
+        self.index = [(v, c) for v in range(len(videos)) for c in range(videos[v].clips)]
+        self.labels = np.array([videos[v].label for v, _ in self.index])
+        self._arrays: dict[int, tuple] = {}
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _arr(self, v: int):
+        if v not in self._arrays:
+            self._arrays[v] = open_arrays(self.videos[v])
+        return self._arrays[v]
+
+    def __getitem__(self, i: int):
+        v, c = self.index[i]
+        images, frames = self._arr(v)
+        image = np.array(images[c])
+        clip = np.array(frames[c][: self.clip_len])
+        label = self.videos[v].label
+        if self.train:
+            # a per-(epoch, item) generator: the same draws whatever the worker or rank
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            if self.self_blend_p and label == 0 and rng.random() < self.self_blend_p:
+                image, clip = self_blend(image, clip, rng)
+                label = 1
+            if self.augment:
+                if rng.random() < 0.5:
+                    image, clip = image[:, ::-1], clip[:, :, ::-1]
+                if rng.random() < 0.5:
+                    gain, bias = rng.uniform(0.9, 1.1), rng.uniform(-25, 25)
+                    image = np.clip(image * gain + bias, 0, 255).astype(np.uint8)
+                    clip = np.clip(clip * gain + bias, 0, 255).astype(np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(clip)), label, v
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Class-balanced (or plain shuffled) order per epoch, identical on every rank, then sharded."""
+
+    def __init__(self, labels: np.ndarray, balance: bool, seed: int, rank: int = 0, world: int = 1):
+        self.labels, self.balance, self.seed, self.rank, self.world = labels, balance, seed, rank, world
+        self.epoch = 0
+
+    def order(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch, 7])
+        n = len(self.labels)
+        if not self.balance or len(np.unique(self.labels)) < 2:
+            return rng.permutation(n)
+        counts = np.bincount(self.labels, minlength=2).astype(float)
+        weights = 1.0 / counts[self.labels]
+        return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+
+    def __iter__(self):
+        return iter(self.order()[self.rank:: self.world].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.labels), self.world))
+
+
+# ---------------------------------------------------------------------------- model I/O
+def normaliser(cfg, device):
+    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255
+
+    def to_input(batch: torch.Tensor) -> torch.Tensor:  # (..., H, W, 3) uint8 -> normalised NCHW
+        lead = batch.shape[:-3]
+        x = batch.reshape(-1, *batch.shape[-3:]).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        return x.view(*lead, *x.shape[1:]) if len(lead) > 1 else x
+
+    return to_input
+
+
+def vit_state(spec: str) -> tuple[dict, str]:
+    """ViT-B/16 weights for the LDA embeddings: a local file, or timm's pretrained tag via the Hub."""
+    if spec != "imagenet":
+        from .weights import read_vit_state, sha256_file
+
+        return read_vit_state(spec), f"{Path(spec).name} sha256 {sha256_file(spec)}"
+    from .weights import _reachable, endpoint, offline
+
+    if offline() or not _reachable(endpoint()):
+        raise ConfigError(
+            f"--vit-init imagenet needs {VIT_DEFAULT} from the Hub, which cannot be reached; "
+            "pass --vit-init PATH (a timm ViT-B/16 .safetensors) or --vit-init random"
+        )
+    from huggingface_hub import hf_hub_download
+    from safetensors.torch import load_file
+
+    from .weights import sha256_file
+
+    path = hf_hub_download(VIT_DEFAULT, "model.safetensors", endpoint=endpoint())
+    return load_file(path), f"{VIT_DEFAULT} sha256 {sha256_file(path)}"
+
+
+def build(cfg: TrainConfig) -> tuple[LDADetector, str]:
+    mcfg = config_for_variant(cfg.variant, image_size=cfg.image_size, lda_size=cfg.lda_size,
+                              num_maps=cfg.num_maps, num_frames=cfg.num_frames)
+    torch.manual_seed(cfg.seed)
+    model = LDADetector(mcfg)
+    init = "random"
+    if cfg.vit_init != "random" and mcfg.variant != "xception":
+        state, init = vit_state(cfg.vit_init)
+        load_vit_embeddings(model, state)
+    return model, init
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model: LDADetector, videos: list[CachedVideo], device, batch_size: int = 32, dtype=None):
+    """(video key, label, P(fake)) for every cached clip of ``videos``; eval mode, restored after."""
+    was_training = model.training
+    model.eval()
+    cfg = model.config
+    ds = ClipDataset(videos, cfg.clip_len, train=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    to_input = normaliser(cfg, device)
+    out = []
+    autocast = dtype is not None and dtype != torch.float32
+    for image, frames, labels, vidx in loader:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=autocast):
+            logits = model(to_input(image), to_input(frames) if cfg.variant != "xception" else None)
+        probs = torch.softmax(logits.float(), 1)[:, 1].cpu().numpy()
+        out += [(videos[int(v)].key, int(y), float(p)) for v, y, p in zip(vidx, labels, probs)]
+    model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------- training
+def _dist():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer, params: list) -> dict:
+    out = {}
+    for i, p in enumerate(params):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[f"momentum.{i}"] = buf
+    return out
+
+
+def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[CachedVideo], *,
+          resume: bool = False, log=print) -> dict:
+    rank, world = _dist()
+    from .scan import pick_device
+
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    out = Path(cfg.out)
+    last = out / "last.safetensors"
+    start_epoch, best, init = 0, -1.0, "random"
+    if resume:
+        if not last.is_file():
+            raise ConfigError(f"{last}: nothing to resume; start without --resume")
+        model, info = load_checkpoint(last)
+        state = info.provenance["train_state"]
+        saved = TrainConfig(**{**state["config"], "out": cfg.out})
+        changed = {k for k in ("variant", "image_size", "lda_size", "num_maps", "num_frames")
+                   if getattr(saved, k) != getattr(cfg, k)}
+        if changed:
+            raise ConfigError(f"--resume with a different model ({', '.join(sorted(changed))}); use another --out")
+        cfg = dataclasses.replace(saved, epochs=cfg.epochs, workers=cfg.workers, device=cfg.device)
+        start_epoch, best, init = state["epoch"] + 1, state["best"], state["init"]
+    else:
+        model, init = build(cfg)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters()]
+    opt = torch.optim.SGD(params, lr=lr_at(start_epoch, cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if resume:
+        extra = load_tensors(last, "extra.")
+        for i, p in enumerate(params):
+            if f"momentum.{i}" in extra:
+                opt.state[p]["momentum_buffer"] = extra[f"momentum.{i}"].to(device)
+        torch.set_rng_state(extra["rng.torch"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    mcfg = model.config
+    ds = ClipDataset(train_videos, mcfg.clip_len, train=True, augment=cfg.augment, self_blend_p=cfg.self_blend, seed=cfg.seed)
+    if len(ds) == 0:
+        raise ConfigError("no training clips: prepare found no faces in the train split")
+    sampler = EpochSampler(ds.labels, cfg.balance, cfg.seed, rank, world)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda", drop_last=False,
+                                         persistent_workers=False)
+    to_input = normaliser(mcfg, device)
+    amp = device.type == "cuda"
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_log = out / "metrics.jsonl"
+    history = []
+    for epoch in range(start_epoch, cfg.epochs):
+        ds.epoch = sampler.epoch = epoch
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch, cfg)
+        net.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for step, (image, frames, labels, _) in enumerate(loader):
+            if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
+                break
+            labels = labels.to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                logits = net(to_input(image), to_input(frames) if mcfg.variant != "xception" else None)
+                loss = F.cross_entropy(logits.float(), labels)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            seen += len(labels)
+            loss_sum += float(loss) * len(labels)
+        record = {"epoch": epoch, "lr": lr_at(epoch, cfg), "train_loss": loss_sum / max(seen, 1),
+                  "train_clips": seen, "seconds": round(time.perf_counter() - t0, 2)}
+        if rank == 0:
+            if val_videos:
+                m = frame_and_video(predict(model, val_videos, device))
+                record["val"] = m
+                score = m["video"]["auc"] if m["video"]["n"] > 2 and not math.isnan(m["video"]["auc"]) else m["frame"]["auc"]
+                score = -1.0 if math.isnan(score) else score
+            else:
+                score = -record["train_loss"]
+            improved = score > best
+            best = max(best, score)
+            prov = {"data": cfg.data, "epochs": epoch + 1, "metrics": record.get("val"), "init": init,
+                    "train_state": {"epoch": epoch, "best": best, "init": init, "config": dataclasses.asdict(cfg)}}
+            extra = {**_optimizer_tensors(opt, params), "rng.torch": torch.get_rng_state()}
+            save_checkpoint(model, last, untrained=False, provenance=prov, extra_tensors=extra)
+            if improved:
+                save_checkpoint(model, out / "best.safetensors", untrained=False, provenance=prov)
+            with open(metrics_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(record)
+        history.append(record)
+        if world > 1:
+            torch.distributed.barrier()
+    return {"epochs": history, "best": best, "out": str(out)}
+
+
+def evaluate(checkpoint: str, videos: list[CachedVideo], device: str = "auto", by_method: bool = True) -> dict:
+    """Frame- and video-level metrics of a checkpoint, overall and per manipulation method."""
+    from .scan import pick_device
+
+    dev = pick_device(device)
+    model, info = load_checkpoint(checkpoint, dev)
+    records = predict(model, videos, dev)
+    result = {"checkpoint": checkpoint, "variant": info.variant, "untrained": info.untrained,
+              "overall": frame_and_video(records)}
+    if by_method:
+        method = {v.key: v.method for v in videos}
+        fakes = sorted({v.method for v in videos if v.label == 1})
+        if len(fakes) > 1:
+            result["methods"] = {
+                m: frame_and_video([r for r in records if method[r[0]] in (m,) or r[1] == 0]) for m in fakes
+            }
+    return result
