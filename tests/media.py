@@ -132,3 +132,68 @@ if __name__ == "__main__":
     two_face_video(out / "two_faces.mp4")
     noise_video(out / "no_face.mp4")
     print(out)
+
+
+# ---------------------------------------------------------------------------- tiny data sets
+def _face_frames(variant: int, count: int = 8, fake: bool = False) -> list[np.ndarray]:
+    """A small real face clip; ``fake`` alters the face region (blurred, colour-shifted centre)."""
+    from PIL import Image, ImageFilter
+
+    base = Image.fromarray(astronaut()[:300, 100:400]).resize((96, 96))
+    rng = np.random.default_rng(variant)
+    gain = rng.uniform(0.8, 1.2)
+    out = []
+    for i in range(count):
+        face = np.asarray(base, np.float32) * gain
+        if fake:
+            region = Image.fromarray(np.clip(face, 0, 255).astype(np.uint8)).crop((28, 55, 68, 85))
+            region = np.asarray(region.filter(ImageFilter.GaussianBlur(1.5)), np.float32)
+            region[..., 0] += 30  # a reddish, smoothed mouth region: a crude face manipulation
+            face[55:85, 28:68] = region
+        frame = np.full((144, 176, 3), 60 + 10 * variant % 100, np.float32)
+        x, y = 30 + (i + variant) % 12, 20 + variant % 8
+        frame[y:y + 96, x:x + 96] = face
+        out.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return out
+
+
+def make_dataset(root: Path, layout: str, per_split: int = 2, methods=("Deepfakes", "FaceSwap")) -> Path:
+    """A tiny data set in the FF++, Celeb-DF or folders layout, from real face material."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    if layout == "ffpp":
+        real_dir = root / "original_sequences" / "youtube" / "c23" / "videos"
+        real_dir.mkdir(parents=True)
+        ids = [f"{i:03d}" for i in range(6 * per_split // 2 * 2)]
+        pairs = [[ids[i], ids[i + 1]] for i in range(0, len(ids), 2)]
+        n = len(pairs) // 3 or 1
+        splits = {"train": pairs[:n], "val": pairs[n:2 * n], "test": pairs[2 * n:]}
+        for name, sp in splits.items():
+            (root / f"{name}.json").write_text(json.dumps(sp))
+        for k, vid in enumerate(ids):
+            write_video(real_dir / f"{vid}.mp4", _face_frames(k))
+        for m_i, m in enumerate(methods):
+            d = root / "manipulated_sequences" / m / "c23" / "videos"
+            d.mkdir(parents=True)
+            for a, b in pairs:
+                write_video(d / f"{a}_{b}.mp4", _face_frames(int(a) + 10 * m_i, fake=True))
+                write_video(d / f"{b}_{a}.mp4", _face_frames(int(b) + 10 * m_i, fake=True))
+    elif layout == "celebdf":
+        lines = []
+        for folder, fake, count in (("Celeb-real", False, 3), ("YouTube-real", False, 2), ("Celeb-synthesis", True, 4)):
+            (root / folder).mkdir(parents=True)
+            for i in range(count):
+                rel = f"{folder}/id{i}_{i:04d}.mp4"
+                write_video(root / rel, _face_frames(i + 20 * fake, fake=fake))
+                if i == 0:
+                    lines.append(f"{0 if fake else 1} {rel}")
+        (root / "List_of_testing_videos.txt").write_text("\n".join(lines) + "\n")
+    elif layout == "folders":
+        for name, fake in (("real", False), ("fake", True)):
+            (root / name).mkdir(parents=True)
+            for i in range(per_split * 2):
+                write_video(root / name / f"{name}{i}.mp4", _face_frames(i + 40 * fake, fake=fake))
+    else:
+        raise ValueError(layout)
+    return root

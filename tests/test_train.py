@@ -1,0 +1,185 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from deepscan.data import load_dataset
+from deepscan.errors import ConfigError
+from deepscan.faces import DlibDetector
+from deepscan.metrics import auc, average_precision, eer, frame_and_video
+from deepscan.prepare import PrepareSettings, load_cache, prepare
+from deepscan.selfblend import self_blend
+from deepscan.train import EpochSampler, TrainConfig, lr_at
+
+from . import media
+
+TINY_ARGS = ["--image-size", "62", "--lda-size", "32", "--clips", "2", "--detector", "dlib", "--vit-init", "random",
+             "--workers", "0", "--batch-size", "4"]
+
+
+def deepscan(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "deepscan", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    return {layout: media.make_dataset(root / layout, layout, per_split=1) for layout in ("ffpp", "celebdf", "folders")}
+
+
+def test_layouts_are_detected_and_split(datasets):
+    kind, items = load_dataset(datasets["ffpp"])
+    assert kind == "ffpp"
+    assert {i.split for i in items} == {"train", "val", "test"}
+    assert {i.method for i in items} == {"real", "Deepfakes", "FaceSwap"}
+    assert len({i.key for i in items}) == len(items)  # names repeat across method folders, keys do not
+    pair = [i for i in items if i.method == "Deepfakes" and i.split == "test"]
+    assert all(i.label == 1 for i in pair)
+    kind, items = load_dataset(datasets["celebdf"])
+    test = [i for i in items if i.split == "test"]
+    assert kind == "celebdf" and {(i.method, i.label) for i in test} == {
+        ("Celeb-real", 0), ("YouTube-real", 0), ("Celeb-synthesis", 1)}  # label 1 in the list = real
+    kind, items = load_dataset(datasets["folders"])
+    assert kind == "folders" and {i.split for i in items} == {"train", "val"}
+    _, only = load_dataset(datasets["ffpp"], methods=["FaceSwap"])
+    assert {i.method for i in only} == {"real", "FaceSwap"}
+
+
+def test_missing_splits_say_where_they_come_from(tmp_path, datasets):
+    (tmp_path / "original_sequences").mkdir()
+    with pytest.raises(ConfigError, match="train.json.*--splits"):
+        load_dataset(tmp_path)
+    with pytest.raises(ConfigError, match="not a known data set layout"):
+        load_dataset(tmp_path / "original_sequences")
+
+
+def test_prepare_caches_and_skips_finished_videos(tmp_path, datasets):
+    _, items = load_dataset(datasets["folders"])
+    settings = PrepareSettings(image_size=62, lda_size=32, clips=2)
+    counts = prepare(items, tmp_path / "cache", DlibDetector(), settings)
+    assert counts["prepared"] == len(items)
+    again = prepare(items, tmp_path / "cache", DlibDetector(), settings)
+    assert again == {"done_before": len(items), "prepared": 0, "no_face": 0, "errors": 0}
+    videos = load_cache(tmp_path / "cache", items)
+    assert len(videos) == len(items) and all(v.clips == 2 for v in videos)
+    images = np.load(Path(videos[0].folder) / "image.npy", mmap_mode="r")
+    frames = np.load(Path(videos[0].folder) / "frames.npy", mmap_mode="r")
+    assert images.shape == (2, 62, 62, 3) and frames.shape == (2, 3, 32, 32, 3)
+    with pytest.raises(ConfigError, match="other settings"):
+        prepare(items, tmp_path / "cache", DlibDetector(), PrepareSettings(image_size=398))
+
+
+def test_prepare_killed_midway_resumes_without_corrupt_entries(tmp_path, datasets):
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "deepscan", "prepare", "--data", datasets["ffpp"], "--cache", cache,
+                             "--image-size", "62", "--lda-size", "32", "--clips", "2", "--detector", "dlib"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(cache.glob("*/meta.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list(cache.glob("*/meta.json")))
+    assert 2 <= done_at_kill
+    for meta in cache.glob("*/meta.json"):  # whatever exists is complete
+        m = json.loads(meta.read_text())
+        if m["clips"]:
+            assert np.load(meta.parent / "frames.npy").shape[0] == m["clips"]
+    result = deepscan("prepare", "--data", datasets["ffpp"], "--cache", cache, "--image-size", "62",
+                      "--lda-size", "32", "--clips", "2", "--detector", "dlib")
+    assert result.returncode == 0, result.stderr
+    assert f"{done_at_kill} done before" in result.stderr or done_at_kill == 18
+    assert len(list(cache.glob("*/meta.json"))) == 18 and not list(cache.glob(".*tmp*"))
+
+
+def test_train_checkpoints_resumes_exactly_and_evaluates(tmp_path, datasets):
+    data, cache = datasets["ffpp"], tmp_path / "cache"
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--data", data, "--cache", cache, "--max-steps", "2", "--variant", "spatial-temporal", *TINY_ARGS]
+    r = deepscan("train", *common, "--out", straight, "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    assert (straight / "best.safetensors").is_file()
+    lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1] and "auc" in lines[0]["val"]["frame"]
+    assert deepscan("train", *common, "--out", split, "--epochs", "1").returncode == 0
+    r = deepscan("train", *common, "--out", split, "--epochs", "2", "--resume")
+    assert r.returncode == 0, r.stderr
+
+    def weights(p):
+        with safe_open(str(p / "last.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    r = deepscan("eval", "--data", data, "--cache", cache, "--weights", straight / "best.safetensors", "--json",
+                 "--clips", "2", "--detector", "dlib")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["split"] == "test" and res["overall"]["frame"]["n"] > 0
+    assert set(res["methods"]) == {"Deepfakes", "FaceSwap"}
+    table = deepscan("eval", "--data", data, "--cache", cache, "--weights", straight / "best.safetensors",
+                     "--clips", "2", "--detector", "dlib", env={"COLUMNS": "200"})
+    assert "paper ACC" in table.stdout and "Deepfakes" in table.stdout
+
+
+def test_distributed_training_with_two_cpu_processes(tmp_path, datasets):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
+                        "-m", "deepscan", "train", "--data", datasets["folders"], "--cache", tmp_path / "cache",
+                        "--out", out, "--epochs", "1", "--max-steps", "2", "--variant", "spatial", *TINY_ARGS],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "last.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 alone writes
+
+
+def test_self_blended_training_from_real_videos_only(tmp_path, datasets):
+    r = deepscan("train", "--data", datasets["celebdf"], "--cache", tmp_path / "cache", "--out", tmp_path / "sbi",
+                 "--epochs", "1", "--max-steps", "2", "--self-blend", "0.5", "--variant", "temporal", *TINY_ARGS)
+    assert r.returncode == 0, r.stderr
+
+
+def test_self_blend_changes_the_face_not_the_corners():
+    rng = np.random.default_rng(0)
+    img = media.astronaut()[:300, 100:400]
+    from PIL import Image
+
+    image = np.asarray(Image.fromarray(img).resize((96, 96)))
+    frames = np.stack([np.asarray(Image.fromarray(img).resize((48, 48)))] * 3)
+    bi, bf = self_blend(image, frames, rng)
+    assert bi.shape == image.shape and bf.shape == frames.shape
+    diff = np.abs(bi.astype(int) - image.astype(int)).mean(-1)
+    assert diff[40:56, 40:56].mean() > 2 * max(diff[:6, :6].mean(), 0.1)
+    assert np.array_equal(bf[0], bf[1]) or np.abs(bf[0].astype(int) - bf[1].astype(int)).max() == 0  # same draw
+
+
+def test_metrics_known_values():
+    assert auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert auc([0, 1], [0.5, 0.5]) == 0.5  # ties count half
+    assert np.isnan(auc([1, 1], [0.2, 0.3]))
+    assert average_precision([1, 0, 1], [0.9, 0.8, 0.7]) == pytest.approx((1 + 2 / 3) / 2)
+    assert eer([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 0.0
+    m = frame_and_video([("a", 0, 0.2), ("a", 0, 0.4), ("b", 1, 0.9), ("b", 1, 0.3)])
+    assert m["frame"]["n"] == 4 and m["video"]["n"] == 2 and m["video"]["auc"] == 1.0
+    assert m["frame"]["acc"] == 0.75
+
+
+def test_lr_schedule_and_balanced_sampler():
+    cfg = TrainConfig(out="x")
+    assert [lr_at(e, cfg) for e in (0, 4, 5, 10, 19)] == [3e-4, 3e-4, 1.5e-4, 7.5e-5, 3e-4 / 8]
+    labels = np.array([0] * 20 + [1] * 80)
+    s = EpochSampler(labels, balance=True, seed=0)
+    drawn = labels[s.order()]
+    assert 0.35 < drawn.mean() < 0.65  # four fakes per real, rebalanced
+    shards = [list(EpochSampler(labels, True, 0, rank=r, world=2)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == sorted(s.order().tolist()) and len(shards[0]) == 50
