@@ -314,13 +314,28 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")] = False,
     image_size: Annotated[int, typer.Option(help="Backbone input size.")] = 398,
     lda_size: Annotated[int, typer.Option(help="LDA input size.")] = 224,
+    throughput: Annotated[bool, typer.Option("--throughput", help="Also measure clips/s, end-to-end scan time and peak memory (minutes).")] = False,
+    device: Annotated[str, typer.Option(help="Throughput device: auto, cpu, cuda.")] = "auto",
+    variants: Annotated[str, typer.Option(help="Throughput variants, comma-separated.")] = "xception,spatial,temporal,spatial-temporal",
+    batch_size: Annotated[int, typer.Option(help="Throughput batch size (default: 8 on CPU, 128 on CUDA).")] = 0,
+    clips: Annotated[int, typer.Option(help="Clips sampled per video in the end-to-end runs.")] = 32,
+    workdir: Annotated[Optional[Path], typer.Option(help="Where to keep the generated benchmark videos.")] = None,
 ) -> None:
-    """Parameters and GMACs of every variant, beside the paper's Table VII."""
+    """Parameters and GMACs of every variant beside the paper's Table VII; with --throughput, speed and memory."""
     from .costs import PAPER_COSTS, measure_all
 
     costs = measure_all(image_size=image_size, lda_size=lda_size)
+    perf = None
+    if throughput:
+        from .perf import run_all
+        from .scan import pick_device
+
+        dev = pick_device(device)
+        precisions = ["fp32-nchw", "auto"] + (["fp16"] if dev.type == "cuda" else [])
+        perf = run_all(dev, [v.strip() for v in variants.split(",") if v.strip()], precisions,
+                       batch_size or (128 if dev.type == "cuda" else 8), clips, workdir, say=notice)
     if json_out:
-        emit_json({"costs": [c.to_json() for c in costs]})
+        emit_json({"costs": [c.to_json() for c in costs], **({"throughput": perf} if perf else {})})
         return
     from rich.table import Table
 
@@ -351,6 +366,26 @@ def bench(
         "1.57 M, exactly a 2048x768 linear layer; see README 'Model cost'.",
         highlight=False,
     )
+    if perf:
+        speed = Table(title=f"Throughput on {perf.get('gpu', perf['device'])} ({perf['threads']} threads)")
+        for col in ("variant", "precision", "batch", "clips/s", "x fp32 NCHW"):
+            speed.add_column(col, justify="left" if col in ("variant", "precision") else "right")
+        for m in perf["model"]:
+            x = perf["speedup_over_fp32_nchw"].get(f"{m['variant']}/{m['precision']}")
+            speed.add_row(m["variant"], m["precision"], str(m["batch"]), f"{m['clips_per_s']:.1f}", f"{x:.2f}" if x else "1.00")
+        console.print(speed)
+        e2e = Table(title=f"End to end, spatial-temporal, {perf['detector']} faces, {clips} clips per video")
+        for col in ("video", "strategy", "face clips", "end to end s", "model only s", "ratio", "decode s", "detect+crop s"):
+            e2e.add_column(col, justify="left" if col in ("video", "strategy") else "right")
+        for r in perf["end_to_end"]:
+            b = r["breakdown_s"]
+            e2e.add_row(r["video"], str(r["strategy"]), str(r["face_clips"]), f"{r['end_to_end_s']:.2f}",
+                        f"{r['model_only_s']:.2f}", f"{r['ratio']:.2f}", f"{b.get('decode_s', 0):.2f}",
+                        f"{b.get('detect_crop_s', 0):.2f}")
+        console.print(e2e)
+        mem = perf["memory"]
+        console.print(f"10 min / 10 s end-to-end time: {perf['long_over_short']:.2f}x; peak RSS scanning a 1-hour "
+                      f"1080p video: {mem['peak_rss_mb']:.0f} MB ({mem['seconds']:.1f} s)", highlight=False)
 
 
 # ---------------------------------------------------------------------------- weights

@@ -211,18 +211,38 @@ class Runner:
 
 # ---------------------------------------------------------------------------- preparing
 @dataclass
-class Prepared:
+class Started:
+    """A video's preparation began (its result is filled in as it goes)."""
+
     index: int
     result: VideoResult
-    clips: list[faces_mod.FaceClip]
     t0: float
 
 
-def prepare_video(index: int, path: str, detector, cfg, settings: ScanSettings) -> Prepared:
-    """Decode, detect, track and crop one video; errors become the result's error."""
-    t0 = time.perf_counter()
+@dataclass
+class Cropped:
+    """Face clips of one sampled clip of video ``index``."""
+
+    index: int
+    clips: list
+
+
+@dataclass
+class Prepared:
+    """A video's preparation ended; ``face_clips`` were sent before as Cropped events."""
+
+    index: int
+    face_clips: int
+
+
+def prepare_events(index: int, path: str, detector, cfg, settings: ScanSettings) -> Iterator:
+    """Decode, detect, track and crop one video, yielding face clips as soon as they exist.
+
+    Yields Started, then Cropped events, then Prepared. Errors become the result's error.
+    """
     res = VideoResult(path=path)
-    clips: list[faces_mod.FaceClip] = []
+    yield Started(index, res, time.perf_counter())
+    count = 0
     try:
         check_readable(path)
         if settings.hash_files:
@@ -234,32 +254,33 @@ def prepare_video(index: int, path: str, detector, cfg, settings: ScanSettings) 
         starts = plan_clips(info.num_frames, settings.clips, clip_len)
         if not starts:
             if info.num_frames == 0 and info.duration == 0:
-                # Unknown length (a header without duration): try the first frames.
-                starts = [0]
+                starts = [0]  # unknown length (no duration in the header): try the first frames
             else:
                 raise MediaError(f"{path}: only {info.num_frames} frame(s), fewer than the {clip_len} "
                                  f"consecutive frames the {cfg.variant} model needs; use a longer video")
         report = DecodeReport()
         tracker = faces_mod.Tracker()
-        t_dec = t_det = 0.0
+        res.timings.update(decode_s=0.0, detect_crop_s=0.0)
         t = time.perf_counter()
         for clip in read_clips(info, starts, clip_len, settings.strategy, report):
             t1 = time.perf_counter()
-            t_dec += t1 - t
+            res.timings["decode_s"] += t1 - t
             dets = faces_mod.filter_faces(detector(clip.frames[0]), settings.min_face)
             ids = tracker.assign(dets)
-            clips.extend(faces_mod.face_clips(path, clip, dets, ids, cfg.image_size, cfg.lda_size, settings.margin))
+            fcs = faces_mod.face_clips(path, clip, dets, ids, cfg.image_size, cfg.lda_size, settings.margin)
             t = time.perf_counter()
-            t_det += t - t1
+            res.timings["detect_crop_s"] += t - t1
+            if fcs:
+                count += len(fcs)
+                yield Cropped(index, fcs)
         res.sampling = {"clips": len(starts), "n": clip_len, "decoded_clips": report.decoded,
-                        "frames": report.decoded * clip_len, "face_clips": len(clips), "strategy": report.strategy}
-        res.timings = {"decode_s": t_dec, "detect_crop_s": t_det}
+                        "frames": report.decoded * clip_len, "face_clips": count, "strategy": report.strategy}
         if report.warning:
             res.warnings.append(report.warning)
         if report.decoded == 0:
             raise MediaError(f"{path}: no clip of {clip_len} consecutive frames could be decoded; "
                              "the file is damaged, truncated or too short")
-        if not clips:
+        if not count:
             res.verdict = "no-face"
     except DeepscanError as exc:
         res.error, res.verdict = str(exc), "error"
@@ -267,8 +288,7 @@ def prepare_video(index: int, path: str, detector, cfg, settings: ScanSettings) 
         if debug_enabled():
             traceback.print_exc()
         res.error, res.verdict = f"{path}: unexpected {type(exc).__name__}: {exc}", "error"
-        clips = []
-    return Prepared(index, res, clips, t0)
+    yield Prepared(index, count)
 
 
 def prefetch(items: Iterator, depth: int = 2) -> Iterator:
@@ -329,60 +349,65 @@ def finish(res: VideoResult, settings: ScanSettings) -> VideoResult:
 
 def scan(paths: list[tuple[str, str | None]], runner: Runner, detector, settings: ScanSettings,
          on_result: Callable[[VideoResult], None]) -> list[VideoResult]:
-    """Scan every input, calling ``on_result`` as each finishes (input order kept)."""
+    """Scan every input, calling ``on_result`` as each finishes (input order kept).
+
+    Preparation runs in a background thread (``prefetch``) while the model scores full batches;
+    a batch may hold face clips of several videos.
+    """
     cfg = runner.cfg
     results: list[VideoResult | None] = [None] * len(paths)
+    state: dict[int, dict] = {}  # index -> {"res", "t0", "left" (unscored clips), "prepared", "model_s"}
+    pending: list[tuple[int, faces_mod.FaceClip]] = []
+    next_emit = 0
 
     def produce():
         for i, (path, err) in enumerate(paths):
             if err:
-                yield Prepared(i, VideoResult(path=path, error=err), [], time.perf_counter())
+                yield Started(i, VideoResult(path=path, error=err), time.perf_counter())
+                yield Prepared(i, 0)
             else:
-                yield prepare_video(i, path, detector, cfg, settings)
+                yield from prepare_events(i, path, detector, cfg, settings)
 
-    pending: list[tuple[Prepared, faces_mod.FaceClip]] = []
-    open_videos: dict[int, tuple[Prepared, int]] = {}  # index -> (prepared, clips left)
-    next_emit = [0]
-    model_time: dict[int, float] = {}
+    def maybe_complete(i: int) -> None:
+        nonlocal next_emit
+        st = state[i]
+        if not st["prepared"] or st["left"]:
+            return
+        res = st["res"]
+        res.timings["model_s"] = st["model_s"]
+        res.timings["total_s"] = time.perf_counter() - st["t0"]
+        results[i] = finish(res, settings)
+        del state[i]
+        while next_emit < len(paths) and results[next_emit] is not None:
+            on_result(results[next_emit])
+            next_emit += 1
 
-    def emit_ready():
-        while next_emit[0] < len(paths) and results[next_emit[0]] is not None:
-            on_result(results[next_emit[0]])
-            next_emit[0] += 1
-
-    def complete(prep: Prepared):
-        res = prep.result
-        res.timings["model_s"] = model_time.get(prep.index, 0.0)
-        res.timings["total_s"] = time.perf_counter() - prep.t0
-        results[prep.index] = finish(res, settings)
-        emit_ready()
-
-    def run_batch(batch):
+    def run_batch(batch) -> None:
         t = time.perf_counter()
         probs, maps = runner([fc for _, fc in batch])
         share = (time.perf_counter() - t) / len(batch)
-        for j, (prep, fc) in enumerate(batch):
-            model_time[prep.index] = model_time.get(prep.index, 0.0) + share
-            fs = FrameScore(fc.frame_indices[0], fc.times[0], float(probs[j]), fc.box,
-                            {k: v[j] for k, v in maps.items()}, fc.frames[0])
-            prep.result.tracks.setdefault(fc.track_id, []).append(fs)
-            p, left = open_videos[prep.index]
-            if left == 1:
-                del open_videos[prep.index]
-                complete(p)
-            else:
-                open_videos[prep.index] = (p, left - 1)
+        for j, (i, fc) in enumerate(batch):
+            st = state[i]
+            st["model_s"] += share
+            st["left"] -= 1
+            st["res"].tracks.setdefault(fc.track_id, []).append(
+                FrameScore(fc.frame_indices[0], fc.times[0], float(probs[j]), fc.box,
+                           {k: v[j] for k, v in maps.items()}, fc.frames[0]))
+        for i in {i for i, _ in batch}:
+            maybe_complete(i)
 
-    for prep in prefetch(produce()):
-        if not prep.clips:
-            complete(prep)
-            continue
-        open_videos[prep.index] = (prep, len(prep.clips))
-        pending.extend((prep, fc) for fc in prep.clips)
-        prep.clips = []
-        while len(pending) >= settings.batch_size:
-            batch, pending = pending[: settings.batch_size], pending[settings.batch_size:]
-            run_batch(batch)
+    for event in prefetch(produce(), depth=settings.batch_size * 2):
+        if isinstance(event, Started):
+            state[event.index] = {"res": event.result, "t0": event.t0, "left": 0, "prepared": False, "model_s": 0.0}
+        elif isinstance(event, Cropped):
+            state[event.index]["left"] += len(event.clips)
+            pending.extend((event.index, fc) for fc in event.clips)
+            while len(pending) >= settings.batch_size:
+                batch, pending = pending[: settings.batch_size], pending[settings.batch_size:]
+                run_batch(batch)
+        else:
+            state[event.index]["prepared"] = True
+            maybe_complete(event.index)
     while pending:
         batch, pending = pending[: settings.batch_size], pending[settings.batch_size:]
         run_batch(batch)

@@ -1,0 +1,186 @@
+"""Throughput benchmarks behind ``deepscan bench --throughput`` (never timed assertions in tests).
+
+- model: clips/s per variant and precision at full size on the current device; the baseline is
+  fp32 in NCHW layout, the fast path what ``--precision auto`` picks (channels_last + bf16 on CPUs
+  with native bf16, bf16/fp16 autocast on CUDA);
+- end to end: a scan of generated 720p face videos of 10 s and 10 min at the same sampling, with
+  its breakdown (decode, detect + crop, model), beside the model alone on the very same face clips;
+- memory: peak RSS of a scan of a generated 1-hour 1080p video, in a child process, and CUDA
+  max allocated memory when on GPU.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import config_for_variant
+from .model import LDADetector
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_throughput(variant: str, precision: str, device: torch.device, batch: int, iters: int = 3) -> dict:
+    """Clips per second through the full-size model; precision 'fp32-nchw' is the plain baseline."""
+    from .scan import Runner, pick_precision
+
+    cfg = config_for_variant(variant)
+    model = LDADetector(cfg).eval().to(device)
+    image = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
+    frames = None if variant == "xception" else torch.randn(batch, cfg.clip_len, 3, cfg.lda_size, cfg.lda_size, device=device)
+    if precision == "fp32-nchw":
+        dtype, autocast = torch.float32, False
+    else:
+        dtype = pick_precision(precision, device)
+        autocast = dtype != torch.float32
+        runner = Runner(model, device, dtype)  # applies the same layout choices as a scan
+        model = runner.model
+        image = image.contiguous(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        model(image, frames)  # warm-up
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            model(image, frames)
+        _sync(device)
+        dt = time.perf_counter() - t
+    out = {"variant": variant, "precision": precision if precision == "fp32-nchw" else str(dtype).split(".")[-1],
+           "device": str(device), "batch": batch, "clips_per_s": round(batch * iters / dt, 2)}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def make_videos(folder: Path, face_video_10s: Path | None = None) -> dict[str, Path]:
+    """720p face videos of 10 s and 10 min, and a 1080p one of 1 hour (stream copies of a 10 s clip)."""
+    from .video import ffmpeg_exe
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, size in (("720p", (1280, 720)), ("1080p", (1920, 1080))):
+        src = folder / f"face_{name}_10s.mp4"
+        if not src.exists():
+            _write_face_video(src, size)
+        out[f"{name}_10s"] = src
+    for key, src, seconds in (("720p_10min", out["720p_10s"], 600), ("1080p_1h", out["1080p_10s"], 3600)):
+        dst = folder / f"face_{key}.mp4"
+        if not dst.exists():
+            subprocess.run([ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error", "-nostdin", "-stream_loop", "-1",
+                            "-i", str(src), "-t", str(seconds), "-c", "copy", str(dst)], check=True)
+        out[key] = dst
+    return out
+
+
+def _write_face_video(path: Path, size: tuple[int, int], seconds: int = 10, fps: int = 25) -> None:
+    """A face (scikit-image's astronaut, if installed; else a drawn oval) moving over a background."""
+    from PIL import Image, ImageDraw
+
+    from .video import ffmpeg_exe
+
+    w, h = size
+    try:
+        from skimage import data
+
+        face = Image.fromarray(data.astronaut()[:300, 100:400]).resize((h // 2, h // 2))
+    except ImportError:
+        face = Image.new("RGB", (h // 2, h // 2), (120, 100, 90))
+        ImageDraw.Draw(face).ellipse([h // 10, h // 20, h // 2 - h // 10, h // 2 - h // 20], fill=(220, 180, 160))
+    proc = subprocess.Popen([ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error", "-nostdin", "-f", "rawvideo",
+                             "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:", "-c:v", "libx264",
+                             "-preset", "ultrafast", "-g", str(fps * 2), "-pix_fmt", "yuv420p", str(path)],
+                            stdin=subprocess.PIPE)
+    bg = np.full((h, w, 3), 70, np.uint8)
+    for i in range(seconds * fps):
+        frame = bg.copy()
+        x = (w // 4) + int(40 * np.sin(i / 20))
+        frame[h // 4: h // 4 + face.height, x: x + face.width] = np.asarray(face)
+        proc.stdin.write(frame.tobytes())
+    proc.stdin.close()
+    if proc.wait():
+        raise RuntimeError(f"ffmpeg failed writing {path}")
+
+
+def end_to_end(video: Path, runner, detector, clips: int, batch: int) -> dict:
+    """Scan ``video`` end to end, then the model alone on the same face clips."""
+    from .scan import Cropped, ScanSettings, prepare_events, scan
+
+    settings = ScanSettings(clips=clips, batch_size=batch, hash_files=False, keep_crops=0)
+    t = time.perf_counter()
+    (res,) = scan([(str(video), None)], runner, detector, settings, lambda r: None)
+    total = time.perf_counter() - t
+    face_clips = [fc for ev in prepare_events(0, str(video), detector, runner.cfg, settings)
+                  if isinstance(ev, Cropped) for fc in ev.clips]
+    _sync(runner.device)
+    t = time.perf_counter()
+    for i in range(0, len(face_clips), batch):
+        runner(face_clips[i:i + batch])
+    _sync(runner.device)
+    model_only = time.perf_counter() - t
+    return {"video": video.name, "duration_s": res.video["duration_s"] if res.video else None,
+            "face_clips": len(face_clips), "end_to_end_s": round(total, 3), "model_only_s": round(model_only, 3),
+            "ratio": round(total / model_only, 3) if model_only else None, "strategy": res.sampling.get("strategy"),
+            "breakdown_s": {k: round(v, 3) for k, v in res.timings.items()}}
+
+
+def scan_peak_rss(video: Path, weights: Path, clips: int) -> dict:
+    """Peak RSS (MB) of `deepscan scan` on ``video`` in a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "deepscan", "scan", str(video), "--weights", str(weights), "--json",
+                           "--clips", str(clips), "--no-hash", "--detector", "dlib"], capture_output=True, text=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"video": video.name, "exit_code": proc.returncode, "seconds": round(time.perf_counter() - t, 2),
+            "peak_rss_mb": round(max(peak, before) / 1024, 1),
+            "note": None if peak > before else "peak RSS not above an earlier child's; value is an upper bound"}
+
+
+def run_all(device: torch.device, variants: list[str], precisions: list[str], batch: int, clips: int,
+            workdir: Path | None = None, say=print) -> dict:
+    from .checkpoint import save_checkpoint
+    from .faces import make_detector
+    from .scan import Runner, pick_precision
+
+    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "model": []}
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+    for v in variants:
+        for p in precisions:
+            say(f"model throughput: {v} {p}")
+            result["model"].append(model_throughput(v, p, device, batch))
+    work = Path(workdir or tempfile.mkdtemp(prefix="deepscan-bench-"))
+    say(f"generating benchmark videos in {work}")
+    videos = make_videos(work)
+    cfg = config_for_variant("spatial-temporal")
+    torch.manual_seed(0)
+    model = LDADetector(cfg)
+    weights = save_checkpoint(model, work / "bench-untrained.safetensors", untrained=True)
+    runner = Runner(model, device, pick_precision("auto", device))
+    detector = make_detector("auto", say=say)
+    result["detector"] = detector.name
+    e2e = []
+    for key in ("720p_10s", "720p_10min"):
+        say(f"end to end: {key}")
+        e2e.append(end_to_end(videos[key], runner, detector, clips, batch))
+    result["end_to_end"] = e2e
+    result["long_over_short"] = round(e2e[1]["end_to_end_s"] / e2e[0]["end_to_end_s"], 3)
+    say("peak RSS: 1-hour 1080p scan")
+    result["memory"] = scan_peak_rss(videos["1080p_1h"], weights, clips)
+    base = {(m["variant"]): m["clips_per_s"] for m in result["model"] if m["precision"] == "fp32-nchw"}
+    result["speedup_over_fp32_nchw"] = {
+        f"{m['variant']}/{m['precision']}": round(m["clips_per_s"] / base[m["variant"]], 2)
+        for m in result["model"] if m["precision"] != "fp32-nchw" and m["variant"] in base
+    }
+    result["workdir"] = str(work)
+    return result
