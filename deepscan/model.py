@@ -122,12 +122,16 @@ class LDADetector(nn.Module):
         if frames is None or frames.dim() != 5 or frames.shape[1] < cfg.clip_len:
             shape = None if frames is None else tuple(frames.shape)
             raise ValueError(f"{cfg.variant} needs frames of shape (B, {cfg.clip_len}, 3, {cfg.lda_size}, {cfg.lda_size}), got {shape}")
-        if self.spatial is not None:
-            maps["spatial"] = self.spatial(frames[:, :1])
-        if self.temporal is not None:
-            clip = frames[:, : cfg.num_frames]
-            residuals = clip[:, 1:] - clip[:, :-1]  # r^k = I^(k+1) - I^k, eq. (1)
-            maps["temporal"] = self.temporal(torch.cat([clip[:, :1], residuals], dim=1))
+        # The LDA components stay in fp32 under autocast: they cost ~3 % of the MACs, and their
+        # sigmoid activations and residual inputs are where bf16 rounding moved scores most.
+        with torch.autocast(frames.device.type, enabled=False):
+            frames = frames.float()
+            if self.spatial is not None:
+                maps["spatial"] = self.spatial(frames[:, :1])
+            if self.temporal is not None:
+                clip = frames[:, : cfg.num_frames]
+                residuals = clip[:, 1:] - clip[:, :-1]  # r^k = I^(k+1) - I^k, eq. (1)
+                maps["temporal"] = self.temporal(torch.cat([clip[:, :1], residuals], dim=1))
         return maps
 
     def forward(self, image: torch.Tensor, frames: torch.Tensor | None = None, return_maps: bool = False):

@@ -1,0 +1,73 @@
+"""The CPU fast path (channels_last + bf16 autocast) must score like fp32 on real face crops."""
+
+import numpy as np
+import pytest
+import torch
+
+from deepscan.config import config_for_variant
+from deepscan.faces import DlibDetector, face_clips
+from deepscan.model import LDADetector
+from deepscan.scan import Runner, cpu_has_bf16, pick_precision
+from deepscan.video import plan_clips, probe, read_clips
+
+
+@pytest.fixture(scope="module")
+def real_clips(media_dir):
+    det, out = DlibDetector(), []
+    for name in ("carphone.mp4", "astronaut.mp4", "two_faces.mp4"):
+        info = probe(media_dir / name)
+        for clip in read_clips(info, plan_clips(info.num_frames, 2, 3), 3):
+            dets = det(clip.frames[0])
+            out += face_clips(name, clip, dets, list(range(len(dets))), 398, 224)
+    return out[:8]
+
+
+def calibrated_model(variant, clips):
+    """An untrained network made to behave like a trained one where precision matters.
+
+    Random weights score ~0.502 for everything: logits differ only by tiny amounts, and any
+    rounding dominates them. So: batch-norm statistics from the real crops, and a head that reads
+    the pooled features' main direction of variation, scaled to spread scores over (0, 1), as
+    a trained classifier reads a strong feature.
+    """
+    torch.manual_seed(0)
+    model = LDADetector(config_for_variant(variant))
+    fp32 = Runner(model, torch.device("cpu"), torch.float32)
+    image = fp32._to_input(np.stack([c.image for c in clips]))
+    flat = fp32._to_input(np.concatenate([c.frames for c in clips]))
+    frames = flat.view(len(clips), 3, *flat.shape[1:])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the one batch
+    pooled = []
+    with torch.no_grad():
+        model.train()
+        model(image, frames)
+        model.eval()
+        hook = model.backbone.global_pool.register_forward_hook(lambda m, i, o: pooled.append(o.flatten(1)))
+        model(image, frames)
+        hook.remove()
+        f = pooled[0]
+        direction = torch.linalg.svd(f - f.mean(0), full_matrices=False)[2][0]
+        scale = 2.0 / float(((f - f.mean(0)) @ direction).std())
+        model.backbone.fc.weight.zero_()
+        model.backbone.fc.weight[1] = direction * scale
+        model.backbone.fc.bias.fill_(-float(f.mean(0) @ direction) * scale)
+    return model
+
+
+def test_auto_precision_choice():
+    cpu = torch.device("cpu")
+    assert pick_precision("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert pick_precision("fp32", cpu) == torch.float32
+
+
+@pytest.mark.parametrize("variant", ["xception", "spatial-temporal"])
+def test_bf16_fast_path_scores_within_001_of_fp32(real_clips, variant):
+    model = calibrated_model(variant, real_clips)
+    ref, _ = Runner(model, torch.device("cpu"), torch.float32)(real_clips)
+    fast, maps = Runner(model, torch.device("cpu"), torch.bfloat16)(real_clips)
+    assert np.ptp(ref) > 0.3, f"scores do not spread: {ref}"
+    assert np.abs(fast - ref).max() < 0.01, (ref, fast)
+    if variant != "xception":
+        assert maps["spatial"].dtype == np.float32 and maps["spatial"].shape == (len(real_clips), 4, 14, 14)
