@@ -383,6 +383,12 @@ def bench(
                         f"{r['model_only_s']:.2f}", f"{r['ratio']:.2f}", f"{b.get('decode_s', 0):.2f}",
                         f"{b.get('detect_crop_s', 0):.2f}")
         console.print(e2e)
+        for d in perf["detectors"]:
+            if d["available"]:
+                console.print(f"detector {d['detector']}: {d['frames_per_s']} frames/s on {d['frame_size']} "
+                              f"(faces found in {d['frames_with_face']})", highlight=False)
+            else:
+                console.print(f"detector {d['detector']}: not available ({d['reason']})", highlight=False)
         mem = perf["memory"]
         console.print(f"10 min / 10 s end-to-end time: {perf['long_over_short']:.2f}x; peak RSS scanning a 1-hour "
                       f"1080p video: {mem['peak_rss_mb']:.0f} MB ({mem['seconds']:.1f} s)", highlight=False)

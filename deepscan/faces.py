@@ -58,25 +58,35 @@ class FaceClip:
 
 # ---------------------------------------------------------------------------- detectors
 class DlibDetector:
+    """dlib's HOG detector. It finds faces of about 80 px and up in the image it is given, so a
+    frame is searched at ``det_size`` (fast) and, when nothing is found there and the frame is
+    larger, again at up to ``retry_size`` (measured here on 720p: 24 ms finds a 120 px face in
+    19 of 32 frames, the retry at 1280 finds it in all, at 69 ms)."""
+
     name = "dlib"
 
-    def __init__(self, det_size: int = DET_SIZE, min_score: float = 0.0):
+    def __init__(self, det_size: int = DET_SIZE, min_score: float = 0.0, retry_size: int = 1280):
         import dlib
 
         self._detector = dlib.get_frontal_face_detector()
-        self.det_size = det_size
+        self.det_size, self.retry_size = det_size, retry_size
         self.min_score = min_score
 
-    def __call__(self, frame: np.ndarray) -> list[Detection]:
+    def _run(self, frame: np.ndarray, size: int) -> list[Detection]:
         h, w = frame.shape[:2]
-        scale = self.det_size / max(h, w)
-        small = np.asarray(Image.fromarray(frame).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
+        scale = size / max(h, w)
+        small = frame if scale == 1 else np.asarray(
+            Image.fromarray(frame).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
         rects, scores, _ = self._detector.run(small, 0, self.min_score)
-        out = []
-        for r, s in zip(rects, scores):
-            box = (r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale)
-            out.append(Detection(box, float(s)))
-        return out
+        return [Detection((r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale),
+                          float(sc)) for r, sc in zip(rects, scores)]
+
+    def __call__(self, frame: np.ndarray) -> list[Detection]:
+        found = self._run(frame, self.det_size)
+        larger = min(max(frame.shape[:2]), self.retry_size)
+        if not found and larger > self.det_size:
+            found = self._run(frame, larger)
+        return found
 
 
 class ScrfdDetector:

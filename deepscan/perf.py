@@ -134,6 +134,30 @@ def end_to_end(video: Path, runner, detector, clips: int, batch: int) -> dict:
             "breakdown_s": {k: round(v, 3) for k, v in res.timings.items()}}
 
 
+def detector_fps(video: Path, names=("dlib", "scrfd"), frames: int = 16, say=print) -> list[dict]:
+    """Frames per second of each available detector on ``frames`` decoded frames of ``video``."""
+    from .errors import DeepscanError
+    from .faces import make_detector
+    from .video import plan_clips, probe, read_clips
+
+    info = probe(video)
+    images = [c.frames[0] for c in read_clips(info, plan_clips(info.num_frames, frames, 1), 1)]
+    out = []
+    for name in names:
+        try:
+            det = make_detector(name, say=say)
+        except DeepscanError as exc:
+            out.append({"detector": name, "available": False, "reason": str(exc)})
+            continue
+        det(images[0])  # warm-up
+        t = time.perf_counter()
+        found = sum(len(det(im)) > 0 for im in images)
+        dt = time.perf_counter() - t
+        out.append({"detector": name, "available": True, "frames_per_s": round(len(images) / dt, 1),
+                    "frames_with_face": f"{found}/{len(images)}", "frame_size": f"{info.width}x{info.height}"})
+    return out
+
+
 def scan_peak_rss(video: Path, weights: Path, clips: int) -> dict:
     """Peak RSS (MB) of `deepscan scan` on ``video`` in a child process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -162,6 +186,8 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
     work = Path(workdir or tempfile.mkdtemp(prefix="deepscan-bench-"))
     say(f"generating benchmark videos in {work}")
     videos = make_videos(work)
+    say("detector speed on 720p frames")
+    result["detectors"] = detector_fps(videos["720p_10s"], say=say)
     cfg = config_for_variant("spatial-temporal")
     torch.manual_seed(0)
     model = LDADetector(cfg)

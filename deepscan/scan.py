@@ -190,7 +190,10 @@ class Runner:
         self.mean, self.std = mean.to(device), std.to(device)
 
     def _to_input(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array).to(self.device, non_blocking=True)
+        t = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            t = t.pin_memory()  # page-locked, so the copy below can overlap with compute
+        t = t.to(self.device, non_blocking=True)
         t = t.permute(0, 3, 1, 2).float()
         return ((t - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 

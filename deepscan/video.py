@@ -165,15 +165,22 @@ def _finish(proc: subprocess.Popen) -> str:
     return err
 
 
-def _select_pass(info: VideoInfo, wanted: list[int]) -> tuple[dict[int, np.ndarray], str]:
-    """One pass; returns {frame_index: frame} for the wanted indices that decoded."""
+def _select_pass(info: VideoInfo, wanted: list[int]) -> Iterator[tuple[int, np.ndarray] | str]:
+    """One pass over the video: yields (frame index, frame) for the wanted indices as they decode,
+    then ffmpeg's stderr (a str). Frames are not kept here: memory stays at a clip's worth."""
     expr = "+".join(f"eq(n\\,{i})" for i in wanted)
     vf = ",".join([f"select='{expr}'"] + _scale_filter(info))
     args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", info.path, "-an", "-sn",
             "-vf", vf, "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
     proc = _run(args)
-    frames = dict(zip(wanted, (f.copy() for f in _read_frames(proc, info, len(wanted)))))
-    return frames, _finish(proc)
+    try:
+        for index, frame in zip(wanted, _read_frames(proc, info, len(wanted))):
+            yield index, frame.copy()
+    finally:
+        if proc.poll() is None and proc.stdout and not proc.stdout.closed:
+            proc.stdout.close()
+            proc.kill()
+    yield _finish(proc)
 
 
 def _seek_clip(info: VideoInfo, start: int, clip_len: int) -> tuple[list[np.ndarray], str]:
@@ -202,37 +209,63 @@ class DecodeReport:
 
 def read_clips(info: VideoInfo, starts: list[int], clip_len: int, strategy: str = "auto",
                report: DecodeReport | None = None) -> Iterator[Clip]:
-    """Decode the planned clips in order. Clips that do not fully decode are dropped and noted."""
+    """Decode the planned clips in order, one at a time (memory: a few clips' frames at most).
+
+    Clips that do not fully decode are dropped and noted in ``report``.
+    """
     report = report if report is not None else DecodeReport()
     if strategy == "auto":
         strategy = choose_strategy(info, len(starts))
-    report.strategy, report.planned = strategy, len(starts)
-    last_err = ""
-    if strategy == "select":
-        wanted = sorted({s + k for s in starts for k in range(clip_len)})
-        frames, last_err = _select_pass(info, wanted)
-        clips = (
-            (i, s, [frames[s + k] for k in range(clip_len)]) for i, s in enumerate(starts)
-            if all(s + k in frames for k in range(clip_len))
-        )
-        for i, s, fr in clips:
-            report.decoded += 1
-            yield _clip(info, i, s, fr)
-    elif strategy == "seek":
-        with ThreadPoolExecutor(SEEK_WORKERS) as pool:
-            futures = [pool.submit(_seek_clip, info, s, clip_len) for s in starts]
-            for i, (s, fut) in enumerate(zip(starts, futures)):
-                fr, err = fut.result()
-                if len(fr) == clip_len:
-                    report.decoded += 1
-                    yield _clip(info, i, s, fr)
-                elif err:
-                    last_err = err
-    else:
+    if strategy not in ("select", "seek"):
         raise ValueError(f"unknown decode strategy {strategy!r}")
+    report.strategy, report.planned = strategy, len(starts)
+    stream = _select_clips if strategy == "select" else _seek_clips
+    last_err = ""
+    for item in stream(info, starts, clip_len):
+        if isinstance(item, str):
+            last_err = item
+        else:
+            report.decoded += 1
+            yield item
     if report.decoded < report.planned:
         detail = _first_error_line(last_err) if last_err.strip() else "fewer frames than its header says"
         report.warning = f"only {report.decoded} of {report.planned} clips decoded ({detail}); the file may be truncated"
+
+
+def _select_clips(info: VideoInfo, starts: list[int], clip_len: int) -> Iterator[Clip | str]:
+    """Clips from one pass, each yielded as soon as its last frame arrives; then ffmpeg's stderr."""
+    wanted = sorted({s + k for s in starts for k in range(clip_len)})
+    pending = list(enumerate(starts))  # clips not yet complete, in frame order
+    held: dict[int, np.ndarray] = {}
+    for item in _select_pass(info, wanted):
+        if isinstance(item, str):
+            yield item
+            return
+        index, frame = item
+        held[index] = frame
+        while pending and pending[0][1] + clip_len - 1 <= index:
+            i, s = pending.pop(0)
+            frames = [held.get(s + k) for k in range(clip_len)]
+            if all(f is not None for f in frames):
+                yield _clip(info, i, s, frames)
+            first_needed = pending[0][1] if pending else index + 1
+            held = {k: v for k, v in held.items() if k >= first_needed}
+
+
+def _seek_clips(info: VideoInfo, starts: list[int], clip_len: int) -> Iterator[Clip | str]:
+    """One ffmpeg seek per clip, SEEK_WORKERS in flight; failures yield ffmpeg's stderr."""
+    with ThreadPoolExecutor(SEEK_WORKERS) as pool:
+        futures: dict[int, object] = {}
+        for i in range(len(starts) + SEEK_WORKERS):
+            if i < len(starts):
+                futures[i] = pool.submit(_seek_clip, info, starts[i], clip_len)
+            j = i - SEEK_WORKERS + 1  # the oldest clip in flight
+            if 0 <= j < len(starts):
+                frames, err = futures.pop(j).result()
+                if len(frames) == clip_len:
+                    yield _clip(info, j, starts[j], frames)
+                elif err:
+                    yield err
 
 
 def _clip(info: VideoInfo, index: int, start: int, frames: list[np.ndarray]) -> Clip:

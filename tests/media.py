@@ -197,3 +197,55 @@ def make_dataset(root: Path, layout: str, per_split: int = 2, methods=("Deepfake
     else:
         raise ValueError(layout)
     return root
+
+
+def scrfd_like_onnx(path: Path, size: int = 64, face=(16, 8, 48, 56)) -> Path:
+    """A tiny ONNX model with SCRFD's inputs and nine outputs that always 'finds' one face.
+
+    Outputs per stride 8/16/32: scores (N*2, 1), box distances (N*2, 4), landmarks (N*2, 10),
+    in strides, for a ``size`` x ``size`` input; the face ``face`` (x1, y1, x2, y2) in input pixels
+    is planted at the stride-16 anchor nearest its centre. The scores depend on the input (x0 for
+    an all-black image), so the session really runs the graph.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, outputs = [], [], []
+    cx, cy = (face[0] + face[2]) / 2, (face[1] + face[3]) / 2
+    inp = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, size, size])
+    # gate = 1 unless the image is black: a black frame normalises to -0.996 everywhere
+    inits.append(numpy_helper.from_array(np.array(0.99, np.float32), "offset"))
+    nodes.append(helper.make_node("ReduceMax", ["input.1"], ["peak"], keepdims=0))
+    nodes.append(helper.make_node("Add", ["peak", "offset"], ["shifted"]))
+    nodes.append(helper.make_node("Sign", ["shifted"], ["sign"]))
+    nodes.append(helper.make_node("Relu", ["sign"], ["gate"]))
+    for kind, width in (("score", 1), ("bbox", 4), ("kps", 10)):
+        for stride in (8, 16, 32):
+            side = size // stride
+            arr = np.zeros((side * side * 2, width), np.float32)
+            if stride == 16:
+                gx, gy = int(cx // 16), int(cy // 16)
+                row = (gy * side + gx) * 2
+                ax, ay = gx * 16, gy * 16
+                if kind == "score":
+                    arr[row] = 0.9
+                elif kind == "bbox":
+                    arr[row] = [(ax - face[0]) / 16, (ay - face[1]) / 16, (face[2] - ax) / 16, (face[3] - ay) / 16]
+                else:
+                    arr[row] = (np.array([cx - 8, cy - 8, cx + 8, cy - 8, cx, cy, cx - 6, cy + 10, cx + 6, cy + 10])
+                                - np.tile([ax, ay], 5)) / 16
+            name = f"{kind}_{stride}"
+            inits.append(numpy_helper.from_array(arr, name + "_c"))
+            if kind == "score":
+                nodes.append(helper.make_node("Mul", [name + "_c", "gate"], [name]))
+            else:
+                nodes.append(helper.make_node("Identity", [name + "_c"], [name]))
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(arr.shape)))
+    order = [f"score_{s}" for s in (8, 16, 32)] + [f"bbox_{s}" for s in (8, 16, 32)] + [f"kps_{s}" for s in (8, 16, 32)]
+    outputs.sort(key=lambda o: order.index(o.name))
+    graph = helper.make_graph(nodes, "scrfd_like", [inp], outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path

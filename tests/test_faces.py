@@ -86,3 +86,48 @@ def test_scrfd_output_decoding():
 def test_nms_keeps_best_of_overlapping_boxes():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], float)
     assert nms(boxes, np.array([0.5, 0.9, 0.7]), 0.4) == [1, 2]
+
+
+def test_installed_onnxruntime_runs_an_scrfd_shaped_session(tmp_path):
+    import onnxruntime
+
+    from . import media
+
+    assert "CPUExecutionProvider" in onnxruntime.get_available_providers()
+    path = media.scrfd_like_onnx(tmp_path / "det.onnx", size=64, face=(16, 8, 48, 56))
+    det = ScrfdDetector(str(path), det_size=64)
+    frame = np.full((128, 128, 3), 100, np.uint8)  # scale 0.5: boxes come back doubled
+    (found,) = det(frame)
+    assert np.allclose(found.box, (32, 16, 96, 112), atol=1e-3) and found.score > 0.89
+    assert len(found.landmarks) == 5 and np.allclose(found.landmarks[2], (64, 64), atol=1e-3)
+    assert det(np.zeros((128, 128, 3), np.uint8)) == []  # the graph really ran on the input
+
+
+def test_auto_detector_uses_cached_scrfd_and_falls_back_to_dlib(tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    from deepscan import weights
+    from deepscan.faces import make_detector
+
+    from . import media
+    from .fakehub import FakeHub
+
+    model = media.scrfd_like_onnx(tmp_path / "det.onnx").read_bytes()
+    entry = {"name": "scrfd-test", "kind": "detector", "variant": None, "repo_id": "t/det",
+             "revision": "f" * 40, "filename": "det.onnx", "sha256": hashlib.sha256(model).hexdigest(),
+             "size": len(model), "license": "test licence", "preprocessing": None, "metrics": None,
+             "description": "test"}
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"schema": 1, "entries": [entry]}))
+    monkeypatch.setenv("DEEPSCAN_MANIFEST", str(manifest))
+    said = []
+    assert make_detector("auto", say=said.append).name == "dlib"  # not cached, hub unreachable
+    assert "dlib" in said[-1]
+    with FakeHub() as hub:
+        hub.files[("t/det", "f" * 40, "det.onnx")] = model
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        det = make_detector("scrfd", say=said.append)
+        assert det.name == "scrfd" and "test licence" in said[-1]
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert make_detector("auto", manifest=weights.load_manifest()).name == "scrfd"  # from the cache

@@ -94,3 +94,15 @@ def test_check_readable(tmp_path):
         check_readable(tmp_path / "nope.mp4")
     with pytest.raises(MediaError, match="not a regular file"):
         check_readable(tmp_path)
+
+
+@pytest.mark.parametrize("codec,ext", [("libx265", "mp4"), ("libvpx-vp9", "webm"), ("libsvtav1", "mkv")])
+def test_modern_codecs_decode(tmp_path, codec, ext):
+    from . import media
+
+    frames = media.moving(media.astronaut()[:300, 100:400], 6)
+    path = media.write_video(tmp_path / f"v.{ext}", frames, codec=["-c:v", codec, "-pix_fmt", "yuv420p"])
+    info = probe(path)
+    clip = next(read_clips(info, [0], 3))
+    assert clip.frames.shape == (3, 360, 640, 3)
+    assert np.abs(clip.frames[0].astype(int) - frames[0].astype(int)).mean() < 12
