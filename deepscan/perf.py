@@ -158,16 +158,24 @@ def detector_fps(video: Path, names=("dlib", "scrfd"), frames: int = 16, say=pri
     return out
 
 
+_RSS_WRAPPER = (
+    "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True); "
+    "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
 def scan_peak_rss(video: Path, weights: Path, clips: int) -> dict:
-    """Peak RSS (MB) of `deepscan scan` on ``video`` in a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Peak RSS (MB) of `deepscan scan` on ``video``: the largest process of its tree (ffmpeg included).
+
+    A fresh wrapper process runs the scan, so nothing measured earlier counts.
+    """
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "deepscan", "scan", str(video), "--weights", str(weights), "--json",
-                           "--clips", str(clips), "--no-hash", "--detector", "dlib"], capture_output=True, text=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"video": video.name, "exit_code": proc.returncode, "seconds": round(time.perf_counter() - t, 2),
-            "peak_rss_mb": round(max(peak, before) / 1024, 1),
-            "note": None if peak > before else "peak RSS not above an earlier child's; value is an upper bound"}
+    cmd = [sys.executable, "-m", "deepscan", "scan", str(video), "--weights", str(weights), "--json",
+           "--clips", str(clips), "--no-hash", "--detector", "dlib"]
+    out = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *cmd], capture_output=True, text=True, check=True)
+    code, kb = out.stdout.split()
+    return {"video": video.name, "exit_code": int(code), "seconds": round(time.perf_counter() - t, 2),
+            "peak_rss_mb": round(int(kb) / 1024, 1)}
 
 
 def run_all(device: torch.device, variants: list[str], precisions: list[str], batch: int, clips: int,

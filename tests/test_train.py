@@ -183,3 +183,29 @@ def test_lr_schedule_and_balanced_sampler():
     assert 0.35 < drawn.mean() < 0.65  # four fakes per real, rebalanced
     shards = [list(EpochSampler(labels, True, 0, rank=r, world=2)) for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == sorted(s.order().tolist()) and len(shards[0]) == 50
+
+
+def test_vit_init_offline_fails_fast_and_local_file_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    from deepscan.checkpoint import load_checkpoint
+    from deepscan.train import vit_state
+
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match="--vit-init PATH"):
+        vit_state("imagenet")  # HF_ENDPOINT points at a closed port in tests
+    assert time.monotonic() - t < 5
+    vit = tmp_path / "vit.safetensors"
+    torch.manual_seed(0)
+    save_file({"patch_embed.proj.weight": torch.randn(768, 3, 16, 16), "patch_embed.proj.bias": torch.randn(768),
+               "pos_embed": torch.randn(1, 197, 768), "cls_token": torch.zeros(1, 1, 768)}, str(vit))
+    out = tmp_path / "init.safetensors"
+    r = deepscan("weights", "init", "--variant", "temporal", "--vit-init", vit, "--out", out)
+    assert r.returncode == 0, r.stderr
+    model, info = load_checkpoint(out)
+    assert "vit.safetensors" in info.provenance["init"]
+    from safetensors.torch import load_file
+
+    ref = load_file(str(vit))
+    assert torch.equal(model.temporal.patch_embed[1].weight, ref["patch_embed.proj.weight"])
+    assert torch.equal(model.temporal.pos_embed[0, 196:392], ref["pos_embed"][0, 1:])
