@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
+from .config import VARIANTS
 from .errors import ConfigError, DeepscanError
 from .output import debug_enabled, emit_json, notice, stderr_console, stdout_console
 
@@ -100,6 +101,8 @@ def scan(
     settings = scan_mod.ScanSettings(clips=clips, threshold=threshold, aggregation=aggregate, batch_size=batch_size,
                                      min_face=min_face, hash_files=not no_hash,
                                      keep_crops=4 if heatmaps is not None else 0)
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
     dev = scan_mod.pick_device(device)
     dtype = scan_mod.pick_precision(precision, dev)
     manifest = load_manifest()

@@ -81,12 +81,32 @@ class DlibDetector:
         return [Detection((r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale),
                           float(sc)) for r, sc in zip(rects, scores)]
 
-    def __call__(self, frame: np.ndarray) -> list[Detection]:
+    def _around(self, frame: np.ndarray, box) -> list[Detection]:
+        """Search a region of 3x a known face's size, scaled so that the face is ~120 px."""
+        h, w = frame.shape[:2]
+        side = max(box[2] - box[0], box[3] - box[1])
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        x1, y1 = max(0, int(cx - 1.5 * side)), max(0, int(cy - 1.5 * side))
+        x2, y2 = min(w, int(cx + 1.5 * side)), min(h, int(cy + 1.5 * side))
+        if x2 - x1 < 8 or y2 - y1 < 8:
+            return []
+        region = frame[y1:y2, x1:x2]
+        scale = 120 / max(side, 1)
+        found = self._run(region, max(16, round(max(region.shape[:2]) * scale)))
+        return [Detection((d.box[0] + x1, d.box[1] + y1, d.box[2] + x1, d.box[3] + y1), d.score) for d in found]
+
+    def __call__(self, frame: np.ndarray, hints=()) -> list[Detection]:
+        """Faces in ``frame``. ``hints`` are boxes of faces seen before (the tracker's): when the
+        fast pass finds nothing, their surroundings are searched before the whole frame again."""
         found = self._run(frame, self.det_size)
+        if found:
+            return found
+        for box in hints:
+            found += self._around(frame, box)
+        if found:
+            return nms_detections(found)
         larger = min(max(frame.shape[:2]), self.retry_size)
-        if not found and larger > self.det_size:
-            found = self._run(frame, larger)
-        return found
+        return self._run(frame, larger) if larger > self.det_size else []
 
 
 class ScrfdDetector:
@@ -104,7 +124,7 @@ class ScrfdDetector:
         self.input_name = self.session.get_inputs()[0].name
         self.det_size, self.threshold, self.nms = det_size, threshold, nms
 
-    def __call__(self, frame: np.ndarray) -> list[Detection]:
+    def __call__(self, frame: np.ndarray, hints=()) -> list[Detection]:
         h, w = frame.shape[:2]
         scale = self.det_size / max(h, w)
         nw, nh = round(w * scale), round(h * scale)
@@ -151,6 +171,13 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
         ious = iou_many(boxes[i], boxes[order[1:]])
         order = order[1:][ious <= threshold]
     return keep
+
+
+def nms_detections(dets: list[Detection], threshold: float = 0.4) -> list[Detection]:
+    if len(dets) < 2:
+        return dets
+    keep = nms(np.array([d.box for d in dets], float), np.array([d.score for d in dets]), threshold)
+    return [dets[i] for i in keep]
 
 
 def iou_many(box, boxes: np.ndarray) -> np.ndarray:
@@ -228,6 +255,10 @@ class Tracker:
         size = max(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1])
         dist = math.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2)
         return 1.0 - dist / size if dist <= self.centre * size else 0.0
+
+    def recent(self) -> list[tuple]:
+        """The latest box of every track: where to look first in the next clip."""
+        return list(self.last.values())
 
     def assign(self, detections: list[Detection]) -> list[int]:
         """Track ids for one clip's detections (best matches first, one detection per track)."""

@@ -69,11 +69,14 @@ def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSetti
         check_readable(item.path)
         info = probe(item.path)
         starts = plan_clips(info.num_frames, settings.clips, settings.clip_len)
+        last_box = None  # where the face was in the previous clip: the detector looks there first
         for clip in read_clips(info, starts, settings.clip_len):
-            dets = faces_mod.filter_faces(detector(clip.frames[0]), settings.min_face)
+            hints = [last_box] if last_box else []
+            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=hints), settings.min_face)
             if not dets:
                 continue
             det = max(dets, key=lambda d: (d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))
+            last_box = det.box
             (fc,) = faces_mod.face_clips(item.path, clip, [det], [0], settings.image_size, settings.lda_size,
                                          settings.margin)
             images.append(fc.image)

@@ -151,6 +151,8 @@ def sha256_of(path: str) -> str:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
@@ -268,7 +270,7 @@ def prepare_events(index: int, path: str, detector, cfg, settings: ScanSettings)
         for clip in read_clips(info, starts, clip_len, settings.strategy, report):
             t1 = time.perf_counter()
             res.timings["decode_s"] += t1 - t
-            dets = faces_mod.filter_faces(detector(clip.frames[0]), settings.min_face)
+            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent()), settings.min_face)
             ids = tracker.assign(dets)
             fcs = faces_mod.face_clips(path, clip, dets, ids, cfg.image_size, cfg.lda_size, settings.margin)
             t = time.perf_counter()

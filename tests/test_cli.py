@@ -194,3 +194,24 @@ def test_debug_variable_shows_traceback(tmp_path):
 def test_completions_are_not_stale(shell):
     committed = (REPO / "completions" / SHELLS[shell]).read_text(encoding="utf-8")
     assert committed == script(shell), "run: python -m deepscan.completions completions"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--variant", "huge"], "unknown variant"),
+    (["--device", "gpu"], "--device must be"),
+    (["--precision", "fp8"], "--precision must be"),
+    (["--detector", "haar"], "unknown detector"),
+    (["--aggregate", "mode"], "--aggregate must be"),
+])
+def test_misuse_is_one_line_and_exit_2(tiny_ckpt, media_dir, args, words):
+    result = runner.invoke(app, ["scan", str(media_dir / "carphone.mp4"), "--weights", str(tiny_ckpt), *args])
+    assert result.exit_code == 2 and words in result.stderr and "Traceback" not in result.output
+
+
+def test_offline_variable_set_before_start_fails_fast():
+    import time
+
+    t = time.monotonic()
+    result = run_cli("weights", "download", "scrfd-10g", env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": ""})
+    assert result.returncode == 2 and "HF_HUB_OFFLINE" in result.stderr
+    assert time.monotonic() - t < 20  # process start included; no 45 s retry loop

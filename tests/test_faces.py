@@ -1,6 +1,6 @@
 import numpy as np
 
-from deepscan.faces import (DlibDetector, ScrfdDetector, Tracker, crop_box, crop_square, face_clips,
+from deepscan.faces import (DlibDetector, ScrfdDetector, Tracker, box_iou, crop_box, crop_square, face_clips,
                             filter_faces, nms, Detection)
 from deepscan.video import plan_clips, probe, read_clips
 
@@ -131,3 +131,19 @@ def test_auto_detector_uses_cached_scrfd_and_falls_back_to_dlib(tmp_path, monkey
         assert det.name == "scrfd" and "test licence" in said[-1]
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert make_detector("auto", manifest=weights.load_manifest()).name == "scrfd"  # from the cache
+
+
+def test_small_faces_are_found_near_hints_or_at_higher_resolution():
+    from PIL import Image
+
+    from . import media
+
+    face = np.asarray(Image.fromarray(media.astronaut()[:300, 100:400]).resize((220, 220)))
+    frame = np.full((720, 1280, 3), 70, np.uint8)
+    frame[300:520, 800:1020] = face  # a ~100 px face: too small for the 640 px pass
+    det = DlibDetector()
+    assert det._run(frame, 640) == []
+    full = det(frame)  # falls back to the whole frame at 1280
+    assert len(full) == 1
+    hinted = det(frame, hints=[full[0].box])
+    assert len(hinted) == 1 and box_iou(hinted[0].box, full[0].box) > 0.5
