@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                     help="adam converges in a few hundred CPU steps; sgd is the paper's (for long runs)")
+    ap.add_argument("--recalibration", default="multiply", choices=("multiply", "residual"))
     ap.add_argument("--size", type=int, default=118, help="backbone input (conv2 56, block1 28)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -57,7 +58,8 @@ def main() -> None:
         train_v = load_cache(work / "cache", [i for i in items if i.split == "train"])
         val_v = load_cache(work / "cache", [i for i in items if i.split == "val"])
         cfg = TrainConfig(out=str(work / "run"), variant=args.variant, lr=args.lr, image_size=args.size, lda_size=64,
-                          vit_init="random", batch_size=16, self_blend=0.5, workers=0)
+                          vit_init="random", batch_size=16, self_blend=0.5, workers=0,
+                          recalibration=args.recalibration)
         model, _ = build(cfg)
         model = model.to(memory_format=torch.channels_last)
         ds = ClipDataset(train_v, model.config.clip_len, train=True, self_blend_p=0.5)
@@ -94,7 +96,7 @@ def main() -> None:
                         fx = to_input(torch.from_numpy(f[None])) if args.variant != "xception" else None
                         scores.append(float(torch.softmax(model(x, fx), 1)[0, 1]))
                         labels.append(y)
-        print(json.dumps({"variant": args.variant, "optimizer": args.optimizer, "lr": args.lr, "steps": args.steps, "train_clips": len(ds),
+        print(json.dumps({"variant": args.variant, "recalibration": args.recalibration, "optimizer": args.optimizer, "lr": args.lr, "steps": args.steps, "train_clips": len(ds),
                           "heldout_pairs": len(labels) // 2, "heldout_auc": round(auc(labels, scores), 4),
                           "seconds": round(time.time() - t0, 1)}))
     finally:

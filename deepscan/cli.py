@@ -227,6 +227,7 @@ def train(
     vit_init: Annotated[str, typer.Option(help="LDA embeddings: imagenet (timm ViT-B/16 from the Hub), random, or a .safetensors path.")] = "imagenet",
     num_maps: Annotated[int, typer.Option("--maps", help="m attention maps (Table IX).")] = 4,
     num_frames: Annotated[int, typer.Option("--frames-per-clip", help="n consecutive frames (Table X).")] = 3,
+    recalibration: Annotated[str, typer.Option(help="multiply (paper: f*a) or residual (f*(1+a)).")] = "multiply",
     image_size: Annotated[int, typer.Option(help="Backbone input size.")] = 398,
     lda_size: Annotated[int, typer.Option(help="LDA input size.")] = 224,
     max_steps: Annotated[int, typer.Option(help="Stop each epoch after this many steps (0 = full epochs; for smoke tests).")] = 0,
@@ -257,7 +258,7 @@ def train(
     cfg = TrainConfig(out=str(out), variant=variant, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                       momentum=momentum, weight_decay=weight_decay, seed=seed, workers=workers, balance=not no_balance,
                       augment=not no_augment, self_blend=self_blend, vit_init=vit_init, num_maps=num_maps,
-                      num_frames=num_frames, image_size=image_size, lda_size=lda_size,
+                      num_frames=num_frames, recalibration=recalibration, image_size=image_size, lda_size=lda_size,
                       max_steps_per_epoch=max_steps, device=device,
                       data={"root": str(data), "layout": kind, "compression": compression, "methods": methods})
     result = run_train(cfg, train_v, val_v, resume=resume,

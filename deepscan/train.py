@@ -62,6 +62,7 @@ class TrainConfig:
     lda_size: int = 224
     num_maps: int = 4
     num_frames: int = 3
+    recalibration: str = "multiply"  # paper's f * a; "residual" = f * (1 + a) (SPEC §1)
     max_steps_per_epoch: int = 0  # 0 = a full epoch; small values for smoke tests
     device: str = "auto"
     data: dict = field(default_factory=dict)  # where the clips came from (provenance only)
@@ -176,7 +177,7 @@ def vit_state(spec: str) -> tuple[dict, str]:
 
 def build(cfg: TrainConfig) -> tuple[LDADetector, str]:
     mcfg = config_for_variant(cfg.variant, image_size=cfg.image_size, lda_size=cfg.lda_size,
-                              num_maps=cfg.num_maps, num_frames=cfg.num_frames)
+                              num_maps=cfg.num_maps, num_frames=cfg.num_frames, recalibration=cfg.recalibration)
     torch.manual_seed(cfg.seed)
     model = LDADetector(mcfg)
     init = "random"
@@ -244,7 +245,7 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
         model, info = load_checkpoint(last)
         state = info.provenance["train_state"]
         saved = TrainConfig(**{**state["config"], "out": cfg.out})
-        changed = {k for k in ("variant", "image_size", "lda_size", "num_maps", "num_frames")
+        changed = {k for k in ("variant", "image_size", "lda_size", "num_maps", "num_frames", "recalibration")
                    if getattr(saved, k) != getattr(cfg, k)}
         if changed:
             raise ConfigError(f"--resume with a different model ({', '.join(sorted(changed))}); use another --out")
