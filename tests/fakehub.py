@@ -8,7 +8,9 @@ than were announced, "truncate" closes the connection half-way through the body.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -54,6 +56,39 @@ class FakeHub:
                 if not found or found[1] is None:
                     return self._missing()
                 self._headers(*found)
+
+            def _json(self, obj, status=200):
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                """Just enough of the upload API: create repo, preupload (all 'regular'), commit."""
+                hub.requests.append(f"POST {self.path}")
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                if path == "/api/repos/create":
+                    name = json.loads(body)
+                    repo = f"{name.get('organization') or 'user'}/{name['name']}" if "/" not in name["name"] else name["name"]
+                    return self._json({"url": f"{hub.url}/{repo}", "name": repo})
+                if "/preupload/" in path:
+                    files = json.loads(body)["files"]
+                    return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                                  "oid": None} for f in files]})
+                if "/commit/" in path:
+                    repo = path[len("/api/models/"):].split("/commit/")[0]
+                    commit = hashlib.sha1(body).hexdigest()
+                    for line in body.decode().splitlines():
+                        item = json.loads(line)
+                        if item.get("key") == "file":
+                            value = item["value"]
+                            hub.files[(repo, commit, value["path"])] = base64.b64decode(value["content"])
+                    return self._json({"commitOid": commit, "commitUrl": f"{hub.url}/{repo}/commit/{commit}",
+                                       "pullRequestUrl": None})
+                self._json({"error": "not implemented in FakeHub"}, 404)
 
             def do_GET(self):
                 found = self._find()

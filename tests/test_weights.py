@@ -119,3 +119,32 @@ def test_manifest_file_errors(tmp_path):
         weights.load_manifest(bad)
     with pytest.raises(WeightsError, match="schema"):
         weights.parse_manifest({"entries": []})
+
+
+def test_publish_then_download_round_trip(hub, tmp_path, monkeypatch):
+    from deepscan.checkpoint import load_checkpoint, save_checkpoint
+
+    from .conftest import tiny_model
+
+    ckpt = save_checkpoint(tiny_model("spatial"), tmp_path / "trained.safetensors", untrained=False,
+                           provenance={"data": "tiny", "epochs": 1, "metrics": {"video_auc": 0.5}})
+    entry = weights.publish(ckpt, "deepscan-test/model", name="tiny-spatial")
+    assert entry["kind"] == "model" and entry["variant"] == "spatial" and len(entry["revision"]) == 40
+    assert entry["sha256"] == weights.sha256_file(ckpt) and entry["metrics"] == {"video_auc": 0.5}
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"schema": 1, "entries": [entry]}))
+    monkeypatch.setenv("DEEPSCAN_MANIFEST", str(manifest))
+    m = weights.load_manifest()
+    path = weights.resolve_checkpoint("spatial", None, m)
+    model, info = load_checkpoint(path)
+    assert info.variant == "spatial" and not info.untrained
+
+
+def test_untrained_checkpoints_are_not_published(hub, tmp_path):
+    from deepscan.checkpoint import save_checkpoint
+
+    from .conftest import tiny_model
+
+    ckpt = save_checkpoint(tiny_model("spatial"), tmp_path / "u.safetensors", untrained=True)
+    with pytest.raises(WeightsError, match="untrained"):
+        weights.publish(ckpt, "deepscan-test/model")
