@@ -17,7 +17,8 @@ def results_table(results, info, detector: str, threshold: float) -> Table:
         table.add_column(col, justify=just, overflow="fold")
     for r in results:
         score = "" if r.score is None else f"{r.score:.3f}"
-        note = r.error or "; ".join(r.warnings) or (r.heatmaps and f"heatmaps: {r.heatmaps}") or ""
+        error = r.error[len(r.path) + 2:] if r.error and r.error.startswith(r.path + ": ") else r.error
+        note = error or "; ".join(r.warnings) or (r.heatmaps and f"heatmaps: {r.heatmaps}") or ""
         frames = sum(len(f) for f in r.tracks.values())
         table.add_row(r.path, f"[{_STYLE[r.verdict]}]{r.verdict}[/]", score, str(len(r.tracks)),
                       str(frames), f"{r.timings.get('total_s', 0):.1f}", note)
