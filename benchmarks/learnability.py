@@ -29,7 +29,8 @@ from deepscan.faces import DlibDetector  # noqa: E402
 from deepscan.metrics import auc  # noqa: E402
 from deepscan.prepare import PrepareSettings, load_cache, open_arrays, prepare  # noqa: E402
 from deepscan.selfblend import self_blend  # noqa: E402
-from deepscan.train import ClipDataset, EpochSampler, TrainConfig, build, normaliser  # noqa: E402
+from deepscan.model import input_normaliser  # noqa: E402
+from deepscan.train import ClipDataset, EpochSampler, TrainConfig, build  # noqa: E402
 from tests import media  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def main() -> None:
         sampler = EpochSampler(ds.labels, balance=False, seed=0)
         opt = (torch.optim.Adam(model.parameters(), lr=args.lr) if args.optimizer == "adam"
                else torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9))
-        to_input = normaliser(model.config, torch.device("cpu"))
+        to_input = input_normaliser(model.config, torch.device("cpu"))
         t0, step, epoch = time.time(), 0, 0
         while step < args.steps:
             ds.epoch = sampler.epoch = epoch

@@ -28,11 +28,11 @@ from safetensors.torch import save_file
 from . import __version__
 from .config import ModelConfig
 from .errors import ConfigError, WeightsError
+from .faces import CROP_MARGIN  # travels with the weights: crops must be made the same way
 from .model import LDADetector
 
 FORMAT_VERSION = 1
 METADATA_KEY = "deepscan"
-CROP_MARGIN = 1.3  # face box enlargement used to make the crops (faces.py); travels with the weights
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar"}
 
 
@@ -98,7 +98,7 @@ def save_checkpoint(
     return path
 
 
-def _check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> None:
     """Refuse anything that is not a safetensors file, without executing or parsing it."""
     if not path.is_file():
         raise WeightsError(f"{path}: checkpoint not found; pass an existing .safetensors file")
@@ -119,7 +119,7 @@ def _check_safetensors(path: Path) -> None:
 
 def read_info(path: str | os.PathLike) -> CheckpointInfo:
     path = Path(path)
-    _check_safetensors(path)
+    check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)

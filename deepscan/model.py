@@ -153,8 +153,24 @@ class LDADetector(nn.Module):
         return (logits, maps) if return_maps else logits
 
 
-def build_model(cfg: ModelConfig) -> LDADetector:
-    return LDADetector(cfg)
+def input_normaliser(cfg: ModelConfig, device: torch.device):
+    """A function from uint8 RGB crops (..., H, W, 3), numpy or torch, to normalised channels_last
+    float tensors (..., 3, H, W) on ``device``, with the config's mean/std. Host memory is pinned
+    on CUDA so the copy can overlap with compute."""
+    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255
+
+    def to_input(batch) -> torch.Tensor:
+        t = torch.from_numpy(batch) if not isinstance(batch, torch.Tensor) else batch
+        lead = t.shape[:-3]
+        t = t.reshape(-1, *t.shape[-3:])
+        if device.type == "cuda":
+            t = t.pin_memory()
+        x = t.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        return x.view(*lead, *x.shape[1:]) if len(lead) > 1 else x
+
+    return to_input
 
 
 def load_vit_embeddings(model: LDADetector, vit_state: dict[str, torch.Tensor]) -> list[str]:

@@ -10,7 +10,6 @@ clips are scored. Any failure of one input becomes that input's ``error`` result
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
@@ -26,8 +25,9 @@ import torch
 from . import faces as faces_mod
 from .checkpoint import CheckpointInfo
 from .errors import ConfigError, DeepscanError, MediaError
-from .model import LDADetector
+from .model import LDADetector, input_normaliser
 from .output import debug_enabled
+from .weights import sha256_file
 from .video import DecodeReport, check_readable, plan_clips, probe, read_clips
 
 SCHEMA = "deepscan.scan/1"
@@ -139,14 +139,6 @@ def expand_inputs(paths: Iterable[str | os.PathLike], pattern: str | None = None
     return out
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------- devices
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -187,26 +179,12 @@ class Runner:
         self.model = model.to(device).eval()
         if device.type == "cpu" or dtype != torch.float32:
             self.model = self.model.to(memory_format=torch.channels_last)
-        mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.cfg.std).view(1, 3, 1, 1) * 255
-        self.mean, self.std = mean.to(device), std.to(device)
-
-    def _to_input(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            t = t.pin_memory()  # page-locked, so the copy below can overlap with compute
-        t = t.to(self.device, non_blocking=True)
-        t = t.permute(0, 3, 1, 2).float()
-        return ((t - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        self._to_input = input_normaliser(self.cfg, device)
 
     @torch.inference_mode()
     def __call__(self, clips: list[faces_mod.FaceClip]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         image = self._to_input(np.stack([c.image for c in clips]))
-        frames = None
-        if self.cfg.variant != "xception":
-            b, n = len(clips), clips[0].frames.shape[0]
-            flat = self._to_input(np.concatenate([c.frames for c in clips]))
-            frames = flat.view(b, n, *flat.shape[1:])
+        frames = None if self.cfg.variant == "xception" else self._to_input(np.stack([c.frames for c in clips]))
         autocast = self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
             logits, maps = self.model(image, frames, return_maps=True)
@@ -251,7 +229,7 @@ def prepare_events(index: int, path: str, detector, cfg, settings: ScanSettings)
     try:
         check_readable(path)
         if settings.hash_files:
-            res.sha256 = sha256_of(path)
+            res.sha256 = sha256_file(path)
         info = probe(path)
         res.video = {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
                      "duration_s": round(info.duration, 3), "rotation": info.rotation, "codec": info.codec}

@@ -34,7 +34,7 @@ from .checkpoint import load_checkpoint, load_tensors, save_checkpoint
 from .config import config_for_variant
 from .errors import ConfigError
 from .metrics import frame_and_video
-from .model import LDADetector, load_vit_embeddings
+from .model import LDADetector, input_normaliser, load_vit_embeddings
 from .prepare import CachedVideo, open_arrays
 from .selfblend import self_blend
 
@@ -140,19 +140,6 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------------------- model I/O
-def normaliser(cfg, device):
-    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255
-
-    def to_input(batch: torch.Tensor) -> torch.Tensor:  # (..., H, W, 3) uint8 -> normalised NCHW
-        lead = batch.shape[:-3]
-        x = batch.reshape(-1, *batch.shape[-3:]).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-        return x.view(*lead, *x.shape[1:]) if len(lead) > 1 else x
-
-    return to_input
-
-
 def vit_state(spec: str) -> tuple[dict, str]:
     """ViT-B/16 weights for the LDA embeddings: a local file, or timm's pretrained tag via the Hub."""
     if spec != "imagenet":
@@ -196,7 +183,7 @@ def predict(model: LDADetector, videos: list[CachedVideo], device, batch_size: i
     cfg = model.config
     ds = ClipDataset(videos, cfg.clip_len, train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
-    to_input = normaliser(cfg, device)
+    to_input = input_normaliser(cfg, device)
     out = []
     autocast = dtype is not None and dtype != torch.float32
     for image, frames, labels, vidx in loader:
@@ -273,7 +260,7 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=False,
                                          persistent_workers=False)
-    to_input = normaliser(mcfg, device)
+    to_input = input_normaliser(mcfg, device)
     amp = device.type == "cuda"
     dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)

@@ -259,9 +259,9 @@ def init_checkpoint(out, *, variant: str, seed: int = 0, image_size: int = 398, 
 def read_vit_state(path: str | os.PathLike) -> dict:
     from safetensors.torch import load_file
 
-    from .checkpoint import _check_safetensors
+    from .checkpoint import check_safetensors
 
-    _check_safetensors(Path(path))
+    check_safetensors(Path(path))
     state = load_file(str(path))
     missing = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed"} - set(state)
     if missing:

@@ -34,8 +34,7 @@ def calibrated_model(variant, clips):
     model = LDADetector(config_for_variant(variant))
     fp32 = Runner(model, torch.device("cpu"), torch.float32)
     image = fp32._to_input(np.stack([c.image for c in clips]))
-    flat = fp32._to_input(np.concatenate([c.frames for c in clips]))
-    frames = flat.view(len(clips), 3, *flat.shape[1:])
+    frames = fp32._to_input(np.stack([c.frames for c in clips]))
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the one batch
