@@ -6,8 +6,8 @@ always called with an argv list and ``-nostdin``, its stderr kept for error mess
 Two ways to get the planned frames, chosen by estimated cost (``choose_strategy``):
 - ``select``: one pass, ffmpeg decodes everything but converts and pipes only the planned
   frames. Cost grows with the video's length; cheapest for short videos.
-- ``seek``: one short ffmpeg process per clip, ``-ss`` to just before the clip. Cost grows with
-  the number of clips, not the length (each seek costs ~0.1-0.2 s), so long videos use it.
+- ``seek``: an accurate ``-ss`` seek to just before each clip, several clips per ffmpeg process.
+  Cost grows with the number of clips, not the length, so long videos use it.
 Frames wider than ``max_side`` are scaled down in ffmpeg, which bounds memory for 4K/8K input.
 """
 
@@ -28,8 +28,9 @@ from .errors import MediaError
 
 MAX_SIDE = 1920  # frames are scaled down to this longest side: faces stay large, memory bounded
 SELECT_FPS = 520.0  # measured: 720p rgb24 frames piped per second in one pass (this machine)
-SEEK_COST_S = 0.15  # measured: one -ss seek + process start, 90-160 ms
-SEEK_WORKERS = 2
+SEEK_COST_S = 0.06  # measured: per clip, seeking 8 clips per ffmpeg process (35-60 ms)
+SEEK_WORKERS = 2  # ffmpeg processes in flight
+SEEK_CHUNK = 8  # clips per ffmpeg process when seeking
 
 
 def ffmpeg_exe() -> str:
@@ -183,11 +184,15 @@ def _select_pass(info: VideoInfo, wanted: list[int]) -> Iterator[tuple[int, np.n
     yield _finish(proc)
 
 
-def _seek_clip(info: VideoInfo, start: int, clip_len: int) -> tuple[list[np.ndarray], str]:
+def _seek_time(info: VideoInfo, start: int) -> str:
     # Half a frame early: accurate seeking outputs frames with pts >= t, so frame `start` is first.
-    t = max(0.0, (start - 0.5) / info.fps)
-    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-ss", f"{t:.6f}", "-i", info.path,
-            "-an", "-sn", "-frames:v", str(clip_len), "-fps_mode", "passthrough"]
+    return f"{max(0.0, (start - 0.5) / info.fps):.6f}"
+
+
+def _seek_clip(info: VideoInfo, start: int, clip_len: int) -> tuple[list[np.ndarray], str]:
+    """One clip by one seek in its own ffmpeg process (the fallback of ``_seek_chunk``)."""
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-ss", _seek_time(info, start),
+            "-i", info.path, "-an", "-sn", "-frames:v", str(clip_len), "-fps_mode", "passthrough"]
     vf = _scale_filter(info)
     if vf:
         args += ["-vf", ",".join(vf)]
@@ -195,6 +200,27 @@ def _seek_clip(info: VideoInfo, start: int, clip_len: int) -> tuple[list[np.ndar
     proc = _run(args)
     frames = [f.copy() for f in _read_frames(proc, info, clip_len)]
     return frames, _finish(proc)
+
+
+def _seek_chunk(info: VideoInfo, starts: list[int], clip_len: int) -> list[tuple[list[np.ndarray], str]]:
+    """Several clips from one ffmpeg process: the file opened once per clip, each input seeked,
+    trimmed to n frames and concatenated. Saves a process start per clip (measured 35 vs 97 ms per
+    clip on a 10 min 720p file); gives the same frames. Falls back to one process per clip if the
+    chunk does not decode whole (e.g. a truncated file), so that every clip that can decode does."""
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"]
+    for s in starts:
+        args += ["-threads", "1", "-ss", _seek_time(info, s), "-i", info.path]
+    scale = "".join("," + f for f in _scale_filter(info))
+    graph = ";".join(f"[{k}:v:0]trim=end_frame={clip_len},setpts=PTS-STARTPTS{scale}[v{k}]" for k in range(len(starts)))
+    graph += ";" + "".join(f"[v{k}]" for k in range(len(starts))) + f"concat=n={len(starts)}:v=1:a=0[out]"
+    args += ["-filter_complex", graph, "-map", "[out]", "-an", "-sn", "-fps_mode", "passthrough",
+             "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
+    proc = _run(args)
+    frames = [f.copy() for f in _read_frames(proc, info, clip_len * len(starts))]
+    err = _finish(proc)
+    if len(frames) == clip_len * len(starts) and proc.returncode == 0:
+        return [(frames[k * clip_len:(k + 1) * clip_len], "") for k in range(len(starts))]
+    return [_seek_clip(info, s, clip_len) for s in starts]
 
 
 @dataclass
@@ -253,19 +279,20 @@ def _select_clips(info: VideoInfo, starts: list[int], clip_len: int) -> Iterator
 
 
 def _seek_clips(info: VideoInfo, starts: list[int], clip_len: int) -> Iterator[Clip | str]:
-    """One ffmpeg seek per clip, SEEK_WORKERS in flight; failures yield ffmpeg's stderr."""
+    """Chunks of SEEK_CHUNK clips per ffmpeg process, SEEK_WORKERS processes in flight."""
+    chunks = [list(range(i, min(i + SEEK_CHUNK, len(starts)))) for i in range(0, len(starts), SEEK_CHUNK)]
     with ThreadPoolExecutor(SEEK_WORKERS) as pool:
-        futures: dict[int, object] = {}
-        for i in range(len(starts) + SEEK_WORKERS):
-            if i < len(starts):
-                futures[i] = pool.submit(_seek_clip, info, starts[i], clip_len)
-            j = i - SEEK_WORKERS + 1  # the oldest clip in flight
-            if 0 <= j < len(starts):
-                frames, err = futures.pop(j).result()
-                if len(frames) == clip_len:
-                    yield _clip(info, j, starts[j], frames)
-                elif err:
-                    yield err
+        futures = {}
+        for c in range(len(chunks) + SEEK_WORKERS):
+            if c < len(chunks):
+                futures[c] = pool.submit(_seek_chunk, info, [starts[i] for i in chunks[c]], clip_len)
+            oldest = c - SEEK_WORKERS + 1
+            if 0 <= oldest < len(chunks):
+                for i, (frames, err) in zip(chunks[oldest], futures.pop(oldest).result()):
+                    if len(frames) == clip_len:
+                        yield _clip(info, i, starts[i], frames)
+                    elif err:
+                        yield err
 
 
 def _clip(info: VideoInfo, index: int, start: int, frames: list[np.ndarray]) -> Clip:

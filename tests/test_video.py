@@ -28,7 +28,7 @@ def test_select_and_seek_decode_the_same_frames(media_dir):
     info = probe(media_dir / "astronaut.mp4")
     starts = plan_clips(info.num_frames, 4, 3)
     a = list(read_clips(info, starts, 3, "select"))
-    b = list(read_clips(info, starts, 3, "seek"))
+    b = list(read_clips(info, starts, 3, "seek"))  # one chunk of 4 clips in one ffmpeg process
     assert [c.frame_indices for c in a] == [c.frame_indices for c in b]
     for x, y in zip(a, b):
         assert x.frames.shape == (3, 360, 640, 3)
@@ -43,17 +43,22 @@ def test_long_videos_choose_seeking():
     assert choose_strategy(short, 32) == "select" and choose_strategy(long, 32) == "seek"
 
 
-def test_rotation_metadata_is_applied(media_dir):
+@pytest.mark.parametrize("strategy", ["select", "seek"])
+def test_rotation_metadata_is_applied(media_dir, strategy):
     info = probe(media_dir / "rotated.mp4")
     assert info.rotation in (90, 270) and (info.width, info.height) == (640, 360)
-    clip = next(read_clips(info, [0], 3))
-    assert clip.frames.shape == (3, 360, 640, 3)
+    clips = list(read_clips(info, [0, 4], 3, strategy))
+    assert len(clips) == 2 and clips[1].frames.shape == (3, 360, 640, 3)
+    left, right = clips[0].frames[0][:, :320].mean(), clips[0].frames[0][:, 320:].mean()
+    assert abs(left - right) > 5  # the face sits left of centre once upright, not above it
 
 
-def test_large_frames_are_scaled_down(media_dir):
+@pytest.mark.parametrize("strategy", ["select", "seek"])
+def test_large_frames_are_scaled_down(media_dir, strategy):
     info = probe(media_dir / "astronaut.mp4", max_side=320)
     assert (info.width, info.height) == (320, 180)
-    assert next(read_clips(info, [0], 3)).frames.shape == (3, 180, 320, 3)
+    clips = list(read_clips(info, [0, 10], 3, strategy))
+    assert [c.frames.shape for c in clips] == [(3, 180, 320, 3)] * 2
 
 
 def test_vfr_video_decodes_planned_clips(media_dir):
@@ -63,10 +68,11 @@ def test_vfr_video_decodes_planned_clips(media_dir):
     assert len(clips) >= 6 and all(c.frames.shape[0] == 3 for c in clips)
 
 
-def test_truncated_file_uses_what_decodes(media_dir):
+@pytest.mark.parametrize("strategy", ["select", "seek"])
+def test_truncated_file_uses_what_decodes(media_dir, strategy):
     info = probe(media_dir / "truncated.mp4")
     report = DecodeReport()
-    clips = list(read_clips(info, plan_clips(max(info.num_frames, 30), 10, 3), 3, report=report))
+    clips = list(read_clips(info, plan_clips(max(info.num_frames, 30), 10, 3), 3, strategy, report=report))
     assert 0 < len(clips) < 10 and "truncated" in report.warning
 
 
