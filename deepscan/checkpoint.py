@@ -158,7 +158,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     model = LDADetector(info.config)
     state = load_tensors(path, "model.")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)  # use the loaded tensors: no second copy
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise WeightsError(f"{path}: weights do not match the {info.variant} config ({first})") from None

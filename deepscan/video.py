@@ -30,7 +30,8 @@ MAX_SIDE = 1920  # frames are scaled down to this longest side: faces stay large
 SELECT_FPS = 520.0  # measured: 720p rgb24 frames piped per second in one pass (this machine)
 SEEK_COST_S = 0.06  # measured: per clip, seeking 8 clips per ffmpeg process (35-60 ms)
 SEEK_WORKERS = 2  # ffmpeg processes in flight
-SEEK_CHUNK = 8  # clips per ffmpeg process when seeking
+SEEK_CHUNK = 8  # clips per ffmpeg process when seeking, at most ...
+SEEK_CHUNK_BYTES = 64 << 20  # ... and at most this much of decoded frames per chunk (memory bound)
 
 
 def ffmpeg_exe() -> str:
@@ -279,8 +280,11 @@ def _select_clips(info: VideoInfo, starts: list[int], clip_len: int) -> Iterator
 
 
 def _seek_clips(info: VideoInfo, starts: list[int], clip_len: int) -> Iterator[Clip | str]:
-    """Chunks of SEEK_CHUNK clips per ffmpeg process, SEEK_WORKERS processes in flight."""
-    chunks = [list(range(i, min(i + SEEK_CHUNK, len(starts)))) for i in range(0, len(starts), SEEK_CHUNK)]
+    """Chunks of up to SEEK_CHUNK clips (SEEK_CHUNK_BYTES of frames) per ffmpeg process,
+    SEEK_WORKERS processes in flight."""
+    clip_bytes = info.width * info.height * 3 * clip_len
+    size = max(1, min(SEEK_CHUNK, SEEK_CHUNK_BYTES // clip_bytes))
+    chunks = [list(range(i, min(i + size, len(starts)))) for i in range(0, len(starts), size)]
     with ThreadPoolExecutor(SEEK_WORKERS) as pool:
         futures = {}
         for c in range(len(chunks) + SEEK_WORKERS):
