@@ -80,6 +80,7 @@ class VideoResult:
     warnings: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     heatmaps: str | None = None
+    box_scale: float = 1.0  # decoded frame -> displayed video pixels (frames over MAX_SIDE are scaled down)
 
     def to_json(self, *, threshold: float, model: dict, detector: str) -> dict:
         return {
@@ -100,7 +101,7 @@ class VideoResult:
                     "score": round(self.track_scores[tid], 6),
                     "frames": [
                         {"index": f.index, "time_s": f.time_s, "score": round(f.score, 6),
-                         "box": [round(v, 1) for v in f.box]}
+                         "box": [round(v * self.box_scale, 1) for v in f.box]}
                         for f in frames
                     ],
                 }
@@ -231,6 +232,7 @@ def prepare_events(index: int, path: str, detector, cfg, settings: ScanSettings)
         if settings.hash_files:
             res.sha256 = sha256_file(path)
         info = probe(path)
+        res.box_scale = info.source_width / info.width
         res.video = {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
                      "duration_s": round(info.duration, 3), "rotation": info.rotation, "codec": info.codec}
         clip_len = cfg.clip_len

@@ -78,8 +78,9 @@ def _first_error_line(stderr: str) -> str:
     return lines[-1] if lines else "unknown ffmpeg error"
 
 
-def probe(path: str | os.PathLike, max_side: int = MAX_SIDE) -> VideoInfo:
+def probe(path: str | os.PathLike, max_side: int | None = None) -> VideoInfo:
     path = str(path)
+    max_side = max_side or MAX_SIDE
     proc = subprocess.run(
         [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path],
         capture_output=True, text=True, errors="replace", timeout=60,

@@ -160,6 +160,18 @@ def test_heatmaps_and_table_for_real_video(media_dir, tiny_ckpt, tmp_path):
         assert img.width == 3 * 224  # face, spatial overlay, temporal overlay
 
 
+def test_boxes_are_reported_in_video_pixels_when_frames_are_scaled(media_dir, tiny_ckpt, monkeypatch):
+    from deepscan import video
+
+    args = ["scan", str(media_dir / "astronaut.mp4"), "--weights", str(tiny_ckpt), "--json", "--clips", "2",
+            "--detector", "dlib"]
+    full = json_lines(runner.invoke(app, args).stdout)[0]
+    monkeypatch.setattr(video, "MAX_SIDE", 480)  # decode the 640x360 video at 480x270
+    small = json_lines(runner.invoke(app, args).stdout)[0]
+    a, b = full["tracks"][0]["frames"][0]["box"], small["tracks"][0]["frames"][0]["box"]
+    assert small["video"]["width"] == 640 and max(abs(x - y) for x, y in zip(a, b)) < 12
+
+
 def test_default_command_routes_to_scan(media_dir, tiny_ckpt):
     result = run_cli(media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--json", "--clips", "2",
                      "--detector", "dlib")
