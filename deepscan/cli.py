@@ -126,7 +126,7 @@ def scan(
             if heatmaps is not None and res.tracks:
                 res.heatmaps = write_heatmaps(res, heatmaps, taken)
             if json_out:
-                emit_json(res.to_json(threshold=threshold, model=model_rec, detector=det.name))
+                emit_json(res.to_json(threshold=threshold, model=model_rec, detector=det.name, aggregation=aggregate))
             elif res.error:
                 notice(f"deepscan: {res.error}")
             advance()
@@ -135,7 +135,7 @@ def scan(
     if not json_out:
         from .report import results_table
 
-        stdout_console().print(results_table(results, info, det.name, threshold))
+        stdout_console().print(results_table(results, info, det.name, threshold, aggregate))
     if info.untrained:
         warn_untrained(str(ckpt))
     raise typer.Exit(scan_mod.exit_code(results))

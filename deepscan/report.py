@@ -7,8 +7,10 @@ from rich.table import Table
 _STYLE = {"fake": "bold red", "real": "green", "no-face": "yellow", "error": "magenta"}
 
 
-def results_table(results, info, detector: str, threshold: float) -> Table:
+def results_table(results, info, detector: str, threshold: float, aggregation: str = "mean") -> Table:
     title = f"deepscan: {info.variant} model, {detector} faces, threshold {threshold}"
+    if aggregation != "mean":
+        title += f", track score = {aggregation} of frames (paper: mean)"
     if info.untrained:
         title += "  [UNTRAINED CHECKPOINT: scores are meaningless]"
     table = Table(title=title, title_justify="left")

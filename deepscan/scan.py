@@ -82,7 +82,7 @@ class VideoResult:
     heatmaps: str | None = None
     box_scale: float = 1.0  # decoded frame -> displayed video pixels (frames over MAX_SIDE are scaled down)
 
-    def to_json(self, *, threshold: float, model: dict, detector: str) -> dict:
+    def to_json(self, *, threshold: float, model: dict, detector: str, aggregation: str = "mean") -> dict:
         return {
             "schema": SCHEMA,
             "path": self.path,
@@ -90,6 +90,7 @@ class VideoResult:
             "verdict": self.verdict,
             "score": None if self.score is None else round(self.score, 6),
             "threshold": threshold,
+            "aggregation": aggregation,
             "error": self.error,
             "model": model,
             "detector": detector,

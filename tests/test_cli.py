@@ -64,7 +64,7 @@ def test_scan_json_schema_on_real_face_video(media_dir, tiny_ckpt):
     assert rec["verdict"] in ("fake", "real") and rec["error"] is None
     assert rec["model"]["untrained"] is True and rec["model"]["variant"] == "spatial-temporal"
     assert len(rec["model"]["sha256"]) == 64 and len(rec["sha256"]) == 64
-    assert rec["detector"] == "dlib" and rec["threshold"] == 0.5
+    assert rec["detector"] == "dlib" and rec["threshold"] == 0.5 and rec["aggregation"] == "mean"
     assert rec["sampling"]["clips"] == 6 and rec["sampling"]["n"] == 3
     (track,) = rec["tracks"]
     assert len(track["frames"]) >= 5
