@@ -222,8 +222,9 @@ def make_detector(name: str = "auto", *, manifest=None, say=None, det_size: int 
             raise WeightsError("the weights manifest lists no detector; use --detector dlib")
         return DlibDetector(det_size)
     try:
-        if name == "auto" and weights.cached(entry) is None and (weights.offline() or not weights._reachable(weights.endpoint())):
-            raise WeightsError(f"{entry.name} is not cached and the Hub cannot be reached")
+        why = weights.hub_unavailable() if name == "auto" and weights.cached(entry) is None else None
+        if why:
+            raise WeightsError(f"{entry.name} is not cached and {why}")
         path = weights.fetch(entry, say=say)
         return ScrfdDetector(str(path), det_size)
     except WeightsError as exc:

@@ -214,10 +214,9 @@ class Cropped:
 
 @dataclass
 class Prepared:
-    """A video's preparation ended; ``face_clips`` were sent before as Cropped events."""
+    """A video's preparation ended; its face clips were sent before as Cropped events."""
 
     index: int
-    face_clips: int
 
 
 def prepare_events(index: int, path: str, detector, cfg, settings: ScanSettings) -> Iterator:
@@ -274,7 +273,7 @@ def prepare_events(index: int, path: str, detector, cfg, settings: ScanSettings)
         if debug_enabled():
             traceback.print_exc()
         res.error, res.verdict = f"{path}: unexpected {type(exc).__name__}: {exc}", "error"
-    yield Prepared(index, count)
+    yield Prepared(index)
 
 
 def prefetch(items: Iterator, depth: int = 2) -> Iterator:
@@ -350,7 +349,7 @@ def scan(paths: list[tuple[str, str | None]], runner: Runner, detector, settings
         for i, (path, err) in enumerate(paths):
             if err:
                 yield Started(i, VideoResult(path=path, error=err), time.perf_counter())
-                yield Prepared(i, 0)
+                yield Prepared(i)
             else:
                 yield from prepare_events(i, path, detector, cfg, settings)
 

@@ -146,11 +146,12 @@ def vit_state(spec: str) -> tuple[dict, str]:
         from .weights import read_vit_state, sha256_file
 
         return read_vit_state(spec), f"{Path(spec).name} sha256 {sha256_file(spec)}"
-    from .weights import _reachable, endpoint, offline
+    from .weights import endpoint, hub_unavailable
 
-    if offline() or not _reachable(endpoint()):
+    why = hub_unavailable()
+    if why:
         raise ConfigError(
-            f"--vit-init imagenet needs {VIT_DEFAULT} from the Hub, which cannot be reached; "
+            f"--vit-init imagenet needs {VIT_DEFAULT} from the Hub, but {why}; "
             "pass --vit-init PATH (a timm ViT-B/16 .safetensors) or --vit-init random"
         )
     from huggingface_hub import hf_hub_download

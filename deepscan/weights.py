@@ -69,16 +69,10 @@ class Manifest:
         return next((e for e in self.entries if e.kind == "detector"), None)
 
 
-def manifest_path() -> Path | None:
-    override = os.environ.get("DEEPSCAN_MANIFEST")
-    if override:
-        return Path(override)
-    return None
-
-
 def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
     """Read and validate the manifest (DEEPSCAN_MANIFEST, else the copy shipped in the package)."""
-    path = Path(path) if path else manifest_path()
+    path = path or os.environ.get("DEEPSCAN_MANIFEST")
+    path = Path(path) if path else None
     try:
         if path is not None:
             text, source = path.read_text(encoding="utf-8"), str(path)
@@ -190,6 +184,16 @@ def cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def hub_unavailable() -> str | None:
+    """Why the Hub cannot be used right now (HF_HUB_OFFLINE, or no TCP connection within
+    seconds), or None. Every network use checks this first, so nothing waits in retries."""
+    if offline():
+        return "HF_HUB_OFFLINE is set"
+    if not _reachable(endpoint()):
+        return f"{endpoint()} cannot be reached"
+    return None
+
+
 def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """One TCP connect: fail in seconds instead of sitting in huggingface_hub's retries."""
     parsed = urlparse(url)
@@ -215,11 +219,10 @@ def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
     if hit is not None:
         return verify(hit, entry, fresh=False)
     fix = f"run `deepscan weights download {entry.name}` on a machine with internet access (same HF_HOME)"
-    if offline():
-        raise WeightsError(f"{entry.name}: not in the cache and HF_HUB_OFFLINE is set; {fix}")
+    why = hub_unavailable()
+    if why:
+        raise WeightsError(f"{entry.name}: not in the cache and {why}; {fix}")
     url = endpoint()
-    if not _reachable(url):
-        raise WeightsError(f"{entry.name}: not in the cache and {url} cannot be reached; {fix}")
     if say:
         say(f"downloading {entry.name} ({entry.size / 1e6:.1f} MB) from {entry.repo_id}@{entry.revision[:8]}; "
             f"licence: {entry.license}")
@@ -294,8 +297,9 @@ def publish(checkpoint: str | os.PathLike, repo_id: str, *, name: str | None = N
     info = read_info(checkpoint)
     if info.untrained:
         raise WeightsError(f"{checkpoint}: an untrained checkpoint; publish only trained weights")
-    if not _reachable(endpoint()):
-        raise WeightsError(f"{endpoint()} cannot be reached; publish from a machine with internet access")
+    why = hub_unavailable()
+    if why:
+        raise WeightsError(f"cannot publish: {why}; publish from a machine with internet access")
     api = HfApi(endpoint=endpoint())
     path_in_repo = path_in_repo or checkpoint.name
     try:
