@@ -25,7 +25,7 @@ import torch
 from . import faces as faces_mod
 from .checkpoint import CheckpointInfo
 from .errors import ConfigError, DeepscanError, MediaError
-from .model import LDADetector, input_normaliser
+from .model import LDADetector, fold_batchnorm, input_normaliser
 from .output import debug_enabled
 from .weights import sha256_file
 from .video import DecodeReport, check_readable, plan_clips, probe, read_clips
@@ -178,7 +178,8 @@ class Runner:
     def __init__(self, model: LDADetector, device: torch.device, dtype: torch.dtype):
         self.cfg = model.config
         self.device, self.dtype = device, dtype
-        self.model = model.to(device).eval()
+        # The runner owns the model: batch norms are folded into their convolutions in place.
+        self.model = fold_batchnorm(model.to(device))
         if device.type == "cpu" or dtype != torch.float32:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._to_input = input_normaliser(self.cfg, device)

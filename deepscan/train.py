@@ -34,7 +34,7 @@ from .checkpoint import load_checkpoint, load_tensors, save_checkpoint
 from .config import config_for_variant
 from .errors import ConfigError
 from .metrics import frame_and_video
-from .model import LDADetector, input_normaliser, load_vit_embeddings
+from .model import LDADetector, fold_batchnorm, input_normaliser, load_vit_embeddings
 from .prepare import CachedVideo, open_arrays
 from .selfblend import self_blend
 
@@ -320,7 +320,7 @@ def evaluate(checkpoint: str, videos: list[CachedVideo], device: str = "auto", b
 
     dev = pick_device(device)
     model, info = load_checkpoint(checkpoint, dev)
-    records = predict(model, videos, dev)
+    records = predict(fold_batchnorm(model), videos, dev)
     result = {"checkpoint": checkpoint, "variant": info.variant, "untrained": info.untrained,
               "overall": frame_and_video(records)}
     if by_method:

@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 
 from deepscan.config import ModelConfig, config_for_variant, suggest_image_size
 from deepscan.errors import ConfigError
-from deepscan.model import LDADetector, load_vit_embeddings, recalibrate
+from deepscan.model import LDADetector, fold_batchnorm, load_vit_embeddings, recalibrate
 
 from .conftest import tiny_config, tiny_model
 
@@ -69,6 +71,21 @@ def test_recalibrate_scales_each_channel_group_by_its_map_blockwise():
     assert torch.allclose(residual, feats + out)
 
 
+
+@pytest.mark.parametrize("m", [3, 4])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_recalibrate_matches_upsampled_maps_in_either_layout(m, layout):
+    cfg = tiny_config("spatial", num_maps=m)
+    feats = torch.randn(2, 10, 28, 42).contiguous(memory_format=layout).requires_grad_()
+    maps = torch.rand(2, m, 2, 3)
+    group = torch.arange(10) * m // 10  # m=3: groups of 4, 3, 3 channels
+    reference = feats * torch.nn.functional.interpolate(maps, size=(28, 42), mode="nearest")[:, group]
+    out = recalibrate(feats, maps, cfg)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=layout)
+    out.sum().backward()
+    torch.testing.assert_close(feats.grad, reference.detach() / feats.detach())
+
 def test_temporal_component_reads_motion_residuals():
     model = tiny_model("temporal")
     still = torch.randn(1, 1, 3, 32, 32).repeat(1, 3, 1, 1, 1)
@@ -113,3 +130,40 @@ def test_vit_embeddings_load_into_every_projection():
     assert torch.equal(model.temporal.pos_embed[:, 4:8], vit["pos_embed"][:, 1:])
     with pytest.raises(ConfigError):
         load_vit_embeddings(model, {**vit, "patch_embed.proj.weight": torch.randn(768, 3, 8, 8)})
+
+
+def test_folding_batchnorm_keeps_outputs_and_maps():
+    model = tiny_model("spatial-temporal", seed=3)
+    gen = torch.Generator().manual_seed(0)
+    cfg = model.config
+    image = torch.randn(3, 3, cfg.image_size, cfg.image_size, generator=gen)
+    frames = torch.randn(3, cfg.clip_len, 3, cfg.lda_size, cfg.lda_size, generator=gen)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:  # statistics of these inputs (activations stay alive through the depth) ...
+        m.momentum = None
+    with torch.no_grad():
+        model.train()(image, frames)
+    model.eval()
+    for m in bns:  # ... and non-trivial affine parameters, as after training
+        m.weight.data.uniform_(0.5, 1.5, generator=gen)
+        m.bias.data.uniform_(-0.3, 0.3, generator=gen)
+    finals = []  # the last feature maps, before pooling
+
+    def run(m):
+        hook = m.backbone.global_pool.register_forward_hook(lambda mod, i, o: finals.append(i[0]))
+        out = m(image, frames, return_maps=True)
+        hook.remove()
+        return (*out, finals[-1])
+
+    with torch.no_grad():
+        ref_logits, ref_maps, ref_final = run(model)
+        folded = fold_batchnorm(copy.deepcopy(model))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        fold_batchnorm(folded)  # idempotent
+        logits, maps, final = run(folded)
+    spread = (ref_final - ref_final.mean(0)).abs().max()  # across clips
+    assert spread > 1e-3  # the clips' features differ, so the comparison means something
+    assert (final - ref_final).abs().max() <= 1e-3 * spread
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for k in ref_maps:
+        torch.testing.assert_close(maps[k], ref_maps[k])

@@ -6,7 +6,7 @@ import torch
 
 from deepscan.config import config_for_variant
 from deepscan.faces import DlibDetector, face_clips
-from deepscan.model import LDADetector
+from deepscan.model import LDADetector, input_normaliser
 from deepscan.scan import Runner, cpu_has_bf16, pick_precision
 from deepscan.video import plan_clips, probe, read_clips
 
@@ -32,9 +32,9 @@ def calibrated_model(variant, clips):
     """
     torch.manual_seed(0)
     model = LDADetector(config_for_variant(variant))
-    fp32 = Runner(model, torch.device("cpu"), torch.float32)
-    image = fp32._to_input(np.stack([c.image for c in clips]))
-    frames = fp32._to_input(np.stack([c.frames for c in clips]))
+    to_input = input_normaliser(model.config, torch.device("cpu"))
+    image = to_input(np.stack([c.image for c in clips]))
+    frames = to_input(np.stack([c.frames for c in clips]))
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the one batch
