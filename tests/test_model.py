@@ -85,6 +85,10 @@ def test_recalibrate_matches_upsampled_maps_in_either_layout(m, layout):
     assert out.is_contiguous(memory_format=layout)
     out.sum().backward()
     torch.testing.assert_close(feats.grad, reference.detach() / feats.detach())
+    with torch.inference_mode():  # in place, same values and layout
+        inplace = recalibrate(feats.detach().clone(), maps, cfg)
+    torch.testing.assert_close(inplace, reference.detach(), rtol=0, atol=0)
+    assert inplace.is_contiguous(memory_format=layout)
 
 def test_temporal_component_reads_motion_residuals():
     model = tiny_model("temporal")
