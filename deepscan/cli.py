@@ -89,6 +89,7 @@ def scan(
     glob: Annotated[Optional[str], typer.Option("--glob", help="In folders, take files matching this pattern (e.g. '*.mp4') instead of video extensions.")] = None,
     min_face: Annotated[int, typer.Option(help="Ignore faces smaller than this many pixels.")] = 24,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the sha256 of each input file.")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model first (15-40 s once; pays on long runs).")] = False,
 ) -> None:
     """Scan videos for deepfaked faces: a verdict per video (exit 0 none fake, 1 fake found, 2 errors)."""
     from . import scan as scan_mod
@@ -115,7 +116,7 @@ def scan(
     model_rec = scan_mod.model_record(info, sha256_file(ckpt))
     det = make_detector(detector, manifest=manifest, say=notice)
     inputs = scan_mod.expand_inputs(paths, glob)
-    runner = scan_mod.Runner(model, dev, dtype)
+    runner = scan_mod.Runner(model, dev, dtype, use_compile=compile_model, batch_size=batch_size, say=notice)
     taken: set[str] = set()
     if heatmaps is not None:
         heatmaps.mkdir(parents=True, exist_ok=True)
@@ -324,6 +325,7 @@ def bench(
     batch_size: Annotated[int, typer.Option(help="Throughput batch size (default: 8 on CPU, 128 on CUDA).")] = 0,
     clips: Annotated[int, typer.Option(help="Clips sampled per video in the end-to-end runs.")] = 32,
     workdir: Annotated[Optional[Path], typer.Option(help="Where to keep the generated benchmark videos.")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="Also measure the spatial-temporal fast path under torch.compile.")] = False,
 ) -> None:
     """Parameters and GMACs of every variant beside the paper's Table VII; with --throughput, speed and memory."""
     from .costs import PAPER_COSTS, measure_all
@@ -337,7 +339,8 @@ def bench(
         dev = pick_device(device)
         precisions = ["fp32-nchw", "auto"] + (["fp16"] if dev.type == "cuda" else [])
         perf = run_all(dev, [v.strip() for v in variants.split(",") if v.strip()], precisions,
-                       batch_size or (128 if dev.type == "cuda" else 8), clips, workdir, say=notice)
+                       batch_size or (128 if dev.type == "cuda" else 8), clips, workdir, say=notice,
+                       use_compile=compile_model)
     if json_out:
         emit_json({"costs": [c.to_json() for c in costs], **({"throughput": perf} if perf else {})})
         return
@@ -375,8 +378,9 @@ def bench(
         for col in ("variant", "precision", "batch", "clips/s", "x fp32 NCHW"):
             speed.add_column(col, justify="left" if col in ("variant", "precision") else "right")
         for m in perf["model"]:
-            x = perf["speedup_over_fp32_nchw"].get(f"{m['variant']}/{m['precision']}")
-            speed.add_row(m["variant"], m["precision"], str(m["batch"]), f"{m['clips_per_s']:.1f}", f"{x:.2f}" if x else "1.00")
+            name = m["precision"] + ("+compile" if m.get("compiled") else "")
+            x = perf["speedup_over_fp32_nchw"].get(f"{m['variant']}/{name}")
+            speed.add_row(m["variant"], name, str(m["batch"]), f"{m['clips_per_s']:.1f}", f"{x:.2f}" if x else "1.00")
         console.print(speed)
         e2e = Table(title=f"End to end, spatial-temporal, {perf['detector']} faces, {clips} clips per video")
         for col in ("video", "strategy", "face clips", "end to end s", "model only s", "ratio", "decode s", "detect+crop s"):

@@ -30,8 +30,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def model_throughput(variant: str, precision: str, device: torch.device, batch: int, iters: int = 3) -> dict:
-    """Clips per second through the full-size model; precision 'fp32-nchw' is the plain baseline."""
+def model_throughput(variant: str, precision: str, device: torch.device, batch: int, iters: int = 3,
+                     use_compile: bool = False) -> dict:
+    """Clips per second through the full-size model; precision 'fp32-nchw' is the plain baseline.
+    With ``use_compile`` the fast path goes through torch.compile, and the compile time is kept."""
     from .scan import Runner, pick_precision
 
     cfg = config_for_variant(variant)
@@ -43,21 +45,29 @@ def model_throughput(variant: str, precision: str, device: torch.device, batch: 
     else:
         dtype = pick_precision(precision, device)
         autocast = dtype != torch.float32
-        runner = Runner(model, device, dtype)  # applies the same layout choices as a scan
-        model = runner.model
+        # the same layout choices as a scan, and the same compiled graph
+        runner = Runner(model, device, dtype, use_compile=use_compile, batch_size=batch,
+                        say=lambda m: print(m, file=sys.stderr))
+        model = runner._run if use_compile else runner.model
         image = image.contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
-        model(image, frames)  # warm-up
+        t = time.perf_counter()
+        model(image, frames)  # warm-up (and compilation)
         _sync(device)
+        first_s = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(iters):
             model(image, frames)
         _sync(device)
         dt = time.perf_counter() - t
-    out = {"variant": variant, "precision": precision if precision == "fp32-nchw" else str(dtype).split(".")[-1],
-           "device": str(device), "batch": batch, "clips_per_s": round(batch * iters / dt, 2)}
+    name = precision if precision == "fp32-nchw" else str(dtype).split(".")[-1]
+    out = {"variant": variant, "precision": name, "device": str(device), "batch": batch,
+           "clips_per_s": round(batch * iters / dt, 2)}
+    if use_compile:
+        out["compiled"] = runner.compiled  # False if compilation failed and it ran eager
+        out["compile_s"] = round(first_s, 1)
     if device.type == "cuda":
         out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
@@ -179,7 +189,7 @@ def scan_peak_rss(video: Path, weights: Path, clips: int) -> dict:
 
 
 def run_all(device: torch.device, variants: list[str], precisions: list[str], batch: int, clips: int,
-            workdir: Path | None = None, say=print) -> dict:
+            workdir: Path | None = None, say=print, use_compile: bool = False) -> dict:
     from .checkpoint import save_checkpoint
     from .faces import make_detector
     from .scan import Runner, pick_precision
@@ -191,6 +201,9 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
         for p in precisions:
             say(f"model throughput: {v} {p}")
             result["model"].append(model_throughput(v, p, device, batch))
+    if use_compile:
+        say("model throughput: spatial-temporal auto, torch.compile")
+        result["model"].append(model_throughput("spatial-temporal", "auto", device, batch, use_compile=True))
     work = Path(workdir or tempfile.mkdtemp(prefix="deepscan-bench-"))
     say(f"generating benchmark videos in {work}")
     videos = make_videos(work)
@@ -213,7 +226,8 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
     result["memory"] = scan_peak_rss(videos["1080p_1h"], weights, clips)
     base = {(m["variant"]): m["clips_per_s"] for m in result["model"] if m["precision"] == "fp32-nchw"}
     result["speedup_over_fp32_nchw"] = {
-        f"{m['variant']}/{m['precision']}": round(m["clips_per_s"] / base[m["variant"]], 2)
+        f"{m['variant']}/{m['precision']}{'+compile' if m.get('compiled') else ''}":
+            round(m["clips_per_s"] / base[m["variant"]], 2)
         for m in result["model"] if m["precision"] != "fp32-nchw" and m["variant"] in base
     }
     result["workdir"] = str(work)

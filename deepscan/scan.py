@@ -173,9 +173,15 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
 
 
 class Runner:
-    """Face clips -> P(fake) and attention maps, in batches, on one device and precision."""
+    """Face clips -> P(fake) and attention maps, in batches, on one device and precision.
 
-    def __init__(self, model: LDADetector, device: torch.device, dtype: torch.dtype):
+    With ``use_compile``, the model goes through torch.compile (inductor, weights frozen on CPU) the
+    first time it runs; batches are padded to ``batch_size`` so that one graph serves them all.
+    Should compilation fail (no C++ compiler, an unsupported GPU...), the runner says so through
+    ``say`` and carries on uncompiled."""
+
+    def __init__(self, model: LDADetector, device: torch.device, dtype: torch.dtype, *,
+                 use_compile: bool = False, batch_size: int = 8, say: Callable[[str], None] | None = None):
         self.cfg = model.config
         self.device, self.dtype = device, dtype
         # The runner owns the model: batch norms are folded into their convolutions in place.
@@ -183,16 +189,52 @@ class Runner:
         if device.type == "cpu" or dtype != torch.float32:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._to_input = input_normaliser(self.cfg, device)
+        self.batch_size, self.say = batch_size, say
+        self._forward = compile_model(self.model, device) if use_compile else self.model
+        self.compiled = use_compile
+
+    def _run(self, image: torch.Tensor, frames: torch.Tensor | None):
+        try:
+            return self._forward(image, frames, return_maps=True)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure; eager is always there
+            if not self.compiled:
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            if self.say:
+                self.say(f"note: --compile failed ({type(exc).__name__}: {first}); running uncompiled")
+            self._forward, self.compiled = self.model, False
+            return self.model(image, frames, return_maps=True)
 
     @torch.inference_mode()
     def __call__(self, clips: list[faces_mod.FaceClip]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        image = self._to_input(np.stack([c.image for c in clips]))
-        frames = None if self.cfg.variant == "xception" else self._to_input(np.stack([c.frames for c in clips]))
+        images = np.stack([c.image for c in clips])
+        frames = None if self.cfg.variant == "xception" else np.stack([c.frames for c in clips])
+        n = len(clips)
+        if self.compiled and n < self.batch_size:  # one shape for the compiled graph
+            images = _pad(images, self.batch_size)
+            frames = None if frames is None else _pad(frames, self.batch_size)
         autocast = self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
-            logits, maps = self.model(image, frames, return_maps=True)
-        probs = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
-        return probs, {k: v.float().cpu().numpy() for k, v in maps.items()}
+            logits, maps = self._run(self._to_input(images), None if frames is None else self._to_input(frames))
+        probs = torch.softmax(logits[:n].float(), dim=1)[:, 1].cpu().numpy()
+        return probs, {k: v[:n].float().cpu().numpy() for k, v in maps.items()}
+
+
+def _pad(batch: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
+
+
+def compile_model(model: LDADetector, device: torch.device):
+    """torch.compile for inference: fixed shapes; on CPU, inductor freezes the weights (constant
+    folding, prepacked oneDNN convolutions). Compilation itself happens on the first call."""
+    import logging
+
+    import torch._inductor.config as inductor_config
+
+    if device.type == "cpu":
+        inductor_config.freezing = True
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" noise
+    return torch.compile(model, dynamic=False)
 
 
 # ---------------------------------------------------------------------------- preparing

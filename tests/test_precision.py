@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from deepscan.config import config_for_variant
-from deepscan.faces import DlibDetector, face_clips
+from deepscan.faces import DlibDetector, FaceClip, face_clips
 from deepscan.model import LDADetector, input_normaliser
 from deepscan.scan import Runner, cpu_has_bf16, pick_precision
 from deepscan.video import plan_clips, probe, read_clips
+
+from .conftest import tiny_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +72,46 @@ def test_bf16_fast_path_scores_within_001_of_fp32(real_clips, variant):
     assert np.abs(fast - ref).max() < 0.01, (ref, fast)
     if variant != "xception":
         assert maps["spatial"].dtype == np.float32 and maps["spatial"].shape == (len(real_clips), 4, 14, 14)
+
+
+def random_clips(cfg, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [FaceClip("v.mp4", 0, i, (i, i + 1, i + 2), (0.0, 0.04, 0.08), (0, 0, 10, 10), (0, 0, 10, 10), 1.0, None,
+                     rng.integers(0, 256, (cfg.image_size, cfg.image_size, 3), np.uint8),
+                     rng.integers(0, 256, (cfg.clip_len, cfg.lda_size, cfg.lda_size, 3), np.uint8))
+            for i in range(n)]
+
+
+def test_compiled_runner_scores_like_eager_with_one_graph_for_partial_batches():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    clips = random_clips(tiny_config(), 5)
+    ref, ref_maps = Runner(tiny_model(), torch.device("cpu"), torch.float32)(clips)
+    notes = []
+    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, use_compile=True, batch_size=4, say=notes.append)
+    full, maps = runner(clips[:4])
+    part, part_maps = runner(clips[4:])  # padded to 4: the same graph, no recompilation
+    assert runner.compiled and not notes
+    np.testing.assert_allclose(np.concatenate([full, part]), ref, atol=1e-4)
+    assert part_maps["temporal"].shape == (1, *ref_maps["temporal"].shape[1:])
+    np.testing.assert_allclose(np.concatenate([maps["spatial"], part_maps["spatial"]]), ref_maps["spatial"], atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_failure_falls_back_to_eager_with_a_note(monkeypatch):
+    import deepscan.scan as scan_mod
+
+    def broken(model, device):
+        def forward(*a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler found\nlong details")
+        return forward
+
+    monkeypatch.setattr(scan_mod, "compile_model", broken)
+    clips = random_clips(tiny_config(), 3)
+    ref, _ = Runner(tiny_model(), torch.device("cpu"), torch.float32)(clips)
+    notes = []
+    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, use_compile=True, batch_size=4, say=notes.append)
+    got, _ = runner(clips)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert not runner.compiled
+    assert notes == ["note: --compile failed (RuntimeError: InductorError: no working C++ compiler found); running uncompiled"]
