@@ -107,13 +107,13 @@ def scan(
     dev = scan_mod.pick_device(device)
     dtype = scan_mod.pick_precision(precision, dev)
     manifest = load_manifest()
-    ckpt = resolve_checkpoint(variant, weights, manifest, say=notice)
+    ckpt, ckpt_sha = resolve_checkpoint(variant, weights, manifest, say=notice)
     model, info = load_checkpoint(ckpt)
     if weights is not None and variant != info.variant and variant != "spatial-temporal":
         notice(f"note: {ckpt} holds a {info.variant} model; --variant {variant} is ignored")
     if info.untrained:
         warn_untrained(str(ckpt))
-    model_rec = scan_mod.model_record(info, sha256_file(ckpt))
+    model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt))
     det = make_detector(detector, manifest=manifest, say=notice)
     inputs = scan_mod.expand_inputs(paths, glob)
     runner = scan_mod.Runner(model, dev, dtype, use_compile=compile_model, batch_size=batch_size, say=notice)

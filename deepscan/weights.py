@@ -272,10 +272,12 @@ def read_vit_state(path: str | os.PathLike) -> dict:
     return state
 
 
-def resolve_checkpoint(variant: str, weights: str | os.PathLike | None, manifest: Manifest, say=None) -> Path:
-    """The checkpoint a scan uses: --weights, else the manifest's model for the variant."""
+def resolve_checkpoint(variant: str, weights: str | os.PathLike | None, manifest: Manifest,
+                       say=None) -> tuple[Path, str | None]:
+    """The checkpoint a scan uses: --weights, else the manifest's model for the variant; with the
+    sha256 already verified (the manifest's), or None when the caller has to hash it."""
     if weights is not None:
-        return Path(weights)
+        return Path(weights), None
     models = manifest.models(variant)
     if not models:
         raise WeightsError(
@@ -283,7 +285,7 @@ def resolve_checkpoint(variant: str, weights: str | os.PathLike | None, manifest
             "train one with `deepscan train`, or pass --weights PATH "
             "(`deepscan weights init --out x.safetensors` makes an untrained one for smoke tests)"
         )
-    return fetch(models[0], say=say)
+    return fetch(models[0], say=say), models[0].sha256
 
 
 def publish(checkpoint: str | os.PathLike, repo_id: str, *, name: str | None = None,

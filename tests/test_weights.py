@@ -121,7 +121,7 @@ def test_manifest_file_errors(tmp_path):
         weights.parse_manifest({"entries": []})
 
 
-def test_publish_then_download_round_trip(hub, tmp_path, monkeypatch):
+def test_publish_then_download_round_trip(hub, tmp_path, monkeypatch, media_dir):
     from deepscan.checkpoint import load_checkpoint, save_checkpoint
 
     from .conftest import tiny_model
@@ -135,9 +135,21 @@ def test_publish_then_download_round_trip(hub, tmp_path, monkeypatch):
     manifest.write_text(json.dumps({"schema": 1, "entries": [entry]}))
     monkeypatch.setenv("DEEPSCAN_MANIFEST", str(manifest))
     m = weights.load_manifest()
-    path = weights.resolve_checkpoint("spatial", None, m)
+    path, sha = weights.resolve_checkpoint("spatial", None, m)
+    assert sha == entry["sha256"] == weights.sha256_file(path)
     model, info = load_checkpoint(path)
     assert info.variant == "spatial" and not info.untrained
+    # A scan with no --weights uses the manifest's model and reports the verified hash.
+    from typer.testing import CliRunner
+
+    from deepscan.cli import app
+
+    result = CliRunner().invoke(app, ["scan", str(media_dir / "carphone.mp4"), "--variant", "spatial", "--json",
+                                      "--clips", "2", "--detector", "dlib", "--no-hash"])
+    assert result.exit_code in (0, 1), result.output
+    rec = json.loads(result.stdout)
+    assert rec["model"] == {"variant": "spatial", "checkpoint": "trained.safetensors", "sha256": entry["sha256"],
+                            "untrained": False}
 
 
 def test_untrained_checkpoints_are_not_published(hub, tmp_path):
