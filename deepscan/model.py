@@ -220,13 +220,13 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv computing bn(conv(x)) with the batch norm's running statistics (eval mode)."""
     scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True, device=conv.weight.device)
+                      conv.dilation, conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias.detach())
-    return fused.to(memory_format=torch.channels_last) if conv.weight.is_contiguous(memory_format=torch.channels_last) \
-        and not conv.weight.is_contiguous() else fused
+    channels_last = not conv.weight.is_contiguous() and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    return fused.to(memory_format=torch.channels_last) if channels_last else fused
 
 
 def fold_batchnorm(model: LDADetector) -> LDADetector:
