@@ -349,10 +349,19 @@ class Prefetch:
                     break
                 self._q.put(item)  # there is room: this is the only producer
         except BaseException as exc:  # surfaced in the consumer
-            self._q.put(exc)
+            self._put(exc)
         finally:
             self.busy = False
-        self._q.put(self._done)
+        self._put(self._done)
+
+    def _put(self, item) -> None:
+        """Put unless the consumer has gone (then nobody would ever make room)."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def __iter__(self) -> Iterator:
         threading.Thread(target=self._work, daemon=True).start()

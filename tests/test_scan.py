@@ -1,5 +1,6 @@
 """The scan pipeline: background preparation in bursts, and CPU cores shared with it."""
 
+import threading
 import time
 
 import numpy as np
@@ -104,3 +105,20 @@ def test_cpu_model_leaves_a_core_while_preparation_works(media_dir):
     assert seen[0][1] == threads - 1  # preparation working: one core left to it
     assert seen[-1][1] == threads  # the last batch comes after preparation is done
     assert torch.get_num_threads() == threads
+
+
+def test_prefetch_thread_ends_when_the_consumer_stops_early():
+    gate = threading.Event()
+
+    def items():
+        yield 0
+        gate.wait()  # the rest only once the first has been taken: the queue then fills up
+        yield from range(1, 100)
+
+    feed = Prefetch(items(), depth=4)
+    it = iter(feed)
+    assert next(it) == 0
+    gate.set()
+    wait_for(lambda: feed._q.full() and not feed.busy)
+    it.close()  # the consumer leaves with a full queue
+    wait_for(lambda: not any(t.is_alive() and getattr(t, "_target", None) == feed._work for t in threading.enumerate()))
