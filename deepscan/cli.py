@@ -378,9 +378,8 @@ def bench(
         for col in ("variant", "precision", "batch", "clips/s", "x fp32 NCHW"):
             speed.add_column(col, justify="left" if col in ("variant", "precision") else "right")
         for m in perf["model"]:
-            name = m["precision"] + ("+compile" if m.get("compiled") else "")
-            x = perf["speedup_over_fp32_nchw"].get(f"{m['variant']}/{name}")
-            speed.add_row(m["variant"], name, str(m["batch"]), f"{m['clips_per_s']:.1f}", f"{x:.2f}" if x else "1.00")
+            x = perf["speedup_over_fp32_nchw"].get(f"{m['variant']}/{m['precision']}")
+            speed.add_row(m["variant"], m["precision"], str(m["batch"]), f"{m['clips_per_s']:.1f}", f"{x:.2f}" if x else "1.00")
         console.print(speed)
         e2e = Table(title=f"End to end, spatial-temporal, {perf['detector']} faces, {clips} clips per video")
         for col in ("video", "strategy", "face clips", "end to end s", "model only s", "ratio", "decode s", "detect+crop s"):

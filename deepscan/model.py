@@ -111,6 +111,7 @@ def recalibrate(features: torch.Tensor, maps: torch.Tensor, cfg: ModelConfig) ->
     scale = F.adaptive_avg_pool2d(maps, (h, w)).index_select(1, group).to(features.dtype)
     return features * (1 + scale) if cfg.recalibration == "residual" else features * scale
 
+
 class LDADetector(nn.Module):
     """Xception with spatial and/or temporal long-distance attention; 2-class logits."""
 

@@ -193,7 +193,8 @@ class Runner:
         self._forward = compile_model(self.model, device) if use_compile else self.model
         self.compiled = use_compile
 
-    def _run(self, image: torch.Tensor, frames: torch.Tensor | None):
+    def forward(self, image: torch.Tensor, frames: torch.Tensor | None):
+        """(logits, maps) for normalised inputs, compiled when asked and possible."""
         try:
             return self._forward(image, frames, return_maps=True)
         except Exception as exc:  # noqa: BLE001 - any compiler failure; eager is always there
@@ -215,7 +216,7 @@ class Runner:
             frames = None if frames is None else _pad(frames, self.batch_size)
         autocast = self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
-            logits, maps = self._run(self._to_input(images), None if frames is None else self._to_input(frames))
+            logits, maps = self.forward(self._to_input(images), None if frames is None else self._to_input(frames))
         probs = torch.softmax(logits[:n].float(), dim=1)[:, 1].cpu().numpy()
         return probs, {k: v[:n].float().cpu().numpy() for k, v in maps.items()}
 
@@ -402,8 +403,9 @@ def scan(paths: list[tuple[str, str | None]], runner: Runner, detector, settings
          on_result: Callable[[VideoResult], None]) -> list[VideoResult]:
     """Scan every input, calling ``on_result`` as each finishes (input order kept).
 
-    Preparation runs in a background thread (``prefetch``) while the model scores full batches;
-    a batch may hold face clips of several videos.
+    Preparation runs in a background thread (``Prefetch``) while the model scores batches of
+    ``settings.batch_size`` face clips, which may mix videos (on a multi-threaded CPU, in steps
+    of 2 clips: see ``score``).
     """
     cfg = runner.cfg
     results: list[VideoResult | None] = [None] * len(paths)
@@ -468,6 +470,12 @@ def scan(paths: list[tuple[str, str | None]], runner: Runner, detector, settings
         for i in {i for i, _ in batch}:
             maybe_complete(i)
 
+    def drain(full_only: bool) -> None:
+        nonlocal pending
+        while len(pending) >= (settings.batch_size if full_only else 1):
+            batch, pending = pending[: settings.batch_size], pending[settings.batch_size:]
+            run_batch(batch)
+
     try:
         for event in feed:
             if isinstance(event, Started):
@@ -475,15 +483,11 @@ def scan(paths: list[tuple[str, str | None]], runner: Runner, detector, settings
             elif isinstance(event, Cropped):
                 state[event.index]["left"] += len(event.clips)
                 pending.extend((event.index, fc) for fc in event.clips)
-                while len(pending) >= settings.batch_size:
-                    batch, pending = pending[: settings.batch_size], pending[settings.batch_size:]
-                    run_batch(batch)
+                drain(full_only=True)
             else:
                 state[event.index]["prepared"] = True
                 maybe_complete(event.index)
-        while pending:
-            batch, pending = pending[: settings.batch_size], pending[settings.batch_size:]
-            run_batch(batch)
+        drain(full_only=False)
     finally:
         torch.set_num_threads(threads)
     return [r for r in results if r is not None]
