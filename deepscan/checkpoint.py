@@ -26,9 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .config import ModelConfig
+from .config import CROP_MARGIN, ModelConfig
 from .errors import ConfigError, WeightsError
-from .faces import CROP_MARGIN  # travels with the weights: crops must be made the same way
 from .model import LDADetector
 
 FORMAT_VERSION = 1

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import typer
 from . import __version__
 from .config import VARIANTS
 from .errors import ConfigError, DeepscanError
-from .output import debug_enabled, emit_json, notice, stderr_console, stdout_console
+from .output import debug_enabled, emit_json, json_line, notice, printable, stderr_console, stdout_console
 
 app = typer.Typer(
     name="deepscan",
@@ -48,9 +47,10 @@ def friendly(fn):
                 raise
             notice(f"deepscan: error: {exc}")
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            notice("deepscan: interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            code = 143 if isinstance(exc, Terminated) else 130
+            notice("deepscan: terminated" if code == 143 else "deepscan: interrupted")
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -71,6 +71,42 @@ def root(
 
 
 # ---------------------------------------------------------------------------- scan
+def writable_folder(path: Path, option: str) -> Path:
+    """Create ``path`` if needed and check that files can be written into it: a misuse error
+    (exit 2) before any scanning, never a traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{option} {path}: exists and is not a folder; give a folder path") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{option} {path}: a part of the path is a file, not a folder; give another path") from None
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create it ({exc.strerror}); give a writable folder") from None
+    if not path.is_dir():
+        raise ConfigError(f"{option} {path}: not a folder; give a folder path")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: not writable (read-only file system or permissions); "
+                          "give a writable folder")
+    return path
+
+
+def writable_file(path: Path, option: str) -> Path:
+    """A file the command will write: its folder must exist (or be creatable) and it must not be
+    a folder itself. A misuse error (exit 2) before any work, never a traceback."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    writable_folder(path.parent if str(path.parent) else Path("."), option)
+    return path
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled like Ctrl-C (stop taking inputs, keep what is complete), exit 143."""
+
+
+def _sigterm(signum, frame):
+    raise Terminated()
+
+
 @app.command()
 @friendly
 def scan(
@@ -78,13 +114,18 @@ def scan(
     weights: Annotated[Optional[Path], typer.Option("--weights", "-w", help="A deepscan .safetensors checkpoint (default: the manifest's for --variant).")] = None,
     variant: VariantOpt = "spatial-temporal",
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout, one object per input, nothing else.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Append JSON Lines records to this file, one complete line per input, as each finishes.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip inputs that already have a record in --output (same path, size and mtime, or same sha256).")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: scan only part K of N of the inputs (stable across machines and runs).")] = None,
     heatmaps: Annotated[Optional[Path], typer.Option("--heatmaps", help="Write attention heatmap PNGs per video into this folder.")] = None,
     threshold: Annotated[float, typer.Option(help="Score at or above which a video is called fake.")] = 0.5,
     clips: Annotated[int, typer.Option("--clips", "--frames", help="Clips sampled per video, spread evenly.")] = 32,
     detector: Annotated[str, typer.Option(help="Face detector: auto, scrfd or dlib.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda (every GPU), cuda:N or a list cuda:0,cuda:2.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Face clips per model batch (mixed across videos).")] = 8,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Preparation worker processes (default: all cores but one on CPU, all cores with a GPU; 0 = a thread in this process).")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Abandon an input whose preparation makes no progress for this many seconds.")] = 600.0,
     aggregate: Annotated[str, typer.Option(help="Frame-to-track score: mean (paper), median or max.")] = "mean",
     glob: Annotated[Optional[str], typer.Option("--glob", help="In folders, take files matching this pattern (e.g. '*.mp4') instead of video extensions.")] = None,
     min_face: Annotated[int, typer.Option(help="Ignore faces smaller than this many pixels.")] = 24,
@@ -92,54 +133,43 @@ def scan(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model first (15-40 s once; pays on long runs).")] = False,
 ) -> None:
     """Scan videos for deepfaked faces: a verdict per video (exit 0 none fake, 1 fake found, 2 errors)."""
-    from . import scan as scan_mod
-    from .checkpoint import load_checkpoint
-    from .faces import make_detector
-    from .heatmaps import write_heatmaps
-    from .output import warn_untrained
-    from .weights import load_manifest, resolve_checkpoint, sha256_file
+    import signal
 
-    settings = scan_mod.ScanSettings(clips=clips, threshold=threshold, aggregation=aggregate, batch_size=batch_size,
-                                     min_face=min_face, hash_files=not no_hash,
-                                     keep_crops=4 if heatmaps is not None else 0)
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-    dev = scan_mod.pick_device(device)
-    dtype = scan_mod.pick_precision(precision, dev)
-    manifest = load_manifest()
-    ckpt, ckpt_sha = resolve_checkpoint(variant, weights, manifest, say=notice)
-    model, info = load_checkpoint(ckpt)
-    if weights is not None and variant != info.variant and variant != "spatial-temporal":
-        notice(f"note: {ckpt} holds a {info.variant} model; --variant {variant} is ignored")
-    if info.untrained:
-        warn_untrained(str(ckpt))
-    model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt))
-    det = make_detector(detector, manifest=manifest, say=notice)
-    inputs = scan_mod.expand_inputs(paths, glob)
-    runner = scan_mod.Runner(model, dev, dtype, use_compile=compile_model, batch_size=batch_size, say=notice)
-    taken: set[str] = set()
+    from .inputs import parse_shard
+    from .run import ScanRequest, run_scan
+    from .scan import ScanSettings, exit_code
+
+    settings = ScanSettings(clips=clips, threshold=threshold, aggregation=aggregate, batch_size=batch_size,
+                            min_face=min_face, hash_files=not no_hash, timeout_s=timeout,
+                            keep_crops=4 if heatmaps is not None else 0)
+    if workers is not None and workers < 0:
+        raise ConfigError("--workers must be >= 0 (0: preparation in a thread of this process)")
+    if resume and output is None:
+        raise ConfigError("--resume needs --output FILE (the records to resume from)")
+    if glob is not None and not glob.strip():
+        raise ConfigError("--glob needs a pattern such as '*.mp4' (it was empty)")
     if heatmaps is not None:
-        heatmaps.mkdir(parents=True, exist_ok=True)
-    from .output import progress
-
-    with progress(len(inputs), "scanning", enabled=not json_out and len(inputs) > 1) as advance:
-        def on_result(res):
-            if heatmaps is not None and res.tracks:
-                res.heatmaps = write_heatmaps(res, heatmaps, taken)
-            if json_out:
-                emit_json(res.to_json(threshold=threshold, model=model_rec, detector=det.name, aggregation=aggregate))
-            elif res.error:
-                notice(f"deepscan: {res.error}")
-            advance()
-
-        results = scan_mod.scan(inputs, runner, det, settings, on_result)
+        writable_folder(heatmaps, "--heatmaps")
+    request = ScanRequest(paths=tuple(paths), weights=weights, variant=variant, settings=settings, device=device,
+                          precision=precision, workers=workers, detector=detector, glob=glob,
+                          shard=parse_shard(shard) if shard else (1, 1), output=output, resume=resume,
+                          heatmaps=heatmaps, compile=compile_model, json_out=json_out)
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        outcome = run_scan(request, say=notice)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not json_out:
         from .report import results_table
 
-        stdout_console().print(results_table(results, info, det.name, threshold, aggregate))
-    if info.untrained:
-        warn_untrained(str(ckpt))
-    raise typer.Exit(scan_mod.exit_code(results))
+        stdout_console().print(results_table(outcome.sink.rows, outcome.info, outcome.detector, threshold, aggregate))
+    if outcome.info.untrained:
+        from .output import warn_untrained
+
+        warn_untrained(str(outcome.checkpoint))
+    if outcome.interrupted is not None:
+        raise outcome.interrupted
+    raise typer.Exit(exit_code(outcome.sink.verdicts))
 
 
 # ---------------------------------------------------------------------------- data: prepare, train, eval
@@ -263,7 +293,7 @@ def train(
                       max_steps_per_epoch=max_steps, device=device,
                       data={"root": str(data), "layout": kind, "compression": compression, "methods": methods})
     result = run_train(cfg, train_v, val_v, resume=resume,
-                       log=lambda r: notice(json.dumps(r)) if rank == 0 else None)
+                       log=lambda r: notice(json_line(r)) if rank == 0 else None)
     if rank == 0:
         emit_json({"out": result["out"], "best": result["best"], "epochs": len(result["epochs"])})
 
@@ -283,12 +313,18 @@ def evaluate(
     detector: DetectorOpt = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    scores: Annotated[Optional[Path], typer.Option("--scores", help="Write one JSON line per video (label, score, frame scores) to this file.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write ROC curves and score histograms (PNG) into this folder.")] = None,
 ) -> None:
     """Frame- and video-level ACC/AUC/AP/EER of a checkpoint on a data set split, beside the paper."""
     from .checkpoint import read_info
     from .prepare import load_cache
     from .train import evaluate as run_eval
 
+    if plots is not None:
+        writable_folder(plots, "--plots")
+    if scores is not None:
+        writable_file(scores, "--scores")
     info = read_info(weights)
     kind, items = _dataset(data, layout, compression, methods, splits)
     items = [i for i in items if i.split == split]
@@ -300,6 +336,18 @@ def evaluate(
     videos = load_cache(cache, items)
     result = run_eval(str(weights), videos, device)
     result.update({"data": str(data), "layout": kind, "split": split, "compression": compression})
+    per_video = result.pop("scores")
+    if scores is not None:
+        from .output import write_lines
+
+        write_lines(scores, per_video)
+        notice(f"wrote {len(per_video)} video score(s) to {printable(str(scores))}")
+    if plots is not None:
+        from .plots import write_plots
+
+        title = f"{info.variant} on {kind} {split}" + (" (UNTRAINED)" if info.untrained else "")
+        written = write_plots(per_video, plots, title)
+        notice(f"wrote {len(written)} plot(s) to {printable(str(plots))}")
     if json_out:
         emit_json(result)
         return
@@ -326,6 +374,7 @@ def bench(
     clips: Annotated[int, typer.Option(help="Clips sampled per video in the end-to-end runs.")] = 32,
     workdir: Annotated[Optional[Path], typer.Option(help="Where to keep the generated benchmark videos.")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="Also measure the spatial-temporal fast path under torch.compile.")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Preparation workers for the end-to-end runs (default: as a scan picks).")] = None,
 ) -> None:
     """Parameters and GMACs of every variant beside the paper's Table VII; with --throughput, speed and memory."""
     from .costs import PAPER_COSTS, measure_all
@@ -340,7 +389,7 @@ def bench(
         precisions = ["fp32-nchw", "auto"] + (["fp16"] if dev.type == "cuda" else [])
         perf = run_all(dev, [v.strip() for v in variants.split(",") if v.strip()], precisions,
                        batch_size or (128 if dev.type == "cuda" else 8), clips, workdir, say=notice,
-                       use_compile=compile_model)
+                       use_compile=compile_model, workers=workers)
     if json_out:
         emit_json({"costs": [c.to_json() for c in costs], **({"throughput": perf} if perf else {})})
         return
@@ -399,6 +448,17 @@ def bench(
         mem = perf["memory"]
         console.print(f"10 min / 10 s end-to-end time: {perf['long_over_short']:.2f}x; peak RSS scanning a 1-hour "
                       f"1080p video: {mem['peak_rss_mb']:.0f} MB ({mem['seconds']:.1f} s)", highlight=False)
+        prep = Table(title=f"Preparation alone (model off), {perf['detector']} faces, 16 x 720p videos, "
+                           f"{perf['cores']} cores")
+        for col in ("workers", "clips/s", "x 1 worker"):
+            prep.add_column(col, justify="right")
+        for row in perf["preparation"]:
+            prep.add_row(str(row["workers"]), f"{row['clips_per_s']:.1f}", f"{row['x_one_worker']:.2f}")
+        console.print(prep)
+        f = perf["folder"]
+        console.print(f"folder of {f['videos']} videos end to end ({f['workers']} worker(s), batch {f['batch']}): "
+                      f"{f['end_to_end_clips_per_s']:.2f} clips/s, model alone {f['model_only_clips_per_s']:.2f} "
+                      f"({f['ratio_to_model_only']:.2f}x); peak RSS {f['peak_rss_mb']:.0f} MB", highlight=False)
 
 
 # ---------------------------------------------------------------------------- weights
@@ -513,4 +573,24 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(0, "scan")
     elif argv and argv[0].startswith("-") and argv[0] not in KNOWN_COMMANDS:
         argv.insert(0, "scan")  # e.g. `deepscan --json video.mp4`
-    app(args=argv, prog_name="deepscan")
+    try:
+        app(args=argv, prog_name="deepscan")
+    except SystemExit as exc:
+        if exc.code in (130, 143):
+            _exit_now(exc.code)
+        raise
+
+
+def _exit_now(code: int) -> None:
+    """After Ctrl-C or SIGTERM, leave without running C++ destructors under threads that may still
+    be inside a native call (a model batch, a decoder): they would abort with "terminate called
+    without an active exception". Everything complete has been written and flushed by now."""
+    import threading
+
+    if threading.active_count() > 1:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)

@@ -19,6 +19,9 @@ DEFAULT_VARIANT = "spatial-temporal"
 # augreg ViT-B/16, whose patch embeddings we load. The paper does not say.
 INPUT_MEAN = (0.5, 0.5, 0.5)
 INPUT_STD = (0.5, 0.5, 0.5)
+# Face crops: a square around the detector box, enlarged this much (common for FF++ crops). A
+# preprocessing constant: it travels with every checkpoint, so crops are made the same way.
+CROP_MARGIN = 1.3
 
 
 def _conv2_size(image_size: int) -> int:

@@ -19,3 +19,7 @@ class MediaError(DeepscanError):
 
 class WeightsError(DeepscanError):
     """A checkpoint or detector file that is missing, corrupt or refused."""
+
+
+class OutputError(DeepscanError):
+    """Writing results failed (a full disk, an unwritable file): the run ends with exit code 2."""

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .config import CROP_MARGIN
 from .errors import ConfigError, WeightsError
 from .video import Clip
 
-CROP_MARGIN = 1.3  # box enlargement around the face, common for FF++ crops
 DET_SIZE = 640  # detector input: longest side (dlib) / square side (SCRFD)
 MIN_FACE = 24  # px in the frame; smaller faces are ignored
 TRACK_IOU = 0.3  # detections overlapping a track's last box at least this much continue it
@@ -117,10 +117,16 @@ class ScrfdDetector:
     num_anchors = 2
 
     def __init__(self, model_path: str, det_size: int = DET_SIZE, threshold: float = 0.5,
-                 nms: float = 0.4, providers: list[str] | None = None):
+                 nms: float = 0.4, providers: list[str] | None = None, threads: int = 0):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(model_path), providers=providers or onnx_providers())
+        providers = list(providers or onnx_providers())
+        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # the CUDA libraries of the pip packages torch uses (none imported here)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.det_size, self.threshold, self.nms = det_size, threshold, nms
 
@@ -207,12 +213,29 @@ def onnx_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_detector(name: str = "auto", *, manifest=None, say=None, det_size: int = DET_SIZE):
-    """Build the detector ``name``; ``auto`` falls back to dlib, saying so, when SCRFD is not at hand."""
+@dataclass(frozen=True)
+class DetectorSpec:
+    """How to build a detector: picklable, so that preparation workers build their own."""
+
+    name: str  # "dlib" | "scrfd"
+    model_path: str | None = None  # SCRFD's verified ONNX file
+    det_size: int = DET_SIZE
+    providers: tuple[str, ...] | None = None  # onnxruntime providers (None: CUDA when torch sees a GPU)
+    threads: int = 0  # onnxruntime threads per session (0: its default); workers use 1
+
+    def build(self):
+        if self.name == "dlib":
+            return DlibDetector(self.det_size)
+        return ScrfdDetector(str(self.model_path), self.det_size, providers=self.providers, threads=self.threads)
+
+
+def resolve_detector(name: str = "auto", *, manifest=None, say=None, det_size: int = DET_SIZE) -> DetectorSpec:
+    """Which detector ``name`` means here; ``auto`` falls back to dlib, saying so, when SCRFD is
+    not at hand (not cached and the Hub unreachable, or its file unusable)."""
     if name not in ("auto", "scrfd", "dlib"):
         raise ConfigError(f"unknown detector {name!r}; choose auto, scrfd or dlib")
     if name == "dlib":
-        return DlibDetector(det_size)
+        return DetectorSpec("dlib", det_size=det_size)
     from . import weights
 
     manifest = manifest or weights.load_manifest()
@@ -220,19 +243,30 @@ def make_detector(name: str = "auto", *, manifest=None, say=None, det_size: int 
     if entry is None:
         if name == "scrfd":
             raise WeightsError("the weights manifest lists no detector; use --detector dlib")
-        return DlibDetector(det_size)
+        return DetectorSpec("dlib", det_size=det_size)
     try:
         why = weights.hub_unavailable() if name == "auto" and weights.cached(entry) is None else None
         if why:
             raise WeightsError(f"{entry.name} is not cached and {why}")
         path = weights.fetch(entry, say=say)
-        return ScrfdDetector(str(path), det_size)
+        spec = DetectorSpec("scrfd", str(path), det_size, tuple(onnx_providers()))
+        try:
+            spec.build()  # an unusable file fails here, once, not in every worker
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise WeightsError(f"{path}: not a usable ONNX detector ({first})") from None
+        return spec
     except WeightsError as exc:
         if name == "scrfd":
             raise
         if say:
             say(f"note: using dlib's HOG face detector ({exc})")
-        return DlibDetector(det_size)
+        return DetectorSpec("dlib", det_size=det_size)
+
+
+def make_detector(name: str = "auto", *, manifest=None, say=None, det_size: int = DET_SIZE):
+    """Build the detector ``name`` in this process (see ``resolve_detector``)."""
+    return resolve_detector(name, manifest=manifest, say=say, det_size=det_size).build()
 
 
 # ---------------------------------------------------------------------------- tracking

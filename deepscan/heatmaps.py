@@ -39,17 +39,14 @@ def overlay(crop: np.ndarray, amap: np.ndarray, alpha: float = 0.5, size: int = 
     return (face * (1 - alpha) + np.asarray(heat, float) * alpha).astype(np.uint8)
 
 
-def safe_folder_name(path: str, taken: set[str]) -> str:
-    """A folder name from a video path: readable, no separators or dots to escape, unique."""
+def safe_folder_name(path: str) -> str:
+    """A folder name from a video path: readable, no separators or dots to escape, and unique
+    per absolute path (8 hex of its SHA-1), so a rerun writes into the same folder."""
     stem = Path(path).name or "video"
     clean = re.sub(r"[^\w.-]+", "_", stem, flags=re.UNICODE).strip("._") or "video"
-    clean = clean[:80]
+    clean = clean.encode("utf-8", "replace").decode("utf-8")[:80]  # no lone surrogates on disk
     tag = hashlib.sha1(str(Path(path).absolute()).encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    name = f"{clean}-{tag}"
-    while name in taken:
-        name += "_"
-    taken.add(name)
-    return name
+    return f"{clean}-{tag}"
 
 
 def _label(img: Image.Image, text: str) -> Image.Image:
@@ -82,24 +79,30 @@ def panel(frame, components: list[str]) -> Image.Image:
     return img
 
 
-def write_heatmaps(result, out_dir: str | Path, taken: set[str]) -> str | None:
-    """Write PNGs of the kept (most suspicious) face clips and a contact sheet; return the folder."""
-    frames = sorted((f for fr in result.tracks.values() for f in fr if f.crop is not None), key=lambda f: -f.score)
+def write_heatmaps(path: str, verdict: str, score: float, frames: list, out_dir: str | Path) -> str | None:
+    """Write PNGs of ``frames`` (the most suspicious face clips, with crops and maps, most
+    suspicious first) and a contact sheet into the video's folder under ``out_dir``; return the
+    folder. PNGs left there by an earlier run are removed first. Raises OSError (e.g. a full
+    disk) or ValueError (the folder would lie outside ``out_dir``, through a link)."""
+    frames = [f for f in frames if f.crop is not None and f.maps]
     if not frames:
         return None
     components = sorted(frames[0].maps)
     root = Path(out_dir).resolve()
-    folder = root / safe_folder_name(result.path, taken)
-    if root not in folder.resolve().parents:  # belt and braces: never write outside out_dir
-        raise ValueError(f"refusing to write heatmaps outside {root}")
+    folder = root / safe_folder_name(path)
+    if folder.is_symlink() or root not in folder.resolve().parents:  # never write outside out_dir
+        raise ValueError(f"{folder.name} in {root} is a link leading elsewhere; refusing to write through it")
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.png"):
+        stale.unlink()
     panels = []
     for rank, f in enumerate(frames, 1):
         img = panel(f, components)
         img.save(folder / f"rank{rank:02d}_frame{f.index:06d}.png")
         panels.append(img)
     head = Image.new("RGB", (panels[0].width, 18), (0, 0, 0))
-    _label(head, f"{Path(result.path).name}: verdict {result.verdict}, score {result.score:.3f}")
+    name = Path(path).name.encode("utf-8", "replace").decode("utf-8")
+    _label(head, f"{name}: verdict {verdict}, score {score:.3f}")
     sheet = Image.new("RGB", (panels[0].width, 18 + sum(p.height for p in panels)), (0, 0, 0))
     sheet.paste(head, (0, 0))
     y = 18

@@ -1,52 +1,43 @@
-"""Detection metrics in plain numpy: ACC, AUC, AP, EER, at frame and video level."""
+"""Detection metrics at frame and video level, computed by scikit-learn as the field does.
+
+- AUC: ``sklearn.metrics.roc_auc_score``.
+- AP: ``sklearn.metrics.average_precision_score`` (step-wise precision-recall area; tied scores
+  are one threshold, so the result never depends on the order of ties).
+- EER: at the crossing of the ROC curve, ``fpr[nanargmin(|fnr - fpr|)]`` with ``fnr = 1 - tpr``
+  over ``sklearn.metrics.roc_curve`` (DeepfakeBench's definition, the one most papers report).
+- ACC: fraction of correct calls with "fake" at score >= threshold (0.5 by default).
+Metrics that need both classes are NaN (null in JSON) when a set has only one.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
 import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+def _two_classes(y: np.ndarray) -> bool:
+    return len(y) > 0 and y.min() != y.max()
 
 
 def auc(labels, scores) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN if one class only."""
     y, s = np.asarray(labels, int), np.asarray(scores, float)
-    pos, neg = (y == 1).sum(), (y == 0).sum()
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), float)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return float(roc_auc_score(y, s)) if _two_classes(y) else float("nan")
 
 
 def average_precision(labels, scores) -> float:
     y, s = np.asarray(labels, int), np.asarray(scores, float)
-    if y.sum() == 0:
-        return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    hits = y[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float((precision * hits).sum() / hits.sum())
+    return float(average_precision_score(y, s)) if _two_classes(y) else float("nan")
 
 
 def eer(labels, scores) -> float:
-    """Equal error rate: where the false-positive and false-negative rates meet."""
+    """Equal error rate at the ROC crossing (DeepfakeBench): fpr where |fnr - fpr| is smallest."""
     y, s = np.asarray(labels, int), np.asarray(scores, float)
-    if y.min() == y.max():
+    if not _two_classes(y):
         return float("nan")
-    best = 1.0
-    for t in np.unique(s):
-        fpr = ((s >= t) & (y == 0)).sum() / (y == 0).sum()
-        fnr = ((s < t) & (y == 1)).sum() / (y == 1).sum()
-        best = min(best, max(fpr, fnr))
-    return float(best)
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(fpr[np.nanargmin(np.abs((1 - tpr) - fpr))])
 
 
 def summarize(labels, scores, threshold: float = 0.5) -> dict:
@@ -60,20 +51,23 @@ def summarize(labels, scores, threshold: float = 0.5) -> dict:
     }
 
 
+def by_video(records) -> tuple[list[str], dict[str, int], dict[str, list[float]]]:
+    """Group (video key, label, frame score) records by their true video, keys sorted."""
+    frames: dict[str, list[float]] = defaultdict(list)
+    labels: dict[str, int] = {}
+    for key, label, score in records:
+        frames[key].append(score)
+        labels[key] = label
+    return sorted(frames), labels, frames
+
+
 def frame_and_video(records, threshold: float = 0.5) -> dict:
     """``records``: (video key, label, frame score) triples -> frame- and video-level metrics.
 
     Video score = mean of its frame scores (paper); frames are grouped by their true video key.
     """
-    frame_y = [r[1] for r in records]
-    frame_s = [r[2] for r in records]
-    by_video = defaultdict(list)
-    labels = {}
-    for key, label, score in records:
-        by_video[key].append(score)
-        labels[key] = label
-    keys = sorted(by_video)
+    keys, labels, frames = by_video(records)
     return {
-        "frame": summarize(frame_y, frame_s, threshold),
-        "video": summarize([labels[k] for k in keys], [float(np.mean(by_video[k])) for k in keys], threshold),
+        "frame": summarize([r[1] for r in records], [r[2] for r in records], threshold),
+        "video": summarize([labels[k] for k in keys], [float(np.mean(frames[k])) for k in keys], threshold),
     }

@@ -7,11 +7,15 @@ progress bars off so that scripts see nothing but their JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from collections import Counter
 from contextlib import contextmanager
 
 from rich.console import Console
+
+from .errors import OutputError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
@@ -23,9 +27,33 @@ def stderr_console() -> Console:
     return Console(file=sys.stderr, stderr=True, soft_wrap=False)
 
 
+def finite(obj):
+    """``obj`` with every non-finite float (NaN, inf) replaced by None: JSON has no NaN, and a
+    bare ``NaN`` makes a line invalid for every strict parser."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_line(obj) -> str:
+    """One line of strict JSON. Non-UTF-8 file names (lone surrogates in Python strings) become
+    \\u escapes, so the text is always valid UTF-8."""
+    obj = finite(obj)
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, allow_nan=False)
+    return text
+
+
 def emit_json(obj) -> None:
     """One JSON document on its own line of stdout, flushed at once (JSON Lines)."""
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, sort_keys=False) + "\n")
+    sys.stdout.write(json_line(obj) + "\n")
     sys.stdout.flush()
 
 
@@ -35,10 +63,71 @@ def notice(message: str) -> None:
 
 
 def warn_untrained(where: str) -> None:
+    from rich.text import Text
+
+    # Text, not markup: a file name may hold square brackets ("clip [1080p].mp4")
     stderr_console().print(
-        f"[bold red]WARNING: {where} is an UNTRAINED checkpoint: its scores are random and mean nothing.[/]",
+        Text(f"WARNING: {printable(where)} is an UNTRAINED checkpoint: its scores are random and mean nothing.",
+             style="bold red"),
         highlight=False, soft_wrap=True,
     )
+
+
+def printable(text: str) -> str:
+    """A string that any terminal encoding can print: bytes of non-UTF-8 file names (held as
+    lone surrogates by Python) become \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class JsonlFile:
+    """``--output FILE``: JSON Lines appended one complete line at a time (one write call per
+    record on an O_APPEND descriptor, so a crash leaves at most one torn line, at the end).
+    Opening it drops such a torn line first; ``records`` holds the complete ones (for --resume)."""
+
+    def __init__(self, path: str | os.PathLike, *, read: bool):
+        from pathlib import Path
+
+        from .inputs import read_records
+
+        self.path = Path(path)
+        self.records: list[dict] = []
+        self.dropped = 0
+        try:
+            if self.path.is_dir():
+                raise OutputError(f"--output {self.path} is a folder; give a file name")
+            if self.path.is_file():  # only a regular file is read (not /dev/full, a FIFO...)
+                records, end = read_records(self.path)
+                size = self.path.stat().st_size
+                if end < size:
+                    with open(self.path, "r+b") as f:
+                        f.truncate(end)
+                    self.dropped = size - end
+                if read:
+                    self.records = records
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"--output {self.path}: cannot open it ({exc.strerror}); choose a writable file") from None
+
+    def write(self, record: dict) -> None:
+        line = (json_line(record) + "\n").encode("utf-8")
+        start = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            try:
+                os.ftruncate(self.fd, start)  # never leave a half-written record behind
+            except OSError:
+                pass
+            raise OutputError(f"--output {self.path}: writing failed ({exc.strerror}); "
+                              "the records before this one are complete") from None
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
 
 def debug_enabled() -> bool:
@@ -59,3 +148,69 @@ def progress(total: int, description: str, enabled: bool = True):
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda advance=1, **kw: bar.update(task, advance=advance, **kw)
+
+
+def write_lines(path, records) -> None:
+    """JSON Lines into ``path``, atomically (a temporary file renamed into place)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json_line(r) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: writing failed ({exc.strerror}); choose another place") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class OutputClosed(Exception):
+    """Standard output went away (``| head -1``) and no --output file takes the records."""
+
+
+class ScanSink:
+    """Where a scan's records go: JSON Lines on stdout (``--json``), an ``--output`` file, and
+    one small row per video for the final table. A closed stdout (broken pipe) stops the scan
+    unless a file still takes the records; the exit code stays the one the results earned."""
+
+    def __init__(self, *, json_out: bool, file: "JsonlFile | None", keep_rows: bool, on_error=None):
+        self.json_out, self.file, self.keep_rows, self.on_error = json_out, file, keep_rows, on_error
+        self.rows: list = []
+        self.stdout_closed = False
+        self.verdicts: Counter = Counter()
+
+    def __call__(self, record: dict, row) -> None:
+        self.verdicts[record["verdict"]] += 1
+        if self.file is not None:
+            self.file.write(record)
+        if self.keep_rows:
+            self.rows.append(row)
+        if record.get("error") and not self.json_out and self.on_error:
+            self.on_error(record["error"])
+        if self.json_out and not self.stdout_closed:
+            try:
+                emit_json(record)
+            except BrokenPipeError:
+                self.stdout_closed = True
+                silence_stdout()
+                if self.file is None:
+                    raise OutputClosed from None
+            except OSError as exc:
+                raise OutputError(f"standard output: writing failed ({exc.strerror}); "
+                                  "write results with --output FILE instead") from None
+
+
+def silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that Python's final flush of a closed pipe says nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+

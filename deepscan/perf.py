@@ -6,7 +6,11 @@
 - end to end: a scan of generated 720p face videos of 10 s and 10 min at the same sampling, with
   its breakdown (decode, detect + crop, model), beside the model alone on the very same face clips;
 - memory: peak RSS of a scan of a generated 1-hour 1080p video, in a child process, and CUDA
-  max allocated memory when on GPU.
+  max allocated memory when on GPU;
+- preparation: face clips/s of 1, 2, ... worker processes with the model switched off, on a
+  folder of 16 generated 720p face videos;
+- folder: a scan of that folder end to end (clips/s, peak RSS of the scanning process) beside the
+  model alone at the same batch size.
 """
 
 from __future__ import annotations
@@ -124,26 +128,114 @@ def _write_face_video(path: Path, size: tuple[int, int], seconds: int = 10, fps:
         raise RuntimeError(f"ffmpeg failed writing {path}")
 
 
-def end_to_end(video: Path, runner, detector, clips: int, batch: int) -> dict:
-    """Scan ``video`` end to end, then the model alone on the same face clips."""
-    from .scan import Cropped, ScanSettings, prepare_events, scan
+def end_to_end(video: Path, runner, spec, clips: int, batch: int, workers: int) -> dict:
+    """Scan ``video`` end to end (workers started before the clock), then the model alone on the
+    same face clips."""
+    from .scan import Scanner, ScanSettings
+    from .inputs import ScanInput
+    from .workers import prepare_video
 
     settings = ScanSettings(clips=clips, batch_size=batch, hash_files=False, keep_crops=0)
-    t = time.perf_counter()
-    (res,) = scan([(str(video), None)], runner, detector, settings, lambda r: None)
-    total = time.perf_counter() - t
-    face_clips = [fc for ev in prepare_events(0, str(video), detector, runner.cfg, settings)
-                  if isinstance(ev, Cropped) for fc in ev.clips]
+    records = []
+    with Scanner([runner], spec.build, spec.name, settings, workers=workers) as scanner:
+        t = time.perf_counter()
+        scanner.run([ScanInput(str(video), video.name)], lambda rec, row: records.append(rec))
+        total = time.perf_counter() - t
+    (res,) = records
+    detector = spec.build()
+    face_clips = [ev for ev in prepare_video(0, str(video), detector, settings.prep(runner.cfg))
+                  if not isinstance(ev, tuple)]
     _sync(runner.device)
     t = time.perf_counter()
     for i in range(0, len(face_clips), batch):
         runner(face_clips[i:i + batch])
     _sync(runner.device)
     model_only = time.perf_counter() - t
-    return {"video": video.name, "duration_s": res.video["duration_s"] if res.video else None,
+    return {"video": video.name, "duration_s": res["video"]["duration_s"] if res["video"] else None,
             "face_clips": len(face_clips), "end_to_end_s": round(total, 3), "model_only_s": round(model_only, 3),
-            "ratio": round(total / model_only, 3) if model_only else None, "strategy": res.sampling.get("strategy"),
-            "breakdown_s": {k: round(v, 3) for k, v in res.timings.items()}}
+            "ratio": round(total / model_only, 3) if model_only else None, "strategy": res["sampling"].get("strategy"),
+            "workers": workers, "breakdown_s": dict(res["timings"])}
+
+
+def preparation_throughput(videos: list[Path], spec, prep, counts: list[int], say=print) -> list[dict]:
+    """Face clips/s of ``n`` preparation workers for each n in ``counts``, model switched off: every
+    clip's slot is handed back at once. Worker start-up is outside the clock."""
+    from .workers import PreparePool
+
+    out = []
+    for n in counts:
+        say(f"preparation: {n} worker(s)")
+        with PreparePool(n, prep, spec.build, slots_per_worker=16) as pool:
+            todo = list(enumerate(map(str, videos)))
+            clips = done = 0
+            t = time.perf_counter()
+            while done < len(videos):
+                while todo and pool.capacity():
+                    pool.submit(*todo.pop(0))
+                events, _ = pool.poll(1.0)
+                for ev in events:
+                    if ev[0] == "clip":
+                        clips += 1
+                        pool.free([ev[2]])
+                    elif ev[0] in ("done", "lost"):
+                        done += 1
+            dt = time.perf_counter() - t
+        out.append({"workers": n, "clips_per_s": round(clips / dt, 2), "face_clips": clips, "seconds": round(dt, 2)})
+    base = out[0]["clips_per_s"]
+    for row in out:
+        row["x_one_worker"] = round(row["clips_per_s"] / base, 2)
+    return out
+
+
+def folder_throughput(videos: list[Path], runner, spec, weights: Path, clips: int, batch: int, workers: int) -> dict:
+    """End-to-end clips/s over a folder of videos (in this process, workers started before the
+    clock), the model alone at the same batch size on real face clips, and the peak RSS of a
+    `deepscan scan` of the same folder in a fresh process."""
+    from .inputs import ScanInput
+    from .scan import Scanner, ScanSettings
+    from .workers import prepare_video
+
+    settings = ScanSettings(clips=clips, batch_size=batch, hash_files=False, keep_crops=0)
+    records = []
+    with Scanner([runner], spec.build, spec.name, settings, workers=workers) as scanner:
+        t = time.perf_counter()
+        scanner.run([ScanInput(str(v), v.name) for v in videos], lambda rec, row: records.append(rec))
+        dt = time.perf_counter() - t
+    face = sum(r["sampling"].get("face_clips", 0) for r in records)
+    sample = [ev for ev in prepare_video(0, str(videos[0]), spec.build(), settings.prep(runner.cfg))
+              if not isinstance(ev, tuple)]
+    sample = (sample * (-(-4 * batch // max(1, len(sample)))))[: 4 * batch]
+    runner(sample[:batch])  # warm-up
+    _sync(runner.device)
+    t = time.perf_counter()
+    for i in range(0, len(sample), batch):
+        runner(sample[i:i + batch])
+    _sync(runner.device)
+    model = len(sample) / (time.perf_counter() - t)
+    end_to_end = face / dt
+    rss = scan_peak_rss(videos[0].parent, weights, clips, extra=["--workers", str(workers)])
+    return {"videos": len(videos), "face_clips": face, "workers": workers, "batch": batch,
+            "end_to_end_clips_per_s": round(end_to_end, 2), "model_only_clips_per_s": round(model, 2),
+            "ratio_to_model_only": round(end_to_end / model, 3), "seconds": round(dt, 2),
+            "peak_rss_mb": rss["peak_rss_mb"]}
+
+
+def make_folder(src: Path, folder: Path, count: int) -> list[Path]:
+    """``count`` copies of a video under distinct names (hard links where possible)."""
+    import os
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(count):
+        dst = folder / f"video{i:04d}{src.suffix}"
+        if not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy(src, dst)
+        out.append(dst)
+    return out
 
 
 def detector_fps(video: Path, names=("dlib", "scrfd"), frames: int = 16, say=print) -> list[dict]:
@@ -176,14 +268,14 @@ _RSS_WRAPPER = (
 )
 
 
-def scan_peak_rss(video: Path, weights: Path, clips: int) -> dict:
-    """Peak RSS (MB) of `deepscan scan` on ``video``: the largest process of its tree (ffmpeg included).
-
-    A fresh wrapper process runs the scan, so nothing measured earlier counts.
-    """
+def scan_peak_rss(video: Path, weights: Path, clips: int, extra: list[str] | None = None,
+                  json_out: bool = True) -> dict:
+    """Peak RSS (MB) of `deepscan scan` on ``video`` (a file or a folder): the largest process of its
+    tree (the scanning process; workers and ffmpeg are smaller). A fresh wrapper process runs the
+    scan, so nothing measured earlier counts."""
     t = time.perf_counter()
-    cmd = [sys.executable, "-m", "deepscan", "scan", str(video), "--weights", str(weights), "--json",
-           "--clips", str(clips), "--no-hash", "--detector", "dlib"]
+    cmd = [sys.executable, "-m", "deepscan", "scan", str(video), "--weights", str(weights),
+           "--clips", str(clips), "--no-hash", "--detector", "dlib", *(["--json"] if json_out else []), *(extra or [])]
     out = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *cmd], capture_output=True, text=True, check=True)
     code, kb = out.stdout.split()
     return {"video": video.name, "exit_code": int(code), "seconds": round(time.perf_counter() - t, 2),
@@ -191,14 +283,15 @@ def scan_peak_rss(video: Path, weights: Path, clips: int) -> dict:
 
 
 def run_all(device: torch.device, variants: list[str], precisions: list[str], batch: int, clips: int,
-            workdir: Path | None = None, say=print, use_compile: bool = False) -> dict:
+            workdir: Path | None = None, say=print, use_compile: bool = False, workers: int | None = None) -> dict:
     from .checkpoint import save_checkpoint
-    from .faces import make_detector
-    from .scan import Runner, pick_precision
+    from .faces import resolve_detector
+    from .scan import Runner, ScanSettings, cpu_count, default_workers, pick_precision
 
-    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "model": []}
+    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cores": cpu_count(), "model": []}
     if device.type == "cuda":
-        result["gpu"] = torch.cuda.get_device_name(device)
+        result["gpu"] = result["device_name"] = torch.cuda.get_device_name(device)
     for v in variants:
         for p in precisions:
             say(f"model throughput: {v} {p}")
@@ -215,15 +308,22 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
     torch.manual_seed(0)
     model = LDADetector(cfg)
     weights = save_checkpoint(model, work / "bench-untrained.safetensors", untrained=True)
-    runner = Runner(model, device, pick_precision("auto", device))
-    detector = make_detector("auto", say=say)
-    result["detector"] = detector.name
+    runner = Runner(model, device, pick_precision("auto", device), batch_size=batch)
+    spec = resolve_detector("auto", say=say)
+    workers = default_workers([device]) if workers is None else workers
+    result["detector"], result["workers"] = spec.name, workers
     e2e = []
     for key in ("720p_10s", "720p_10min"):
         say(f"end to end: {key}")
-        e2e.append(end_to_end(videos[key], runner, detector, clips, batch))
+        e2e.append(end_to_end(videos[key], runner, spec, clips, batch, workers))
     result["end_to_end"] = e2e
     result["long_over_short"] = round(e2e[1]["end_to_end_s"] / e2e[0]["end_to_end_s"], 3)
+    folder = make_folder(videos["720p_10s"], work / "folder16", 16)
+    prep = ScanSettings(clips=clips, hash_files=False).prep(cfg)
+    counts = sorted({1, 2, 4, 8, result["cores"] - 1, result["cores"]} & set(range(1, result["cores"] + 1)))
+    result["preparation"] = preparation_throughput(folder, spec, prep, counts, say=say)
+    say(f"folder end to end: {len(folder)} videos, {workers} worker(s)")
+    result["folder"] = folder_throughput(folder, runner, spec, weights, clips, batch, workers)
     say("peak RSS: 1-hour 1080p scan")
     result["memory"] = scan_peak_rss(videos["1080p_1h"], weights, clips)
     base = {(m["variant"]): m["clips_per_s"] for m in result["model"] if m["precision"] == "fp32-nchw"}

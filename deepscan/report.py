@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
+
+from .output import printable
 
 _STYLE = {"fake": "bold red", "real": "green", "no-face": "yellow", "error": "magenta"}
 
 
-def results_table(results, info, detector: str, threshold: float, aggregation: str = "mean") -> Table:
+def results_table(rows, info, detector: str, threshold: float, aggregation: str = "mean") -> Table:
+    """One line per video from the scan's small rows. User strings (paths, notes) go in as
+    ``Text``, never as markup: "clip [1080p].mp4" is a file name, not a style."""
     title = f"deepscan: {info.variant} model, {detector} faces, threshold {threshold}"
     if aggregation != "mean":
         title += f", track score = {aggregation} of frames (paper: mean)"
     if info.untrained:
         title += "  [UNTRAINED CHECKPOINT: scores are meaningless]"
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     for col, just in (("video", "left"), ("verdict", "left"), ("score", "right"), ("faces", "right"),
                       ("frames", "right"), ("seconds", "right"), ("note", "left")):
         table.add_column(col, justify=just, overflow="fold")
-    for r in results:
+    for r in rows:
         score = "" if r.score is None else f"{r.score:.3f}"
-        error = r.error[len(r.path) + 2:] if r.error and r.error.startswith(r.path + ": ") else r.error
-        note = error or "; ".join(r.warnings) or (r.heatmaps and f"heatmaps: {r.heatmaps}") or ""
-        frames = sum(len(f) for f in r.tracks.values())
-        table.add_row(r.path, f"[{_STYLE[r.verdict]}]{r.verdict}[/]", score, str(len(r.tracks)),
-                      str(frames), f"{r.timings.get('total_s', 0):.1f}", note)
+        table.add_row(Text(printable(r.path)), Text(r.verdict, style=_STYLE[r.verdict]), score, str(r.faces),
+                      str(r.frames), f"{r.seconds:.1f}", Text(printable(r.note)))
     return table
 
 
@@ -47,7 +49,7 @@ def eval_table(result: dict) -> Table:
     title = f"{result['variant']} on {result['layout']} {result['split']} ({result['checkpoint']})"
     if result.get("untrained"):
         title += "  [UNTRAINED CHECKPOINT]"
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     for col in ("subset", "level", "n", "ACC", "AUC", "AP", "EER", "paper ACC", "paper AUC"):
         table.add_column(col, justify="left" if col in ("subset", "level") else "right")
     key = (result["layout"], result.get("compression") if result["layout"] == "ffpp" else None)

@@ -1,37 +1,42 @@
-"""A scan: videos in, one result per input out.
+"""A scan: inputs in, one record per input out, at any scale on one machine.
 
-decode (video.py) -> detect, track, crop (faces.py) -> batches through the model (here) ->
-per-frame P(fake) -> per-track score (mean, paper) -> per-video score (the most fake track).
+    plan (inputs.py) -> prepare (workers.py: worker processes) -> score (one thread per device)
+    -> assemble (here: tracks, verdict, heatmaps, record) -> sink (the caller's ``on_record``)
 
-Preparing a video (decode + detect + crop) runs in a background thread ahead of the model,
-and batches mix face clips of several videos; a video's result is emitted as soon as all its
-clips are scored. Any failure of one input becomes that input's ``error`` result.
+Preparation (decode, detect, track, crop) runs in worker processes that hand face clips over
+through shared memory; batches mix clips of several videos; each device has a scorer thread
+with its own model replica; records leave in input order as soon as a video's last clip is
+scored, and nothing per frame survives them. Memory depends on the number of workers, slots
+and the batch size, never on the number of inputs. Any failure of one input becomes that
+input's ``error`` record.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import heapq
 import os
 import queue
 import threading
 import time
-import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from . import faces as faces_mod
 from .checkpoint import CheckpointInfo
-from .errors import ConfigError, DeepscanError, MediaError
+from .config import CROP_MARGIN
+from .errors import ConfigError, DeepscanError
+from .inputs import ScanInput
 from .model import LDADetector, fold_batchnorm, input_normaliser
-from .output import debug_enabled
-from .weights import sha256_file
-from .video import DecodeReport, check_readable, plan_clips, probe, read_clips
+from .workers import PreparePool, PrepSettings
 
 SCHEMA = "deepscan.scan/1"
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp")
 AGGREGATIONS = ("mean", "median", "max")
 
 
@@ -42,10 +47,11 @@ class ScanSettings:
     aggregation: str = "mean"  # frame -> track score; the paper uses the mean
     batch_size: int = 8
     min_face: int = faces_mod.MIN_FACE
-    margin: float = faces_mod.CROP_MARGIN
+    margin: float = CROP_MARGIN
     strategy: str = "auto"  # decoding: auto | select | seek
     hash_files: bool = True
     keep_crops: int = 4  # most suspicious face clips kept per video for heatmaps (0: none)
+    timeout_s: float = 600.0  # an input whose preparation makes no progress this long is abandoned
 
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
@@ -54,102 +60,53 @@ class ScanSettings:
             raise ConfigError(f"--aggregate must be one of {', '.join(AGGREGATIONS)}")
         if self.clips < 1 or self.batch_size < 1:
             raise ConfigError("--clips and --batch-size must be >= 1")
+        if self.timeout_s <= 0:
+            raise ConfigError("--timeout must be > 0 seconds")
 
+    def prep(self, cfg, max_side: int | None = None) -> PrepSettings:
+        from .video import MAX_SIDE
 
-@dataclass
-class FrameScore:
-    index: int
-    time_s: float
-    score: float
-    box: tuple[float, float, float, float]
-    maps: dict = field(default_factory=dict, repr=False)  # component -> (m, 14, 14) float
-    crop: np.ndarray | None = field(default=None, repr=False)  # (s, s, 3) uint8, LDA size
-
-
-@dataclass
-class VideoResult:
-    path: str
-    verdict: str = "error"
-    score: float | None = None
-    error: str | None = None
-    sha256: str | None = None
-    video: dict | None = None
-    sampling: dict = field(default_factory=dict)
-    tracks: dict[int, list[FrameScore]] = field(default_factory=dict)
-    track_scores: dict[int, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-    heatmaps: str | None = None
-    box_scale: float = 1.0  # decoded frame -> displayed video pixels (frames over MAX_SIDE are scaled down)
-
-    def to_json(self, *, threshold: float, model: dict, detector: str, aggregation: str = "mean") -> dict:
-        return {
-            "schema": SCHEMA,
-            "path": self.path,
-            "sha256": self.sha256,
-            "verdict": self.verdict,
-            "score": None if self.score is None else round(self.score, 6),
-            "threshold": threshold,
-            "aggregation": aggregation,
-            "error": self.error,
-            "model": model,
-            "detector": detector,
-            "video": self.video,
-            "sampling": self.sampling,
-            "tracks": [
-                {
-                    "id": tid,
-                    "score": round(self.track_scores[tid], 6),
-                    "frames": [
-                        {"index": f.index, "time_s": f.time_s, "score": round(f.score, 6),
-                         "box": [round(v * self.box_scale, 1) for v in f.box]}
-                        for f in frames
-                    ],
-                }
-                for tid, frames in sorted(self.tracks.items())
-            ],
-            "warnings": self.warnings,
-            "timings": {k: round(v, 3) for k, v in self.timings.items()},
-            "heatmaps": self.heatmaps,
-        }
-
-
-# ---------------------------------------------------------------------------- inputs
-def expand_inputs(paths: Iterable[str | os.PathLike], pattern: str | None = None) -> list[tuple[str, str | None]]:
-    """(path, error) pairs: files as given, folders searched recursively for videos.
-
-    A folder yields its video files (by extension, or matching ``pattern``), sorted; a folder
-    without any yields one error entry. Links to folders are not followed (no loops).
-    """
-    out: list[tuple[str, str | None]] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            found = []
-            for root, dirs, files in os.walk(p, followlinks=False):
-                dirs.sort()
-                for name in sorted(files):
-                    f = Path(root, name)
-                    if f.match(pattern) if pattern else f.suffix.lower() in VIDEO_EXTENSIONS:
-                        found.append(str(f))
-            if not found:
-                what = f"matching {pattern!r}" if pattern else f"with a video extension ({', '.join(VIDEO_EXTENSIONS[:5])}, ...)"
-                out.append((str(p), f"{p}: folder holds no files {what}; use --glob to choose others"))
-            out.extend((f, None) for f in found)
-        else:
-            out.append((str(raw), None))
-    return out
+        return PrepSettings(clips=self.clips, clip_len=cfg.clip_len, image_size=cfg.image_size,
+                            lda_size=cfg.lda_size, margin=self.margin, min_face=self.min_face,
+                            strategy=self.strategy, hash_files=self.hash_files, max_side=max_side or MAX_SIDE)
 
 
 # ---------------------------------------------------------------------------- devices
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    (dev,) = pick_devices(name)[:1]
+    return dev
+
+
+def pick_devices(name: str = "auto") -> list[torch.device]:
+    """``auto``: every visible GPU, else the CPU; ``cuda``: every visible GPU; ``cpu``;
+    ``cuda:N``; or a comma-separated list such as ``cuda:0,cuda:2``."""
+    name = name.strip()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+        return pick_devices("cuda") if torch.cuda.is_available() else [torch.device("cpu")]
+    out = []
+    for part in [p.strip() for p in name.split(",") if p.strip()] or [name]:
+        if part != "cpu" and not (part == "cuda" or (part.startswith("cuda:") and part[5:].isdigit())):
+            raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or a list like cuda:0,cuda:2, not {name!r}")
+        if part.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+            count = torch.cuda.device_count()
+            if part == "cuda":
+                out += [torch.device("cuda", i) for i in range(count)]
+                continue
+            if int(part[5:]) >= count:
+                raise ConfigError(f"--device {part}: torch sees {count} GPU(s) (cuda:0..cuda:{count - 1})")
+        out.append(torch.device(part))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"--device {name!r} names a device twice")
+    return out
 
 
 def cpu_has_bf16() -> bool:
@@ -172,6 +129,15 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+def default_workers(devices: list[torch.device]) -> int:
+    """Preparation workers when --workers is not given: every core on a GPU machine; on CPU
+    every core but one for the model (2 cores: 1 worker; see README 'Performance')."""
+    cores = cpu_count()
+    if any(d.type == "cuda" for d in devices):
+        return cores
+    return max(1, cores - 1)
+
+
 class Runner:
     """Face clips -> P(fake) and attention maps, in batches, on one device and precision.
 
@@ -192,6 +158,7 @@ class Runner:
         self.batch_size, self.say = batch_size, say
         self._forward = compile_model(self.model, device) if use_compile else self.model
         self.compiled = use_compile
+        self.threads = torch.get_num_threads()  # CPU threads, as set where the runner is made
 
     def forward(self, image: torch.Tensor, frames: torch.Tensor | None):
         """(logits, maps) for normalised inputs, compiled when asked and possible."""
@@ -207,10 +174,11 @@ class Runner:
             return self.model(image, frames, return_maps=True)
 
     @torch.inference_mode()
-    def __call__(self, clips: list[faces_mod.FaceClip]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        images = np.stack([c.image for c in clips])
-        frames = None if self.cfg.variant == "xception" else np.stack([c.frames for c in clips])
-        n = len(clips)
+    def score(self, images: np.ndarray, frames: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """uint8 crops, images (B, S, S, 3) and frames (B, n, s, s, 3) -> P(fake) (B,) and maps."""
+        if self.cfg.variant == "xception":
+            frames = None
+        n = len(images)
         if self.compiled and n < self.batch_size:  # one shape for the compiled graph
             images = _pad(images, self.batch_size)
             frames = None if frames is None else _pad(frames, self.batch_size)
@@ -219,6 +187,14 @@ class Runner:
             logits, maps = self.forward(self._to_input(images), None if frames is None else self._to_input(frames))
         probs = torch.softmax(logits[:n].float(), dim=1)[:, 1].cpu().numpy()
         return probs, {k: v[:n].float().cpu().numpy() for k, v in maps.items()}
+
+    def __call__(self, clips: list[faces_mod.FaceClip]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return self.score(np.stack([c.image for c in clips]), np.stack([c.frames for c in clips]))
+
+    def replica(self, device: torch.device) -> "Runner":
+        """The same model on another device (one per GPU)."""
+        model = copy.deepcopy(self.model).to(device)
+        return Runner(model, device, self.dtype, use_compile=self.compiled, batch_size=self.batch_size, say=self.say)
 
 
 def _pad(batch: np.ndarray, size: int) -> np.ndarray:
@@ -238,144 +214,46 @@ def compile_model(model: LDADetector, device: torch.device):
     return torch.compile(model, dynamic=False)
 
 
-# ---------------------------------------------------------------------------- preparing
+# ---------------------------------------------------------------------------- results
 @dataclass
-class Started:
-    """A video's preparation began (its result is filled in as it goes)."""
+class FrameScore:
+    index: int
+    time_s: float
+    score: float
+    box: tuple[float, float, float, float]
+    maps: dict | None = field(default=None, repr=False)  # component -> (m, 14, 14), heatmap candidates only
+    crop: np.ndarray | None = field(default=None, repr=False)  # (s, s, 3) uint8, heatmap candidates only
+
+
+@dataclass(frozen=True)
+class Row:
+    """What the summary table keeps of a video: one small row."""
+
+    path: str
+    verdict: str
+    score: float | None
+    faces: int
+    frames: int
+    seconds: float
+    note: str
+
+
+@dataclass
+class VideoState:
+    """One input while it is in flight; dropped once its record has been made."""
 
     index: int
-    result: VideoResult
+    path: str
     t0: float
+    head: dict = field(default_factory=dict)
+    tail: dict | None = None  # set when preparation ended
+    error: str | None = None
+    tracks: dict[int, list[FrameScore]] = field(default_factory=dict)
+    left: int = 0  # face clips sent and not yet scored
+    model_s: float = 0.0
+    top: list = field(default_factory=list)  # heap of (score, seq, FrameScore) kept for heatmaps
 
 
-@dataclass
-class Cropped:
-    """Face clips of one sampled clip of video ``index``."""
-
-    index: int
-    clips: list
-
-
-@dataclass
-class Prepared:
-    """A video's preparation ended; its face clips were sent before as Cropped events."""
-
-    index: int
-
-
-def prepare_events(index: int, path: str, detector, cfg, settings: ScanSettings) -> Iterator:
-    """Decode, detect, track and crop one video, yielding face clips as soon as they exist.
-
-    Yields Started, then Cropped events, then Prepared. Errors become the result's error.
-    """
-    res = VideoResult(path=path)
-    yield Started(index, res, time.perf_counter())
-    count = 0
-    try:
-        check_readable(path)
-        if settings.hash_files:
-            res.sha256 = sha256_file(path)
-        info = probe(path)
-        res.box_scale = info.source_width / info.width
-        res.video = {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
-                     "duration_s": round(info.duration, 3), "rotation": info.rotation, "codec": info.codec}
-        clip_len = cfg.clip_len
-        starts = plan_clips(info.num_frames, settings.clips, clip_len)
-        if not starts:
-            if info.num_frames == 0 and info.duration == 0:
-                starts = [0]  # unknown length (no duration in the header): try the first frames
-            else:
-                raise MediaError(f"{path}: only {info.num_frames} frame(s), fewer than the {clip_len} "
-                                 f"consecutive frames the {cfg.variant} model needs; use a longer video")
-        report = DecodeReport()
-        tracker = faces_mod.Tracker()
-        res.timings.update(decode_s=0.0, detect_crop_s=0.0)
-        t = time.perf_counter()
-        for clip in read_clips(info, starts, clip_len, settings.strategy, report):
-            t1 = time.perf_counter()
-            res.timings["decode_s"] += t1 - t
-            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent()), settings.min_face)
-            ids = tracker.assign(dets)
-            fcs = faces_mod.face_clips(path, clip, dets, ids, cfg.image_size, cfg.lda_size, settings.margin)
-            t = time.perf_counter()
-            res.timings["detect_crop_s"] += t - t1
-            if fcs:
-                count += len(fcs)
-                yield Cropped(index, fcs)
-        res.sampling = {"clips": len(starts), "n": clip_len, "decoded_clips": report.decoded,
-                        "frames": report.decoded * clip_len, "face_clips": count, "strategy": report.strategy}
-        if report.warning:
-            res.warnings.append(report.warning)
-        if report.decoded == 0:
-            raise MediaError(f"{path}: no clip of {clip_len} consecutive frames could be decoded; "
-                             "the file is damaged, truncated or too short")
-        if not count:
-            res.verdict = "no-face"
-    except DeepscanError as exc:
-        res.error, res.verdict = str(exc), "error"
-    except Exception as exc:  # an unexpected failure must not stop the other inputs
-        if debug_enabled():
-            traceback.print_exc()
-        res.error, res.verdict = f"{path}: unexpected {type(exc).__name__}: {exc}", "error"
-    yield Prepared(index)
-
-
-class Prefetch:
-    """Iterate ``items`` in a background thread, at most ``depth`` ahead of the consumer.
-
-    The thread works in bursts: once the queue is full it rests until the consumer has taken
-    three quarters of it. ``busy`` says whether it is working right now, so that a CPU model can
-    leave it a core for the burst and have them all the rest of the time (see ``scan``)."""
-
-    _done = object()
-
-    def __init__(self, items: Iterable, depth: int = 2):
-        self._items, self._q = iter(items), queue.Queue(maxsize=depth)
-        self._low = depth // 4
-        self._stop = threading.Event()
-        self.busy = False
-
-    def _work(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if self._q.full():
-                    self.busy = False
-                    while self._q.qsize() > self._low and not self._stop.is_set():
-                        time.sleep(0.005)
-                    continue
-                self.busy = True
-                try:
-                    item = next(self._items)
-                except StopIteration:
-                    break
-                self._q.put(item)  # there is room: this is the only producer
-        except BaseException as exc:  # surfaced in the consumer
-            self._put(exc)
-        finally:
-            self.busy = False
-        self._put(self._done)
-
-    def _put(self, item) -> None:
-        """Put unless the consumer has gone (then nobody would ever make room)."""
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self) -> Iterator:
-        threading.Thread(target=self._work, daemon=True).start()
-        try:
-            while (item := self._q.get()) is not self._done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self._stop.set()
-
-
-# ---------------------------------------------------------------------------- scoring
 def aggregate(scores: list[float], how: str) -> float:
     if how == "median":
         return float(np.median(scores))
@@ -384,124 +262,467 @@ def aggregate(scores: list[float], how: str) -> float:
     return float(np.mean(scores))
 
 
-def finish(res: VideoResult, settings: ScanSettings) -> VideoResult:
-    if res.error is None and res.tracks:
-        res.track_scores = {tid: aggregate([f.score for f in frames], settings.aggregation)
-                            for tid, frames in res.tracks.items()}
-        res.score = max(res.track_scores.values())  # a video is as fake as its most fake track
-        res.verdict = "fake" if res.score >= settings.threshold else "real"
-        # keep crops only for the most suspicious face clips (heatmaps)
-        ranked = sorted((f for fr in res.tracks.values() for f in fr), key=lambda f: -f.score)
-        for f in ranked[settings.keep_crops:]:
-            f.crop = None
-    elif res.error is None and res.verdict != "no-face":
-        res.verdict = "no-face"
-    return res
-
-
-def scan(paths: list[tuple[str, str | None]], runner: Runner, detector, settings: ScanSettings,
-         on_result: Callable[[VideoResult], None]) -> list[VideoResult]:
-    """Scan every input, calling ``on_result`` as each finishes (input order kept).
-
-    Preparation runs in a background thread (``Prefetch``) while the model scores batches of
-    ``settings.batch_size`` face clips, which may mix videos (on a multi-threaded CPU, in steps
-    of 2 clips: see ``score``).
-    """
-    cfg = runner.cfg
-    results: list[VideoResult | None] = [None] * len(paths)
-    state: dict[int, dict] = {}  # index -> {"res", "t0", "left" (unscored clips), "prepared", "model_s"}
-    pending: list[tuple[int, faces_mod.FaceClip]] = []
-    next_emit = 0
-
-    def produce():
-        for i, (path, err) in enumerate(paths):
-            if err:
-                yield Started(i, VideoResult(path=path, error=err), time.perf_counter())
-                yield Prepared(i)
-            else:
-                yield from prepare_events(i, path, detector, cfg, settings)
-
-    def maybe_complete(i: int) -> None:
-        nonlocal next_emit
-        st = state[i]
-        if not st["prepared"] or st["left"]:
-            return
-        res = st["res"]
-        res.timings["model_s"] = st["model_s"]
-        res.timings["total_s"] = time.perf_counter() - st["t0"]
-        results[i] = finish(res, settings)
-        del state[i]
-        while next_emit < len(paths) and results[next_emit] is not None:
-            on_result(results[next_emit])
-            next_emit += 1
-
-    # Up to 64 events prepared ahead (each sampled clip's faces, ~1 MB per face), two batches at least.
-    feed = Prefetch(produce(), depth=max(64, 2 * settings.batch_size))
-    # On CPU a model thread that shares its core with preparation stalls the others at every
-    # parallel region (2 cores: batches 2.4-3x slower beside any busy thread), while one thread
-    # alone runs at 0.56x of two. So while preparation is working the model leaves it a core, in
-    # steps of 2 clips (CPU clips/s hardly depends on the batch size), and takes them all again
-    # as soon as it rests: 10-15 % less end-to-end time on 2 cores.
-    threads = torch.get_num_threads()
-    share_cores = runner.device.type == "cpu" and threads > 1
-
-    def score(clips: list[faces_mod.FaceClip]):
-        if not share_cores:
-            return runner(clips)
-        step = runner.batch_size if runner.compiled else 2
-        parts = []
-        for k in range(0, len(clips), step):
-            torch.set_num_threads(threads - 1 if feed.busy else threads)
-            parts.append(runner(clips[k:k + step]))
-        return (np.concatenate([p for p, _ in parts]),
-                {key: np.concatenate([m[key] for _, m in parts]) for key in parts[0][1]})
-
-    def run_batch(batch) -> None:
-        t = time.perf_counter()
-        probs, maps = score([fc for _, fc in batch])
-        share = (time.perf_counter() - t) / len(batch)
-        for j, (i, fc) in enumerate(batch):
-            st = state[i]
-            st["model_s"] += share
-            st["left"] -= 1
-            st["res"].tracks.setdefault(fc.track_id, []).append(
-                FrameScore(fc.frame_indices[0], fc.times[0], float(probs[j]), fc.box,
-                           {k: v[j] for k, v in maps.items()}, fc.frames[0]))
-        for i in {i for i, _ in batch}:
-            maybe_complete(i)
-
-    def drain(full_only: bool) -> None:
-        nonlocal pending
-        while len(pending) >= (settings.batch_size if full_only else 1):
-            batch, pending = pending[: settings.batch_size], pending[settings.batch_size:]
-            run_batch(batch)
-
-    try:
-        for event in feed:
-            if isinstance(event, Started):
-                state[event.index] = {"res": event.result, "t0": event.t0, "left": 0, "prepared": False, "model_s": 0.0}
-            elif isinstance(event, Cropped):
-                state[event.index]["left"] += len(event.clips)
-                pending.extend((event.index, fc) for fc in event.clips)
-                drain(full_only=True)
-            else:
-                state[event.index]["prepared"] = True
-                maybe_complete(event.index)
-        drain(full_only=False)
-    finally:
-        torch.set_num_threads(threads)
-    return [r for r in results if r is not None]
-
-
 def model_record(info: CheckpointInfo, checkpoint_sha: str) -> dict:
     return {"variant": info.variant, "checkpoint": Path(info.path).name, "sha256": checkpoint_sha,
             "untrained": info.untrained}
 
 
-def exit_code(results: list[VideoResult]) -> int:
+def error_record(path: str, error: str, *, threshold: float, aggregation: str, model: dict, detector: str) -> dict:
+    """The record of an input that never reached preparation (e.g. a folder without videos)."""
+    return {"schema": SCHEMA, "path": path, "sha256": None, "file": None, "verdict": "error", "score": None,
+            "threshold": threshold, "aggregation": aggregation, "error": error, "model": model,
+            "detector": detector, "video": None, "sampling": {}, "tracks": [], "warnings": [], "timings": {},
+            "heatmaps": None}
+
+
+def exit_code(verdicts: Counter | Iterable[str]) -> int:
     """Antivirus convention: 1 if anything is fake, else 2 if anything failed, else 0."""
-    if any(r.verdict == "fake" for r in results):
+    counts = verdicts if isinstance(verdicts, Counter) else Counter(verdicts)
+    if counts.get("fake"):
         return 1
-    if any(r.verdict == "error" for r in results):
+    if counts.get("error"):
         return 2
     return 0
+
+
+# ---------------------------------------------------------------------------- scoring threads
+@dataclass
+class _Batch:
+    entries: list  # (index, ClipMeta) per clip
+    images: np.ndarray
+    frames: np.ndarray
+
+
+class _Scorer(threading.Thread):
+    """One model replica on one device, scoring batches from a shared queue.
+
+    On CPU, a model that shares its cores with busy preparation stalls the others at every
+    parallel region (2 cores: batches 2.4-3x slower beside any busy thread or process), while
+    one thread alone runs at 0.56x of two. So while any preparation worker is busy the model
+    leaves one core per busy worker (at least one thread for itself), in steps of 2 clips (CPU
+    clips/s hardly depends on the batch size), and takes them all back when they rest."""
+
+    def __init__(self, runner: Runner, jobs: queue.Queue, results: queue.Queue, busy: Callable[[], int],
+                 wake: Callable[[], None]):
+        super().__init__(name=f"deepscan-score-{runner.device}", daemon=True)
+        self.runner, self.jobs, self.results, self.busy, self.wake = runner, jobs, results, busy, wake
+        self.working = False
+
+    def run(self) -> None:
+        r = self.runner
+        share = r.device.type == "cpu" and r.threads > 1
+        if r.device.type == "cpu":
+            torch.set_num_threads(r.threads)  # a new thread starts with the default, not the caller's
+        elif r.device.type == "cuda":
+            torch.cuda.set_device(r.device)
+        current = r.threads
+        while (batch := self.jobs.get()) is not None:
+            self.working = True
+            t = time.perf_counter()
+            try:
+                if not share:
+                    probs, maps = r.score(batch.images, batch.frames)
+                else:
+                    step = r.batch_size if r.compiled else 2
+                    parts = []
+                    for k in range(0, len(batch.images), step):
+                        want = max(1, r.threads - self.busy())
+                        if want != current:  # resizing the thread pool costs ~10 % of a step
+                            torch.set_num_threads(want)
+                            current = want
+                        parts.append(r.score(batch.images[k:k + step], batch.frames[k:k + step]))
+                        release_free_memory()
+                    probs = np.concatenate([p for p, _ in parts])
+                    maps = {key: np.concatenate([m[key] for _, m in parts]) for key in parts[0][1]}
+                if r.device.type == "cpu" and not share:
+                    release_free_memory()
+                self.results.put((batch, probs, maps, time.perf_counter() - t))
+            except BaseException as exc:  # noqa: BLE001 - handed to the scanning thread, which stops
+                self.results.put((batch, exc, None, 0.0))
+            finally:
+                self.working = False
+                self.wake()
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the pages of freed memory back to the system (glibc's malloc_trim). After a CPU model
+    step the heap holds ~100 MB of freed activations, scattered; left alone, the peak RSS of a
+    scan wandered by +-50 MB between identical runs and was ~150 MB higher (measured on 16 videos:
+    1294-1345 MB without, 1177 MB in three of three runs with; ~7 ms a call, ~1 % of a step)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class _Waker:
+    """A pipe the scorer threads write a byte to, so the scanning thread wakes from its wait."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.w, False)
+
+    def fileno(self) -> int:
+        return self.r
+
+    def __call__(self) -> None:
+        try:
+            os.write(self.w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake (pipe full) or closing
+
+    def clear(self) -> None:
+        try:
+            os.set_blocking(self.r, False)
+            while os.read(self.r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------- the scanner
+def start_pool(settings: ScanSettings, cfg, make_detector, workers: int, *, devices: int = 1, gpu: bool = False,
+               slots_per_worker: int = 0, max_side: int | None = None) -> PreparePool:
+    """Preparation workers for scans with ``settings`` and a model of config ``cfg``."""
+    if not slots_per_worker:
+        # Enough slots in all for two batches per device; on CPU a deep buffer lets a worker work
+        # in long bursts and rest long (see _Scorer).
+        per = -(-2 * settings.batch_size * devices // max(1, workers))
+        slots_per_worker = max(16, per) if gpu else max(64, per)
+    return PreparePool(workers, settings.prep(cfg, max_side), make_detector, slots_per_worker=slots_per_worker,
+                       stall_s=settings.timeout_s)
+
+
+class Scanner:
+    """The local pipeline: ``workers`` preparation processes (0: one thread), one scorer per
+    runner (device), assembly. Reusable: ``run`` may be called several times (a Ray actor does).
+
+    ``make_detector`` is a picklable zero-argument callable returning a face detector (see
+    ``faces.DetectorSpec``); ``detector_name`` goes into every record. With ``heatmaps`` set,
+    each video's PNGs are written when it completes, before its record is emitted. ``pool``: workers
+    started earlier with ``start_pool`` (the CLI starts them while the model loads)."""
+
+    def __init__(self, runners: list[Runner], make_detector, detector_name: str, settings: ScanSettings, *,
+                 workers: int = 0, model: dict | None = None, heatmaps: Path | None = None,
+                 slots_per_worker: int = 0, say: Callable[[str], None] | None = None, max_side: int | None = None,
+                 pool: PreparePool | None = None):
+        if not runners:
+            raise ConfigError("no device to score on")
+        self.runners, self.settings, self.say = runners, settings, say
+        self.detector_name, self.model = detector_name, model or {}
+        self.heatmaps = heatmaps
+        self.cfg = runners[0].cfg
+        self.batch_size = settings.batch_size
+        self.gpu = any(r.device.type == "cuda" for r in runners)
+        self.pool = pool or start_pool(settings, self.cfg, make_detector, workers, devices=len(runners), gpu=self.gpu,
+                                       slots_per_worker=slots_per_worker, max_side=max_side)
+        self.window = max(16, 4 * len(self.pool.workers))  # inputs in flight beyond the next to emit
+        self._waker = _Waker()
+        self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(runners))
+        self._results: queue.Queue = queue.Queue()
+        self._scorers = [_Scorer(r, self._jobs, self._results, self.pool.busy_count, self._waker) for r in runners]
+        for s in self._scorers:
+            s.start()
+        self._closed = False
+
+    # ---- lifecycle
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop workers and scorers; True if every thread ended (a batch in progress is waited for)."""
+        if self._closed:
+            return True
+        self._closed = True
+        self.pool.close()
+        while True:  # drop batches not started
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._scorers:
+            try:
+                self._jobs.put_nowait(None)
+            except queue.Full:
+                pass
+        deadline = time.monotonic() + timeout
+        for s in self._scorers:
+            s.join(max(0.0, deadline - time.monotonic()))
+        self._waker.close()
+        return not any(s.is_alive() for s in self._scorers)
+
+    def __enter__(self) -> "Scanner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- one run
+    def run(self, inputs: Iterable[ScanInput], on_record: Callable[[dict, Row], None]) -> Counter:
+        """Scan ``inputs`` (any iterable, consumed lazily), calling ``on_record(record, row)``
+        for each in input order. Returns the count of each verdict. On KeyboardInterrupt (or any
+        exception) the records already complete are still emitted, in order, before it propagates."""
+        st = _RunState(iter(enumerate(inputs)), on_record)
+        try:
+            self._loop(st)
+        finally:
+            self._flush_complete(st)
+        return st.verdicts
+
+    def _loop(self, st: "_RunState") -> None:
+        pool, settings = self.pool, self.settings
+        while True:
+            self._dispatch(st)
+            if st.exhausted and not st.videos and not st.ready:
+                return
+            self._form_batches(st)
+            events, woke = pool.poll(0.5 if not st.videos else 0.2, extra=[self._waker])
+            if woke:
+                self._waker.clear()
+            for ev in events:
+                self._on_event(st, ev)
+            while True:
+                try:
+                    item = self._results.get_nowait()
+                except queue.Empty:
+                    break
+                self._on_scores(st, *item)
+            self._emit(st)
+
+    def _dispatch(self, st: "_RunState") -> None:
+        while not st.exhausted and self.pool.capacity() > 0 and st.next_index < st.next_emit + self.window:
+            try:
+                index, inp = next(st.inputs)
+            except StopIteration:
+                st.exhausted = True
+                return
+            st.next_index = index + 1
+            vs = VideoState(index, inp.path, time.perf_counter())
+            st.videos[index] = vs
+            if inp.error:
+                vs.error, vs.tail = inp.error, {}
+                self._complete(st, vs)
+            else:
+                self.pool.submit(index, inp.path)
+
+    def _on_event(self, st: "_RunState", ev) -> None:
+        kind, index = ev[0], ev[1]
+        vs = st.videos.get(index)
+        if vs is None:
+            if kind == "clip":
+                self.pool.free([ev[2]])
+            return
+        if kind == "start":
+            vs.head = ev[2]
+        elif kind == "clip":
+            vs.left += 1
+            st.pending.append((index, ev[2], ev[3]))
+        elif kind == "done":
+            vs.tail = ev[2]
+            vs.error = vs.tail.get("error")
+            if vs.error:
+                self._drop_pending(st, index)
+            self._maybe_complete(st, vs)
+        elif kind == "lost":
+            vs.error, vs.tail = ev[2], {"warnings": [], "sampling": {}, "timings": {}}
+            self._drop_pending(st, index)
+            self._maybe_complete(st, vs)
+
+    def _drop_pending(self, st: "_RunState", index: int) -> None:
+        keep, drop = [], []
+        for p in st.pending:
+            (drop if p[0] == index else keep).append(p)
+        if drop:
+            st.pending = keep
+            st.videos[index].left -= len(drop)
+            self.pool.free([slot for _, slot, _ in drop])
+
+    def _form_batches(self, st: "_RunState") -> None:
+        b = self.batch_size
+        while st.pending and not self._jobs.full():
+            full = len(st.pending) >= b
+            # A partial batch when nothing more can arrive (or every worker waits for slots); on a
+            # GPU also whenever a device is idle: it costs little there and saves waiting.
+            partial = self.pool.outstanding() == 0 or self.pool.starved() or (
+                self.gpu and self._jobs.empty() and any(not s.working for s in self._scorers))
+            if not (full or partial):
+                return
+            chunk, st.pending = st.pending[:b], st.pending[b:]
+            views = [self.pool.view(slot) for _, slot, _ in chunk]
+            images = np.stack([v[0] for v in views])
+            frames = np.stack([v[1] for v in views])
+            self.pool.free([slot for _, slot, _ in chunk])
+            self._jobs.put(_Batch([(i, meta) for i, _, meta in chunk], images, frames))
+
+    def _on_scores(self, st: "_RunState", batch: _Batch, probs, maps, seconds: float) -> None:
+        if isinstance(probs, BaseException):
+            exc = probs
+            raise DeepscanError(f"the model failed on {len(batch.entries)} face clip(s) "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        share = seconds / max(1, len(batch.entries))
+        keep = self.settings.keep_crops if self.heatmaps is not None else 0
+        touched = set()
+        for j, (index, meta) in enumerate(batch.entries):
+            vs = st.videos.get(index)
+            if vs is None:
+                continue
+            vs.left -= 1
+            touched.add(index)
+            if vs.error:
+                continue
+            vs.model_s += share
+            fs = FrameScore(meta.frame_index, meta.time_s, float(probs[j]), meta.box)
+            vs.tracks.setdefault(meta.track_id, []).append(fs)
+            if keep:
+                st.seq += 1
+                item = (fs.score, st.seq, fs)
+                if len(vs.top) < keep:
+                    heapq.heappush(vs.top, item)
+                elif fs.score > vs.top[0][0]:
+                    heapq.heapreplace(vs.top, item)
+                else:
+                    continue
+                fs.crop = batch.frames[j, 0].copy()
+                fs.maps = {k: v[j].copy() for k, v in maps.items()}
+        for index in touched:
+            self._maybe_complete(st, st.videos[index])
+
+    def _maybe_complete(self, st: "_RunState", vs: VideoState) -> None:
+        if vs.tail is not None and vs.left == 0:
+            self._complete(st, vs)
+
+    def _complete(self, st: "_RunState", vs: VideoState) -> None:
+        """Turn a finished video into its record and row; drop everything per frame."""
+        del st.videos[vs.index]
+        record, row = self._record(vs)
+        st.ready[vs.index] = (record, row)
+        st.verdicts[record["verdict"]] += 1
+
+    def _record(self, vs: VideoState) -> tuple[dict, Row]:
+        s = self.settings
+        tail = vs.tail or {}
+        warnings = list(tail.get("warnings", []))
+        score, verdict, track_scores = None, "error", {}
+        if vs.error is None:
+            if vs.tracks:
+                track_scores = {tid: aggregate([f.score for f in fr], s.aggregation) for tid, fr in vs.tracks.items()}
+                score = max(track_scores.values())  # a video is as fake as its most fake track
+                verdict = "fake" if score >= s.threshold else "real"
+            else:
+                verdict = "no-face"
+        folder = None
+        if self.heatmaps is not None and vs.top and verdict in ("fake", "real"):
+            from .heatmaps import write_heatmaps
+
+            frames = [f for _, _, f in sorted(vs.top, key=lambda t: (-t[0], t[1]))]
+            try:
+                folder = write_heatmaps(vs.path, verdict, score, frames, self.heatmaps)
+            except (OSError, ValueError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                warnings.append(f"heatmaps not written ({why})")
+        vs.top = []
+        box_scale = vs.head.get("box_scale", 1.0)
+        timings = dict(tail.get("timings", {}))
+        timings["model_s"] = vs.model_s
+        timings["total_s"] = time.perf_counter() - vs.t0
+        record = {
+            "schema": SCHEMA,
+            "path": vs.path,
+            "sha256": vs.head.get("sha256"),
+            "file": vs.head.get("file"),
+            "verdict": verdict,
+            "score": None if score is None else round(score, 6),
+            "threshold": s.threshold,
+            "aggregation": s.aggregation,
+            "error": vs.error,
+            "model": self.model,
+            "detector": self.detector_name,
+            "video": vs.head.get("video"),
+            "sampling": tail.get("sampling", {}),
+            "tracks": [
+                {"id": tid, "score": round(track_scores[tid], 6),
+                 "frames": [{"index": f.index, "time_s": f.time_s, "score": round(f.score, 6),
+                             "box": [round(v * box_scale, 1) for v in f.box]} for f in frames]}
+                for tid, frames in sorted(vs.tracks.items())
+            ],
+            "warnings": warnings,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "heatmaps": folder,
+        }
+        error = vs.error
+        if error and error.startswith(vs.path + ": "):
+            error = error[len(vs.path) + 2:]
+        note = error or "; ".join(warnings) or (folder and f"heatmaps: {folder}") or ""
+        row = Row(vs.path, verdict, score, len(vs.tracks), sum(len(f) for f in vs.tracks.values()),
+                  round(timings["total_s"], 2), note)
+        return record, row
+
+    def _emit(self, st: "_RunState") -> None:
+        while st.next_emit in st.ready:
+            record, row = st.ready.pop(st.next_emit)
+            st.next_emit += 1
+            st.on_record(record, row)
+
+    def _flush_complete(self, st: "_RunState") -> None:
+        """After an interruption: emit every complete record still waiting, in input order."""
+        for index in sorted(st.ready):
+            record, row = st.ready.pop(index)
+            st.on_record(record, row)
+
+
+@dataclass
+class _RunState:
+    inputs: object
+    on_record: Callable[[dict, Row], None]
+    exhausted: bool = False
+    next_index: int = 0
+    next_emit: int = 0
+    seq: int = 0
+    videos: dict = field(default_factory=dict)  # index -> VideoState in flight
+    ready: dict = field(default_factory=dict)  # index -> (record, row) waiting for earlier ones
+    pending: list = field(default_factory=list)  # (index, slot, ClipMeta) not yet batched
+    verdicts: Counter = field(default_factory=Counter)
+
+
+def scan(inputs: Iterable[ScanInput | tuple[str, str | None]], runner: Runner | list[Runner], detector,
+         settings: ScanSettings, on_record: Callable[[dict, Row], None] | None = None, *, workers: int = 0,
+         **kw) -> list[dict]:
+    """Scan and return every record (small scans, tests, benchmarks; the CLI streams with ``Scanner``).
+
+    ``detector`` is a ``faces.DetectorSpec`` (or any picklable object with ``build()`` and
+    ``name``); with ``workers=0`` it may also be a detector object, used as it is."""
+    if hasattr(detector, "build"):
+        factory = detector.build
+    elif workers == 0:
+        factory = functools.partial(_same, detector)
+    else:
+        raise ValueError("worker processes need a picklable detector spec with build(), e.g. faces.DetectorSpec")
+    runners = runner if isinstance(runner, list) else [runner]
+    items = (i if isinstance(i, ScanInput) else ScanInput(i[0], i[0], i[1]) for i in inputs)
+    out: list[dict] = []
+
+    def collect(record, row):
+        out.append(record)
+        if on_record:
+            on_record(record, row)
+
+    with Scanner(runners, factory, detector.name, settings, workers=workers, **kw) as scanner:
+        scanner.run(items, collect)
+    return out
+
+
+def _same(obj):
+    return obj

@@ -19,7 +19,6 @@ GPU, gloo on CPU); every rank draws the same epoch order and takes its own share
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -33,7 +32,8 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, load_tensors, save_checkpoint
 from .config import config_for_variant
 from .errors import ConfigError
-from .metrics import frame_and_video
+from .metrics import by_video, frame_and_video
+from .output import json_line
 from .model import LDADetector, fold_batchnorm, input_normaliser, load_vit_embeddings
 from .prepare import CachedVideo, open_arrays
 from .selfblend import self_blend
@@ -306,7 +306,7 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
             if improved:
                 save_checkpoint(model, out / "best.safetensors", untrained=False, provenance=prov)
             with open(metrics_log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_line(record) + "\n")
             log(record)
         history.append(record)
         if world > 1:
@@ -315,13 +315,16 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
 
 
 def evaluate(checkpoint: str, videos: list[CachedVideo], device: str = "auto", by_method: bool = True) -> dict:
-    """Frame- and video-level metrics of a checkpoint, overall and per manipulation method."""
+    """Frame- and video-level metrics of a checkpoint, overall and per manipulation method (each
+    method's fakes against all reals). ``result["scores"]`` holds one record per video (see
+    ``video_scores``); the CLI writes them with ``--scores`` and leaves them out of ``--json``."""
     from .scan import pick_device
 
     dev = pick_device(device)
     model, info = load_checkpoint(checkpoint, dev)
     records = predict(fold_batchnorm(model), videos, dev)
     result = {"checkpoint": checkpoint, "variant": info.variant, "untrained": info.untrained,
+              "metrics": "scikit-learn: roc_auc_score, average_precision_score; EER at the ROC crossing",
               "overall": frame_and_video(records)}
     if by_method:
         method = {v.key: v.method for v in videos}
@@ -330,4 +333,18 @@ def evaluate(checkpoint: str, videos: list[CachedVideo], device: str = "auto", b
             result["methods"] = {
                 m: frame_and_video([r for r in records if method[r[0]] in (m,) or r[1] == 0]) for m in fakes
             }
+    result["scores"] = video_scores(records, videos)
     return result
+
+
+def video_scores(records, videos: list[CachedVideo]) -> list[dict]:
+    """One record per evaluated video: ``{"video", "method", "label", "score", "frame_scores"}``;
+    the score is the mean of the frame scores (paper), the method the FF++ manipulation of a fake
+    (null for reals and other data sets)."""
+    from .data import FFPP_METHODS
+
+    keys, labels, frames = by_video(records)
+    method = {v.key: v.method for v in videos}
+    known = set(FFPP_METHODS) | {"DeepFakeDetection", "FaceShifter"}
+    return [{"video": k, "method": method.get(k) if method.get(k) in known else None, "label": labels[k],
+             "score": float(np.mean(frames[k])), "frame_scores": [float(x) for x in frames[k]]} for k in keys]

@@ -9,7 +9,6 @@ one fails within seconds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from urllib.parse import urlparse
 
 from .config import VARIANTS
 from .errors import WeightsError
+from .hashing import sha256_file
 
 MANIFEST_SCHEMA = 1
 KINDS = ("model", "detector")
@@ -129,15 +129,7 @@ def parse_manifest(data: dict, source: str = "manifest") -> Manifest:
     return Manifest(tuple(entries), source)
 
 
-# ---------------------------------------------------------------------------- hashing
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
+# ---------------------------------------------------------------------------- verification
 def verify(path: Path, entry: ManifestEntry, *, fresh: bool) -> Path:
     size = path.stat().st_size
     digest = sha256_file(path) if size == entry.size else None

@@ -134,7 +134,8 @@ def test_unreadable_file_message(media_dir, tiny_ckpt, tmp_path, monkeypatch):
     from deepscan import video
 
     monkeypatch.setattr(video, "_readable", lambda p: False)
-    result = runner.invoke(app, ["scan", str(media_dir / "carphone.mp4"), "--weights", str(tiny_ckpt), "--json"])
+    result = runner.invoke(app, ["scan", str(media_dir / "carphone.mp4"), "--weights", str(tiny_ckpt), "--json",
+                                 "--workers", "0"])  # the patch lives in this process
     (rec,) = json_lines(result.stdout)
     assert result.exit_code == 2 and "permission denied" in rec["error"]
 
@@ -164,7 +165,7 @@ def test_boxes_are_reported_in_video_pixels_when_frames_are_scaled(media_dir, ti
     from deepscan import video
 
     args = ["scan", str(media_dir / "astronaut.mp4"), "--weights", str(tiny_ckpt), "--json", "--clips", "2",
-            "--detector", "dlib"]
+            "--detector", "dlib", "--workers", "0"]  # the patch lives in this process
     full = json_lines(runner.invoke(app, args).stdout)[0]
     monkeypatch.setattr(video, "MAX_SIDE", 480)  # decode the 640x360 video at 480x270
     small = json_lines(runner.invoke(app, args).stdout)[0]

@@ -1,124 +1,152 @@
-"""The scan pipeline: background preparation in bursts, and CPU cores shared with it."""
+"""The scan pipeline: preparation workers, order, crashes and stalls, several devices, core sharing."""
 
-import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from deepscan.faces import DlibDetector
-from deepscan.scan import Prefetch, Runner, ScanSettings, scan
+from deepscan.faces import DetectorSpec, DlibDetector
+from deepscan.inputs import ScanInput
+from deepscan.scan import Runner, ScanSettings, scan
 
+from . import media
 from .conftest import tiny_model
+from .detectors import POISON_SIZE, PoisonSpec
+
+SETTINGS = ScanSettings(clips=4, batch_size=4, hash_files=False)
 
 
-def wait_for(condition, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.005)
+def frame_scores(records):
+    return {r["path"]: [f["score"] for t in r["tracks"] for f in t["frames"]] for r in records}
 
 
-def test_prefetch_fills_the_queue_in_bursts_and_keeps_order():
-    produced = []
-
-    def items():
-        for i in range(40):
-            produced.append(i)
-            yield i
-
-    feed = Prefetch(items(), depth=8)  # rests when full until at most 2 are left
-    it = iter(feed)
-    got = [next(it)]
-
-    def queued():
-        return len(produced) - len(got)
-
-    # full, resting (7 queued if the burst filled all 8 before the first was taken)
-    wait_for(lambda: queued() >= 7 and not feed.busy)
-    while queued() > 3:
-        got.append(next(it))
-    time.sleep(0.1)
-    assert queued() == 3 and not feed.busy  # still resting
-    got.append(next(it))  # 2 left: a new burst fills the queue again
-    wait_for(lambda: queued() == 8)
-    got += list(it)
-    assert got == list(range(40))
+@pytest.fixture(scope="module")
+def poison(tmp_path_factory):
+    h, w = POISON_SIZE
+    rng = np.random.default_rng(1)
+    return media.write_video(tmp_path_factory.mktemp("poison") / "poison.mp4",
+                             [rng.integers(0, 255, (h, w, 3), np.uint8) for _ in range(10)])
 
 
-def test_prefetch_surfaces_the_producers_exception():
-    def items():
-        yield 1
-        raise ValueError("bad item")
+def inputs(media_dir, *names):
+    return [ScanInput(str(media_dir / n), n) for n in names]
 
-    with pytest.raises(ValueError, match="bad item"):
-        list(Prefetch(items(), depth=4))
+
+def test_records_keep_input_order_and_scores_with_any_number_of_workers(media_dir, tmp_path):
+    items = inputs(media_dir, "carphone.mp4", "missing.mp4", "astronaut.mp4", "no_face.mp4", "two_faces.mp4")
+    items.insert(3, ScanInput(str(tmp_path), "empty", f"{tmp_path}: folder holds no files"))
+    runs = {}
+    for workers in (0, 1, 2):
+        runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=4)
+        runs[workers] = scan(items, runner, DetectorSpec("dlib"), SETTINGS, workers=workers)
+    for records in runs.values():
+        assert [r["path"] for r in records] == [i.path for i in items]
+        verdicts = [r["verdict"] for r in records]
+        assert verdicts[1] == verdicts[3] == "error" and verdicts[0] in ("fake", "real")
+        assert records[4]["verdict"] == "no-face" and len(records[5]["tracks"]) == 2
+    ref = frame_scores(runs[0])
+    for workers in (1, 2):
+        got = frame_scores(runs[workers])
+        assert got.keys() == ref.keys()
+        for path in ref:
+            np.testing.assert_allclose(got[path], ref[path], atol=1e-5)
+    # nothing per frame is kept once a record is out: records are plain JSON-ready data
+    assert all(set(f) == {"index", "time_s", "score", "box"} for r in runs[2] for t in r["tracks"] for f in t["frames"])
+
+
+def test_a_killed_worker_costs_only_its_input(media_dir, poison):
+    items = inputs(media_dir, "carphone.mp4", "astronaut.mp4") + [ScanInput(str(poison), "poison.mp4")] \
+        + inputs(media_dir, "two_faces.mp4", "astronaut.mp4")
+    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=4)
+    records = scan(items, runner, PoisonSpec("kill"), SETTINGS, workers=2)
+    assert [r["path"] for r in records] == [i.path for i in items]
+    bad = records[2]
+    assert bad["verdict"] == "error" and "worker died" in bad["error"] and "SIGKILL" in bad["error"]
+    assert bad["error"].startswith(str(poison)) and "\n" not in bad["error"]
+    assert all(r["verdict"] in ("fake", "real") for r in records[:2] + records[3:])
+
+
+def test_an_input_that_makes_no_progress_is_abandoned(media_dir, poison):
+    items = [ScanInput(str(poison), "poison.mp4")] + inputs(media_dir, "astronaut.mp4")
+    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=4)
+    settings = ScanSettings(clips=2, batch_size=4, hash_files=False, timeout_s=3)
+    t = time.monotonic()
+    records = scan(items, runner, PoisonSpec("hang"), settings, workers=1)
+    assert time.monotonic() - t < 60
+    assert records[0]["verdict"] == "error" and "no progress for 3 s" in records[0]["error"]
+    assert records[1]["verdict"] in ("fake", "real")
+
+
+def test_every_device_gets_batches_and_scores_are_the_same(media_dir):
+    items = inputs(media_dir, "carphone.mp4", "two_faces.mp4", "astronaut.mp4", "carphone.mp4")
+    one = scan(items, Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=2), DetectorSpec("dlib"),
+               ScanSettings(clips=6, batch_size=2, hash_files=False), workers=1)
+    first = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=2)
+    runners = [first, first.replica(torch.device("cpu"))]  # two "devices": the multi-GPU code path on CPU
+    used = []
+    for r in runners:
+        score = r.score
+
+        def spy(images, frames, score=score, r=r):
+            used.append(id(r))
+            time.sleep(0.05)  # a slow device: the other one gets work meanwhile
+            return score(images, frames)
+
+        r.score = spy
+    two = scan(items, runners, DetectorSpec("dlib"), ScanSettings(clips=6, batch_size=2, hash_files=False), workers=1)
+    assert set(used) == {id(r) for r in runners}
+    a, b = frame_scores(one), frame_scores(two)
+    assert a.keys() == b.keys()
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], atol=1e-5)
 
 
 def test_cpu_scan_shares_cores_without_changing_scores(media_dir):
-    videos = [(str(media_dir / "carphone.mp4"), None), (str(media_dir / "two_faces.mp4"), None)]
-    settings = ScanSettings(clips=5, batch_size=4, hash_files=False)
+    items = inputs(media_dir, "carphone.mp4", "two_faces.mp4")
     threads = torch.get_num_threads()
 
-    def frame_scores():
-        runner = Runner(tiny_model(), torch.device("cpu"), torch.float32)
-        results = scan(videos, runner, DlibDetector(), settings, lambda r: None)
-        return [[f.score for f in frames] for r in results for _, frames in sorted(r.tracks.items())]
+    def scores():
+        runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=4)
+        return frame_scores(scan(items, runner, DetectorSpec("dlib"), SETTINGS, workers=1))
 
-    shared = frame_scores()  # threads > 1: the model steps aside while preparation works
+    shared = scores()  # threads > 1: the model steps aside while preparation works
     assert torch.get_num_threads() == threads
     torch.set_num_threads(1)  # nothing to share: whole batches
     try:
-        whole = frame_scores()
+        whole = scores()
     finally:
         torch.set_num_threads(threads)
-    assert len(shared) == 3 and [len(s) for s in shared] == [len(s) for s in whole]
-    for a, b in zip(shared, whole):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    for path in shared:
+        np.testing.assert_allclose(shared[path], whole[path], atol=1e-5)
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: nothing to share")
-def test_cpu_model_leaves_a_core_while_preparation_works(media_dir):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_cpu_model_leaves_a_core_while_preparation_works(media_dir, workers, poison):
     threads = torch.get_num_threads()
-    dlib = DlibDetector()
+    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=8)
+    seen, score = [], runner.score
 
-    def slow_detector(frame, hints=()):  # preparation still busy when the first batch is scored
-        time.sleep(0.05)
-        return dlib(frame, hints)
+    def recording(images, frames):
+        seen.append((len(images), torch.get_num_threads()))
+        return score(images, frames)
 
-    slow_detector.name = "dlib"
-    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32)
-    seen, call = [], runner.__call__
+    runner.score = recording
+    if workers == 0:
+        dlib = DlibDetector()
 
-    class Recording:
-        def __getattr__(self, name):
-            return getattr(runner, name)
+        def detector(frame, hints=()):  # preparation still busy when the first batch is scored
+            time.sleep(0.05)
+            return dlib(frame, hints)
 
-        def __call__(self, clips):
-            seen.append((len(clips), torch.get_num_threads()))
-            return call(clips)
-
-    videos = [(str(media_dir / "carphone.mp4"), None)] * 3
-    scan(videos, Recording(), slow_detector, ScanSettings(clips=8, batch_size=8, hash_files=False), lambda r: None)
+        detector.name = "dlib"
+    else:
+        detector = DetectorSpec("dlib")
+    items = inputs(media_dir, "carphone.mp4", "carphone.mp4", "carphone.mp4", "carphone.mp4")
+    scan(items, runner, detector, ScanSettings(clips=8, batch_size=8, hash_files=False), workers=workers,
+         slots_per_worker=8)  # a worker out of slots rests: the model then has every core
     assert all(n <= 2 for n, _ in seen)  # steps of 2 clips
-    assert seen[0][1] == threads - 1  # preparation working: one core left to it
+    assert any(t == threads - 1 for _, t in seen)  # preparation working: one core left to it
     assert seen[-1][1] == threads  # the last batch comes after preparation is done
     assert torch.get_num_threads() == threads
-
-
-def test_prefetch_thread_ends_when_the_consumer_stops_early():
-    gate = threading.Event()
-
-    def items():
-        yield 0
-        gate.wait()  # the rest only once the first has been taken: the queue then fills up
-        yield from range(1, 100)
-
-    feed = Prefetch(items(), depth=4)
-    it = iter(feed)
-    assert next(it) == 0
-    gate.set()
-    wait_for(lambda: feed._q.full() and not feed.busy)
-    it.close()  # the consumer leaves with a full queue
-    wait_for(lambda: not any(t.is_alive() and getattr(t, "_target", None) == feed._work for t in threading.enumerate()))

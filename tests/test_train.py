@@ -121,12 +121,30 @@ def test_train_checkpoints_resumes_exactly_and_evaluates(tmp_path, datasets):
     a, b = weights(straight), weights(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    scores, plots = tmp_path / "scores.jsonl", tmp_path / "plots"
     r = deepscan("eval", "--data", data, "--cache", cache, "--weights", straight / "best.safetensors", "--json",
-                 "--clips", "2", "--detector", "dlib")
+                 "--clips", "2", "--detector", "dlib", "--scores", scores, "--plots", plots)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["split"] == "test" and res["overall"]["frame"]["n"] > 0
     assert set(res["methods"]) == {"Deepfakes", "FaceSwap"}
+    # the metrics are scikit-learn's on the scores written out
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert {r["method"] for r in rows} == {None, "Deepfakes", "FaceSwap"} and {r["label"] for r in rows} == {0, 1}
+    for r in rows:
+        assert r["score"] == pytest.approx(np.mean(r["frame_scores"]))
+    y, s = [r["label"] for r in rows], [r["score"] for r in rows]
+    assert res["overall"]["video"]["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert res["overall"]["video"]["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    fy = [r["label"] for r in rows for _ in r["frame_scores"]]
+    fs = [x for r in rows for x in r["frame_scores"]]
+    assert res["overall"]["frame"]["auc"] == pytest.approx(roc_auc_score(fy, fs), abs=1e-12)
+    for name in ("roc_frame", "roc_video", "hist_frame", "hist_video"):
+        from PIL import Image
+
+        assert Image.open(plots / f"{name}.png").size[0] > 300
     table = deepscan("eval", "--data", data, "--cache", cache, "--weights", straight / "best.safetensors",
                      "--clips", "2", "--detector", "dlib", env={"COLUMNS": "200"})
     assert "paper ACC" in table.stdout and "Deepfakes" in table.stdout
@@ -166,12 +184,28 @@ def test_self_blend_changes_the_face_not_the_corners():
 def test_metrics_known_values():
     assert auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
     assert auc([0, 1], [0.5, 0.5]) == 0.5  # ties count half
-    assert np.isnan(auc([1, 1], [0.2, 0.3]))
+    assert np.isnan(auc([1, 1], [0.2, 0.3])) and np.isnan(eer([0, 0], [0.1, 0.2]))
     assert average_precision([1, 0, 1], [0.9, 0.8, 0.7]) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision([1, 0, 1, 0], [0.5] * 4) == 0.5  # four ties: one threshold, whatever the order
+    assert average_precision([0, 1, 0, 1], [0.5] * 4) == 0.5
     assert eer([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 0.0
     m = frame_and_video([("a", 0, 0.2), ("a", 0, 0.4), ("b", 1, 0.9), ("b", 1, 0.3)])
     assert m["frame"]["n"] == 4 and m["video"]["n"] == 2 and m["video"]["auc"] == 1.0
     assert m["frame"]["acc"] == 0.75
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_equal_scikit_learn_with_ties(seed):
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 40)
+    s = np.round(rng.random(40), 1)  # coarse scores: many ties, as bf16/fp16 give
+    assert auc(y, s) == roc_auc_score(y, s)
+    assert average_precision(y, s) == average_precision_score(y, s)
+    assert average_precision(y[::-1], s[::-1]) == average_precision(y, s)  # order of ties is irrelevant
+    fpr, tpr, _ = roc_curve(y, s)
+    assert eer(y, s) == fpr[np.nanargmin(np.abs(1 - tpr - fpr))]  # DeepfakeBench's ROC-crossing EER
 
 
 def test_lr_schedule_and_balanced_sampler():

@@ -1,0 +1,112 @@
+"""A whole scan as the command line runs it: plan the inputs, start the workers, load the model,
+scan, and send every record to its sinks. ``cli.scan`` parses options into a ``ScanRequest``
+and renders what ``run_scan`` returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import CheckpointInfo
+from .errors import ConfigError
+from .scan import ScanSettings
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    paths: tuple[str, ...]
+    settings: ScanSettings
+    weights: Path | None = None
+    variant: str = "spatial-temporal"
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None  # None: default_workers()
+    detector: str = "auto"
+    glob: str | None = None
+    shard: tuple[int, int] = (1, 1)  # (K, N), 1-based
+    output: Path | None = None
+    resume: bool = False
+    heatmaps: Path | None = None
+    compile: bool = False
+    json_out: bool = False
+
+
+@dataclass
+class ScanOutcome:
+    sink: object  # output.ScanSink: rows, verdicts
+    info: CheckpointInfo
+    checkpoint: Path
+    detector: str
+    interrupted: KeyboardInterrupt | None = None
+
+
+def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
+    """Run the scan ``req`` describes. Ctrl-C (KeyboardInterrupt) and SIGTERM (raised as one by
+    the caller) stop it: what is complete is kept and the interruption is returned, not raised."""
+    from . import scan as scan_mod
+    from .checkpoint import load_checkpoint, read_info
+    from .config import VARIANTS
+    from .faces import resolve_detector
+    from .hashing import sha256_file
+    from .inputs import ResumeIndex, in_shard, walk
+    from .output import JsonlFile, OutputClosed, ScanSink, printable, progress, warn_untrained
+    from .weights import load_manifest, resolve_checkpoint
+
+    if req.variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {req.variant!r}; choose one of: {', '.join(VARIANTS)}")
+    devices = scan_mod.pick_devices(req.device)
+    dtype = scan_mod.pick_precision(req.precision, devices[0])
+    manifest = load_manifest()
+    ckpt, ckpt_sha = resolve_checkpoint(req.variant, req.weights, manifest, say=say)
+    info = read_info(ckpt)
+    spec = resolve_detector(req.detector, manifest=manifest, say=say)
+    file = JsonlFile(req.output, read=req.resume) if req.output is not None else None
+    workers = scan_mod.default_workers(devices) if req.workers is None else req.workers
+    # Workers build their own detector, on one onnxruntime thread each (many workers, many
+    # cores), and start now, while the model loads.
+    worker_spec = dataclasses.replace(spec, threads=1) if workers else spec
+    pool = scan_mod.start_pool(req.settings, info.config, worker_spec.build, workers, devices=len(devices),
+                               gpu=devices[0].type == "cuda")
+    try:
+        model, info = load_checkpoint(ckpt)
+        if req.weights is not None and req.variant != info.variant and req.variant != "spatial-temporal":
+            say(f"note: {printable(str(ckpt))} holds a {info.variant} model; --variant {req.variant} is ignored")
+        if info.untrained:
+            warn_untrained(str(ckpt))
+        model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt))
+        if file is not None and file.dropped:
+            say(f"note: dropped a torn last line ({file.dropped} bytes) from {printable(str(req.output))}")
+        inputs = in_shard(walk(req.paths, req.glob), *req.shard)
+        if req.resume:
+            done = ResumeIndex(file.records)
+            say(f"resuming: {done.count} record(s) in {printable(str(req.output))}; inputs that have one are skipped")
+            inputs = done.pending(inputs)
+        runners = [scan_mod.Runner(model, devices[0], dtype, use_compile=req.compile,
+                                   batch_size=req.settings.batch_size, say=say)]
+        runners += [runners[0].replica(d) for d in devices[1:]]
+        sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
+                        on_error=lambda e: say(f"deepscan: {printable(e)}"))
+        outcome = ScanOutcome(sink, info, Path(ckpt), spec.name)
+        known = len(req.paths) if req.shard[1] == 1 and not req.resume and not any(map(os.path.isdir, req.paths)) \
+            else None
+        with scan_mod.Scanner(runners, worker_spec.build, spec.name, req.settings, model=model_rec,
+                              heatmaps=req.heatmaps, say=say, pool=pool) as scanner, \
+                progress(known, "scanning", enabled=not req.json_out) as advance:
+            def on_record(record, row):
+                sink(record, row)
+                advance()
+
+            try:
+                scanner.run(inputs, on_record)
+            except OutputClosed:
+                pass
+            except KeyboardInterrupt as exc:
+                outcome.interrupted = exc
+        return outcome
+    finally:
+        pool.close()
+        if file is not None:
+            file.close()

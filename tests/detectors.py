@@ -1,0 +1,38 @@
+"""Detector specs for tests that need a worker process to misbehave (picklable by reference, and
+light: no torch import in the worker). Frames of POISON_SIZE trigger the misbehaviour."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+POISON_SIZE = (120, 200)  # (height, width) of the poison video's frames; no other test video has it
+
+
+@dataclass(frozen=True)
+class PoisonSpec:
+    """dlib's detector, except on poison frames: "kill" SIGKILLs the worker, "hang" sleeps."""
+
+    action: str
+    name: str = "dlib"
+
+    def build(self):
+        return _Poison(self.action)
+
+
+class _Poison:
+    name = "dlib"
+
+    def __init__(self, action: str):
+        from deepscan.faces import DlibDetector
+
+        self.action, self.dlib = action, DlibDetector()
+
+    def __call__(self, frame, hints=()):
+        if frame.shape[:2] == POISON_SIZE:
+            if self.action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
+        return self.dlib(frame, hints)
