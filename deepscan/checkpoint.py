@@ -85,14 +85,22 @@ def save_checkpoint(
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().contiguous().cpu()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder; give a file name ending in .safetensors")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
         os.replace(tmp, path)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if any(p.is_file() for p in path.parents):
+            why = "a part of the path is a file, not a folder"
+        raise WeightsError(f"{path}: cannot write the checkpoint there ({why}); choose a writable place") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
@@ -128,11 +136,24 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
         raise WeightsError(f"{path}: a safetensors file without deepscan metadata; it is not a deepscan checkpoint")
     try:
         meta = json.loads(raw)
-        if meta.get("format") != FORMAT_VERSION:
-            raise WeightsError(f"{path}: checkpoint format {meta.get('format')} is not supported (expected {FORMAT_VERSION}); upgrade deepscan")
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise WeightsError(f"{path}: damaged deepscan metadata (not JSON: {exc})") from None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path}: damaged deepscan metadata (a JSON {type(meta).__name__}, not an object)")
+    if meta.get("format") != FORMAT_VERSION:
+        raise WeightsError(f"{path}: checkpoint format {meta.get('format')!r} is not supported "
+                           f"(expected {FORMAT_VERSION}); upgrade deepscan")
+    if "config" not in meta:
+        raise WeightsError(f"{path}: damaged deepscan metadata (no 'config' field)")
+    try:
         cfg = ModelConfig.from_dict(meta["config"])
-    except (KeyError, json.JSONDecodeError, ConfigError, TypeError) as exc:
-        raise WeightsError(f"{path}: damaged deepscan metadata ({exc})") from None
+    except ConfigError as exc:
+        raise WeightsError(f"{path}: damaged deepscan metadata, field 'config': {exc}") from None
+    except TypeError as exc:
+        raise WeightsError(f"{path}: damaged deepscan metadata, field 'config': {exc}") from None
+    for key in ("provenance", "preprocessing"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise WeightsError(f"{path}: damaged deepscan metadata, field {key!r} must be an object")
     return CheckpointInfo(
         config=cfg,
         untrained=bool(meta.get("untrained", True)),
@@ -151,11 +172,49 @@ def load_tensors(path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor
     return out
 
 
+_FLOATS = {"F32", "F16", "BF16", "F64"}
+
+
+def check_tensors(path: Path, cfg: ModelConfig) -> None:
+    """The weights the header announces must be exactly those of ``cfg``'s model, in a float type:
+    checked from the header alone, before anything is allocated."""
+    with torch.device("meta"):
+        state = LDADetector(cfg).state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    with safe_open(str(path), framework="pt") as f:
+        got = {}
+        for key in f.keys():
+            if key.startswith("model."):
+                sl = f.get_slice(key)
+                got[key[6:]] = (tuple(sl.get_shape()), sl.get_dtype())
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise WeightsError(f"{path}: tensor model.{missing[0]} is missing ({len(missing)} missing in all) for the "
+                           f"{cfg.variant} config it describes; the file is damaged or not from this deepscan")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise WeightsError(f"{path}: unexpected tensor model.{extra[0]} ({len(extra)} in all) for its {cfg.variant} config")
+    for key, shape in expected.items():
+        have, dtype = got[key]
+        if have != shape:
+            raise WeightsError(f"{path}: tensor model.{key} has shape {list(have)}, its config needs {list(shape)}")
+        if state[key].is_floating_point() and dtype not in _FLOATS:
+            raise WeightsError(f"{path}: tensor model.{key} is {dtype}, not floating point")
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LDADetector, CheckpointInfo]:
-    """Rebuild the model from the file alone, weights loaded strictly, in eval mode."""
+    """Rebuild the model from the file alone, weights loaded strictly, in eval mode. Half-precision
+    files (fp16/bf16) are cast to fp32; non-finite weights (a diverged run) are refused."""
     info = read_info(path)
+    check_tensors(Path(path), info.config)
     model = LDADetector(info.config)
     state = load_tensors(path, "model.")
+    for key, t in state.items():
+        if t.is_floating_point() and t.dtype != torch.float32:
+            state[key] = t.float()
+        if not torch.isfinite(state[key]).all():
+            raise WeightsError(f"{path}: tensor model.{key} holds NaN or infinite values (a training run that "
+                               "diverged?); use an earlier checkpoint")
     try:
         model.load_state_dict(state, strict=True, assign=True)  # use the loaded tensors: no second copy
     except RuntimeError as exc:

@@ -112,7 +112,7 @@ def _sigterm(signum, frame):
 def scan(
     paths: Annotated[list[str], typer.Argument(help="Video files and/or folders (searched recursively).", show_default=False)],
     weights: Annotated[Optional[Path], typer.Option("--weights", "-w", help="A deepscan .safetensors checkpoint (default: the manifest's for --variant).")] = None,
-    variant: VariantOpt = "spatial-temporal",
+    variant: Annotated[Optional[str], typer.Option("--variant", "-v", help="Model variant: xception, spatial, temporal or spatial-temporal (default: the checkpoint's; spatial-temporal from the manifest).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout, one object per input, nothing else.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Append JSON Lines records to this file, one complete line per input, as each finishes.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs that already have a record in --output (same path, size and mtime, or same sha256).")] = False,
@@ -562,13 +562,16 @@ def weights_publish(
     emit_json(publish(checkpoint, repo, name=name, private=private))
 
 
-KNOWN_COMMANDS = {"scan", "bench", "weights", "train", "eval", "prepare", "--help", "-h", "--version",
-                  "--install-completion", "--show-completion"}
+COMMANDS = {"scan", "bench", "weights", "train", "eval", "prepare"}
+KNOWN_COMMANDS = COMMANDS | {"--help", "-h", "--version", "--install-completion", "--show-completion"}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: route `deepscan PATH...` to `deepscan scan PATH...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS and os.path.exists(argv[0]):
+        notice(f"note: {argv[0]!r} is a deepscan command; to scan the file or folder {argv[0]}, "
+               f"run `deepscan scan {argv[0]}`")
     if argv and argv[0] not in KNOWN_COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "scan")
     elif argv and argv[0].startswith("-") and argv[0] not in KNOWN_COMMANDS:

@@ -8,6 +8,7 @@ is derived from two booleans rather than stored as a free string.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -22,6 +23,13 @@ INPUT_STD = (0.5, 0.5, 0.5)
 # Face crops: a square around the detector box, enlarged this much (common for FF++ crops). A
 # preprocessing constant: it travels with every checkpoint, so crops are made the same way.
 CROP_MARGIN = 1.3
+
+
+_INT_BOUNDS = {  # generous for research, small enough that nothing absurd is ever allocated
+    "image_size": (32, 2048), "lda_size": (16, 1024), "patch_size": (1, 256), "embed_dim": (1, 4096),
+    "num_spaces": (1, 256), "latent_dim": (1, 1024), "num_maps": (1, 256), "num_frames": (1, 32),
+    "num_classes": (1, 1000),
+}
 
 
 def _conv2_size(image_size: int) -> int:
@@ -96,6 +104,25 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ConfigError(f"invalid model config: {msg}")
 
+        # Types and bounds first: a config may come from any file (a checkpoint's metadata), and
+        # absurd sizes must fail here, in one line, not as a 9 GB allocation.
+        for name, (lo, hi) in _INT_BOUNDS.items():
+            v = getattr(self, name)
+            if type(v) is not int:
+                bad(f"{name} must be an integer, not {v!r}")
+            if not lo <= v <= hi:
+                bad(f"{name} must be between {lo} and {hi}, got {v}")
+        for name in ("spatial", "temporal"):
+            if type(getattr(self, name)) is not bool:
+                bad(f"{name} must be true or false, not {getattr(self, name)!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if not (isinstance(v, tuple) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in v)):
+                bad(f"{name} must be 3 finite numbers (R, G, B), not {v!r}")
+        if min(self.std) <= 0:
+            bad(f"std must be > 0 for every channel, got {list(self.std)}")
+        if self.num_classes != 2:
+            bad(f"num_classes must be 2 (real, fake), got {self.num_classes}")
         if self.recalibration not in ("multiply", "residual"):
             bad(f"recalibration must be 'multiply' or 'residual', not {self.recalibration!r}")
         if self.map_fit not in ("exact", "adaptive"):
@@ -134,6 +161,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config must be an object, not {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -141,7 +170,8 @@ class ModelConfig:
         d = dict(d)
         for key in ("mean", "std"):
             if key in d:
-                d[key] = tuple(float(v) for v in d[key])
+                v = d[key]
+                d[key] = tuple(v) if isinstance(v, (list, tuple)) else v  # validate() names a bad value
         return cls(**d)
 
     def replace(self, **changes) -> "ModelConfig":

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .inputs import VIDEO_EXTENSIONS
 
 FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 LAYOUTS = ("auto", "ffpp", "celebdf", "folders")
 SPLITS = ("train", "val", "test")
-_VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+_VIDEO_EXT = VIDEO_EXTENSIONS  # the same files as a folder scan
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def detect_layout(root: Path) -> str:
 
 
 def _videos(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in _VIDEO_EXT and p.is_file()) if folder.is_dir() else []
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in _VIDEO_EXT and not p.name.startswith("._")
+                  and p.is_file()) if folder.is_dir() else []
 
 
 def load_ffpp(root: Path, compression: str = "c23", methods=FFPP_METHODS, splits_dir: Path | None = None) -> list[VideoItem]:

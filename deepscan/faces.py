@@ -24,8 +24,11 @@ from .video import Clip
 
 DET_SIZE = 640  # detector input: longest side (dlib) / square side (SCRFD)
 MIN_FACE = 24  # px in the frame; smaller faces are ignored
+DLIB_WINDOW = 80  # px: the smallest face dlib's HOG detector finds in the image it is given
+MAX_UPSAMPLE = 2.0  # dlib searches a frame at most at twice its size: faces down to 40 px
 TRACK_IOU = 0.3  # detections overlapping a track's last box at least this much continue it
 TRACK_CENTRE = 0.5  # ... or whose centre lies within this fraction of the box size
+TRACK_JUMP = 4.0  # a face seen in the previous clip may have moved this many box sizes (see Tracker)
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,16 @@ class FaceClip:
 
 # ---------------------------------------------------------------------------- detectors
 class DlibDetector:
-    """dlib's HOG detector. It finds faces of about 80 px and up in the image it is given, so a
-    frame is searched at ``det_size`` (fast) and, when nothing is found there and the frame is
-    larger, again at up to ``retry_size`` (measured here on 720p: 24 ms finds a 120 px face in
-    19 of 32 frames, the retry at 1280 finds it in all, at 69 ms)."""
+    """dlib's HOG detector. It finds faces of about 80 px and up in the image it is given
+    (DLIB_WINDOW), so a frame is searched in stages, each only if the one before found nothing:
+    1. the whole frame at ``det_size`` (fast; 22-50 ms on 720p);
+    2. the surroundings of faces seen in earlier clips (``hints``), scaled so a face is ~120 px;
+    3. with ``deep``, the whole frame at the size where ``min_face`` becomes 80 px, at most twice
+       the frame (faces down to 40 px; smaller ones need SCRFD); without, at up to
+       ``retry_size`` (measured on 720p: 24 ms finds a 120 px face in 19 of 32 frames, the retry
+       at 1280 finds it in all, at 69 ms).
+    A deep search of a 1920 px frame costs ~1-2 s, so a scan asks for it on the first clip and on
+    every 8th; faces it finds are then followed by stage 2 on the clips between."""
 
     name = "dlib"
 
@@ -95,9 +104,8 @@ class DlibDetector:
         found = self._run(region, max(16, round(max(region.shape[:2]) * scale)))
         return [Detection((d.box[0] + x1, d.box[1] + y1, d.box[2] + x1, d.box[3] + y1), d.score) for d in found]
 
-    def __call__(self, frame: np.ndarray, hints=()) -> list[Detection]:
-        """Faces in ``frame``. ``hints`` are boxes of faces seen before (the tracker's): when the
-        fast pass finds nothing, their surroundings are searched before the whole frame again."""
+    def __call__(self, frame: np.ndarray, hints=(), deep: bool = False, min_face: int = MIN_FACE) -> list[Detection]:
+        """Faces in ``frame``, in the stages of the class docstring."""
         found = self._run(frame, self.det_size)
         if found:
             return found
@@ -105,7 +113,10 @@ class DlibDetector:
             found += self._around(frame, box)
         if found:
             return nms_detections(found)
-        larger = min(max(frame.shape[:2]), self.retry_size)
+        side = max(frame.shape[:2])
+        larger = min(side, self.retry_size)
+        if deep:
+            larger = max(larger, round(min(side * MAX_UPSAMPLE, side * DLIB_WINDOW / max(min_face, 1))))
         return self._run(frame, larger) if larger > self.det_size else []
 
 
@@ -130,7 +141,8 @@ class ScrfdDetector:
         self.input_name = self.session.get_inputs()[0].name
         self.det_size, self.threshold, self.nms = det_size, threshold, nms
 
-    def __call__(self, frame: np.ndarray, hints=()) -> list[Detection]:
+    def __call__(self, frame: np.ndarray, hints=(), **_) -> list[Detection]:
+        """Faces in ``frame`` (SCRFD finds small faces at its input size: no stages needed)."""
         h, w = frame.shape[:2]
         scale = self.det_size / max(h, w)
         nw, nh = round(w * scale), round(h * scale)
@@ -275,20 +287,36 @@ def box_iou(a, b) -> float:
 
 
 class Tracker:
-    """Greedy linking of detections over time, by IoU or centre distance to a track's last box."""
+    """Greedy linking of detections over time, by IoU or centre distance to a track's last box.
 
-    def __init__(self, iou: float = TRACK_IOU, centre: float = TRACK_CENTRE):
-        self.iou, self.centre = iou, centre
+    Clips are spread over the video, so a face that moves fast can travel further than half its
+    size between two of them. A detection left unmatched then continues a track that was seen in
+    the previous clip and matched nothing in this one, if their sizes agree (within 1.5x) and it
+    lies within TRACK_JUMP box sizes: nearest first, one to one. Without this, one face split
+    into several tracks, and the video, as fake as its most fake track, took the max over them."""
+
+    def __init__(self, iou: float = TRACK_IOU, centre: float = TRACK_CENTRE, jump: float = TRACK_JUMP):
+        self.iou, self.centre, self.jump = iou, centre, jump
         self.last: dict[int, tuple] = {}  # track id -> its latest box
+        self.seen: dict[int, int] = {}  # track id -> the clip (call number) it was last seen in
+        self.clip = -1
         self.next_id = 0
+
+    @staticmethod
+    def _size(b) -> float:
+        return max(b[2] - b[0], b[3] - b[1])
+
+    @staticmethod
+    def _dist(a, b) -> float:
+        return math.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2)
 
     def _close(self, a, b) -> float:
         """A match score in [0, 1+]: IoU, or a centre-distance score when IoU fails."""
         overlap = box_iou(a, b)
         if overlap >= self.iou:
             return 1.0 + overlap
-        size = max(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1])
-        dist = math.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2)
+        size = max(self._size(a), self._size(b))
+        dist = self._dist(a, b)
         return 1.0 - dist / size if dist <= self.centre * size else 0.0
 
     def recent(self) -> list[tuple]:
@@ -297,6 +325,7 @@ class Tracker:
 
     def assign(self, detections: list[Detection]) -> list[int]:
         """Track ids for one clip's detections (best matches first, one detection per track)."""
+        self.clip += 1
         pairs = sorted(
             ((self._close(box, d.box), tid, j) for tid, box in self.last.items() for j, d in enumerate(detections)),
             reverse=True,
@@ -308,12 +337,28 @@ class Tracker:
                 continue
             ids[j] = tid
             used.add(tid)
+        # a fast move: continue a track of the previous clip that found no match here
+        moved = []
+        for tid, box in self.last.items():
+            if tid in used or self.seen.get(tid) != self.clip - 1:
+                continue
+            for j, d in enumerate(detections):
+                if j in ids:
+                    continue
+                a, b = self._size(box), self._size(d.box)
+                if max(a, b) <= 1.5 * min(a, b) and self._dist(box, d.box) <= self.jump * max(a, b):
+                    moved.append((self._dist(box, d.box), tid, j))
+        for _, tid, j in sorted(moved):
+            if tid not in used and j not in ids:
+                ids[j] = tid
+                used.add(tid)
         for j in range(len(detections)):
             if j not in ids:
                 ids[j], self.next_id = self.next_id, self.next_id + 1
         result = [ids[j] for j in range(len(detections))]
         for j, tid in enumerate(result):
             self.last[tid] = detections[j].box
+            self.seen[tid] = self.clip
         return result
 
 

@@ -23,7 +23,14 @@ from typing import Iterable, Iterator
 
 from .errors import ConfigError
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp",
+                    # camera, disc and broadcast files
+                    ".mts", ".m2ts", ".m2t", ".vob", ".mxf", ".ogv", ".3g2", ".f4v", ".asf", ".divx", ".y4m")
+
+
+def _sidecar(name: str) -> bool:
+    """macOS's AppleDouble files (``._clip.mp4``): metadata beside a file copied from a Mac, not video."""
+    return name.startswith("._")
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ def walk(args: Iterable[str | os.PathLike], pattern: str | None = None) -> Itera
         for root, dirs, files in os.walk(p, followlinks=False):
             dirs.sort()
             for name in sorted(files):
+                if _sidecar(name):
+                    continue
                 f = Path(root, name)
                 if f.match(pattern) if pattern else f.suffix.lower() in VIDEO_EXTENSIONS:
                     found = True
@@ -97,7 +106,9 @@ class ResumeIndex:
                 self.paths.add(os.path.normpath(path))
 
     def done(self, inp: ScanInput) -> bool:
-        path = os.path.normpath(inp.path)
+        from .output import printable
+
+        path = printable(os.path.normpath(inp.path))  # as records hold it (non-UTF-8 bytes escaped)
         try:
             st = os.stat(inp.path)
         except OSError:

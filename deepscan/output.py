@@ -28,27 +28,27 @@ def stderr_console() -> Console:
 
 
 def finite(obj):
-    """``obj`` with every non-finite float (NaN, inf) replaced by None: JSON has no NaN, and a
-    bare ``NaN`` makes a line invalid for every strict parser."""
+    """``obj`` made fit for strict JSON: every non-finite float (NaN, inf) becomes None (JSON has
+    no NaN, and a bare ``NaN`` makes a line invalid for strict parsers), and the bytes of
+    non-UTF-8 file names (lone surrogates in Python strings) become visible ``\\xNN`` text."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+            return obj
+        except UnicodeEncodeError:
+            return printable(obj)
     if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
+        return {finite(k): finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [finite(v) for v in obj]
     return obj
 
 
 def json_line(obj) -> str:
-    """One line of strict JSON. Non-UTF-8 file names (lone surrogates in Python strings) become
-    \\u escapes, so the text is always valid UTF-8."""
-    obj = finite(obj)
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(obj, ensure_ascii=True, allow_nan=False)
-    return text
+    """One line of strict JSON, valid UTF-8 (see ``finite``)."""
+    return json.dumps(finite(obj), ensure_ascii=False, allow_nan=False)
 
 
 def emit_json(obj) -> None:

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from . import faces as faces_mod
+from .config import CROP_MARGIN
 from .data import VideoItem
 from .errors import ConfigError, DeepscanError
-from .video import check_readable, plan_clips, probe, read_clips
+from .video import check_readable, probe, sample_clips
+from .workers import DEEP_EVERY
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class PrepareSettings:
     lda_size: int = 224
     clip_len: int = 3  # n; crops for n frames serve every variant (xception reads the first)
     clips: int = 32  # evenly spaced clips per video, as common FF++ protocols
-    margin: float = faces_mod.CROP_MARGIN
+    margin: float = CROP_MARGIN
     min_face: int = faces_mod.MIN_FACE
 
 
@@ -68,11 +70,11 @@ def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSetti
     try:
         check_readable(item.path)
         info = probe(item.path)
-        starts = plan_clips(info.num_frames, settings.clips, settings.clip_len)
         last_box = None  # where the face was in the previous clip: the detector looks there first
-        for clip in read_clips(info, starts, settings.clip_len):
+        for clip in sample_clips(info, settings.clips, settings.clip_len):
             hints = [last_box] if last_box else []
-            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=hints), settings.min_face)
+            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=hints, deep=clip.index % DEEP_EVERY == 0,
+                                                   min_face=settings.min_face), settings.min_face)
             if not dets:
                 continue
             det = max(dets, key=lambda d: (d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))

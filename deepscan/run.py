@@ -20,7 +20,7 @@ class ScanRequest:
     paths: tuple[str, ...]
     settings: ScanSettings
     weights: Path | None = None
-    variant: str = "spatial-temporal"
+    variant: str | None = None  # None: the checkpoint's (spatial-temporal from the manifest)
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None  # None: default_workers()
@@ -55,13 +55,16 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     from .output import JsonlFile, OutputClosed, ScanSink, printable, progress, warn_untrained
     from .weights import load_manifest, resolve_checkpoint
 
-    if req.variant not in VARIANTS:
+    if req.variant is not None and req.variant not in VARIANTS:
         raise ConfigError(f"unknown variant {req.variant!r}; choose one of: {', '.join(VARIANTS)}")
     devices = scan_mod.pick_devices(req.device)
     dtype = scan_mod.pick_precision(req.precision, devices[0])
     manifest = load_manifest()
-    ckpt, ckpt_sha = resolve_checkpoint(req.variant, req.weights, manifest, say=say)
+    ckpt, ckpt_sha = resolve_checkpoint(req.variant or "spatial-temporal", req.weights, manifest, say=say)
     info = read_info(ckpt)
+    if req.variant is not None and req.variant != info.variant:
+        raise ConfigError(f"--variant {req.variant}, but {printable(str(ckpt))} holds a {info.variant} model; "
+                          "drop --variant or pass a checkpoint of that variant")
     spec = resolve_detector(req.detector, manifest=manifest, say=say)
     file = JsonlFile(req.output, read=req.resume) if req.output is not None else None
     workers = scan_mod.default_workers(devices) if req.workers is None else req.workers
@@ -72,8 +75,6 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
                                gpu=devices[0].type == "cuda")
     try:
         model, info = load_checkpoint(ckpt)
-        if req.weights is not None and req.variant != info.variant and req.variant != "spatial-temporal":
-            say(f"note: {printable(str(ckpt))} holds a {info.variant} model; --variant {req.variant} is ignored")
         if info.untrained:
             warn_untrained(str(ckpt))
         model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import heapq
+import math
 import os
 import queue
 import threading
@@ -584,6 +585,10 @@ class Scanner:
             if vs.error:
                 continue
             vs.model_s += share
+            if not math.isfinite(float(probs[j])):  # never a NaN verdict: the video fails, loudly
+                vs.error = (f"{vs.path}: the model gave a non-finite score (a numerical overflow?); "
+                            "try --precision fp32, or check the checkpoint")
+                continue
             fs = FrameScore(meta.frame_index, meta.time_s, float(probs[j]), meta.box)
             vs.tracks.setdefault(meta.track_id, []).append(fs)
             if keep:

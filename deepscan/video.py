@@ -1,22 +1,37 @@
 """Decoding: probe a video with ffmpeg, plan evenly spaced clips, decode only those frames.
 
 ffmpeg comes from the imageio-ffmpeg wheel (FFmpeg 9: ``-fps_mode``, not ``-vsync``); it is
-always called with an argv list and ``-nostdin``, its stderr kept for error messages.
+always called with an argv list, ``-nostdin`` and no standard input, its stderr kept for error
+messages. Inputs are given as ``file:`` URLs of absolute paths, so that a file named
+``concat:x.mp4`` or ``-`` is that file, never a protocol or standard input.
+
+One video stream is chosen (the largest picture that is not cover art) and every command
+decodes exactly that stream (``-map 0:v:N``). Displayed pixels are decoded: the rotation of
+the display matrix and the sample aspect ratio are applied.
 
 Two ways to get the planned frames, chosen by estimated cost (``choose_strategy``):
 - ``select``: one pass, ffmpeg decodes everything but converts and pipes only the planned
   frames. Cost grows with the video's length; cheapest for short videos.
 - ``seek``: an accurate ``-ss`` seek to just before each clip, several clips per ffmpeg process.
-  Cost grows with the number of clips, not the length, so long videos use it.
+  Cost grows with the number of clips and with the distance to the keyframe before each clip,
+  not with the length, so long videos use it.
 Frames wider than ``max_side`` are scaled down in ffmpeg, which bounds memory for 4K/8K input.
+
+The length comes from the header (duration x frame rate). When the header has none (browser
+recordings, piped MKV/WebM), or for short videos (where it is cheap), the frames of the stream
+are counted by reading its packets without decoding; a long video whose last planned clip does
+not decode (a container longer than its video, e.g. longer audio) is counted too, and its clips
+planned again within the real length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +42,11 @@ import numpy as np
 from .errors import MediaError
 
 MAX_SIDE = 1920  # frames are scaled down to this longest side: faces stay large, memory bounded
-SELECT_FPS = 520.0  # measured: 720p rgb24 frames piped per second in one pass (this machine)
-SEEK_COST_S = 0.06  # measured: per clip, seeking 8 clips per ffmpeg process (35-60 ms)
+SELECT_FPS = 520.0  # measured: 720p frames decoded per second in one pass (frames converted only when selected)
+SEEK_COST_S = 0.03  # measured: per clip, seeking 8 clips per ffmpeg process, beyond the decoding itself
+GOP_GUESS_S = 2.0  # keyframe interval assumed for the cost of a seek (phones and web video: 1-2 s; x264: up to 10 s)
+COUNT_BELOW_S = 120.0  # videos shorter than this have their frames counted up front (a packet scan, no decoding)
+EXPR_INLINE = 4000  # a longer frame-selection expression goes to ffmpeg in a file (argv has a size limit)
 SEEK_WORKERS = 2  # ffmpeg processes in flight
 SEEK_CHUNK = 8  # clips per ffmpeg process when seeking, at most ...
 SEEK_CHUNK_BYTES = 64 << 20  # ... and at most this much of decoded frames per chunk (memory bound)
@@ -43,15 +61,29 @@ def ffmpeg_exe() -> str:
 @dataclass(frozen=True)
 class VideoInfo:
     path: str
-    width: int  # as displayed (after rotation) and after the MAX_SIDE scale-down
+    width: int  # decoded frames: as displayed (rotation, sample aspect ratio) and after the MAX_SIDE scale-down
     height: int
     fps: float
     duration: float  # seconds
-    num_frames: int  # estimated from duration x fps
+    num_frames: int  # counted when ``frames_exact``, else estimated from duration x fps
     rotation: int  # degrees of the display matrix ffmpeg applies
     codec: str
-    source_width: int
+    source_width: int  # as displayed, before any scale-down: what boxes are reported in
     source_height: int
+    stream: int = 0  # which video stream: ffmpeg's 0:v:N
+    sar: float = 1.0  # sample (pixel) aspect ratio of the stored pixels
+    native_width: int = 0  # what ffmpeg outputs without a scale filter (stored size, rotated)
+    native_height: int = 0
+    frames_exact: bool = False
+    video_streams: int = 1
+
+    @property
+    def url(self) -> str:
+        return input_url(self.path)
+
+    def with_frames(self, count: int) -> "VideoInfo":
+        duration = self.duration if self.duration > 0 else count / self.fps
+        return dataclasses.replace(self, num_frames=count, frames_exact=True, duration=duration)
 
 
 @dataclass(frozen=True)
@@ -65,9 +97,15 @@ class Clip:
 
 
 _DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
-_VIDEO = re.compile(r"Stream #\d+:\d+.*?: Video: (\w+).*?, (\d{2,5})x(\d{2,5})")
+_STREAM = re.compile(r"^\s*Stream #0:\d+.*?: Video: (\w+).*?, (\d{1,5})x(\d{1,5})")
+_SAR = re.compile(r"SAR (\d+):(\d+)")
 _FPS = re.compile(r"([\d.]+)(k?) (fps|tbr)")
 _ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
+
+
+def input_url(path: str | os.PathLike) -> str:
+    """ffmpeg's name for a local file: never a protocol (``concat:``, ``http:``) or stdin (``-``)."""
+    return "file:" + os.path.abspath(os.fspath(path))
 
 
 def _first_error_line(stderr: str) -> str:
@@ -78,12 +116,37 @@ def _first_error_line(stderr: str) -> str:
     return lines[-1] if lines else "unknown ffmpeg error"
 
 
-def probe(path: str | os.PathLike, max_side: int | None = None) -> VideoInfo:
+def _video_streams(err: str) -> list[dict]:
+    """Every video stream ffmpeg lists, in order (N of 0:v:N), with the lines that belong to it."""
+    lines = err.splitlines()
+    streams = []
+    for i, line in enumerate(lines):
+        m = _STREAM.match(line)
+        if not m:
+            continue
+        block = [line]
+        for nxt in lines[i + 1:]:
+            if nxt.lstrip().startswith(("Stream #", "Input #", "Output #")) or not nxt.startswith("    "):
+                break
+            block.append(nxt)
+        text = "\n".join(block)
+        sar = _SAR.search(line)
+        streams.append({"codec": m.group(1), "w": int(m.group(2)), "h": int(m.group(3)), "line": line,
+                        "cover": "(attached pic)" in line, "default": "(default)" in line,
+                        "sar": int(sar.group(1)) / int(sar.group(2)) if sar and int(sar.group(1)) and int(sar.group(2)) else 1.0,
+                        "rotation": _ROTATION.search(text)})
+    return streams
+
+
+def probe(path: str | os.PathLike, max_side: int | None = None, count: bool | None = None) -> VideoInfo:
+    """What deepscan needs to know of a video, from ffmpeg's description of it. Frames are counted
+    (a packet scan) when the header gives no duration, or when ``count`` (default: videos shorter
+    than COUNT_BELOW_S)."""
     path = str(path)
     max_side = max_side or MAX_SIDE
     proc = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path],
-        capture_output=True, text=True, errors="replace", timeout=60,
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", input_url(path)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=60,
     )
     err = proc.stderr
     if "Input #0" not in err:
@@ -91,13 +154,15 @@ def probe(path: str | os.PathLike, max_side: int | None = None) -> VideoInfo:
     container = re.search(r"Input #0, ([\w,]+), from", err)
     if container and (container.group(1) == "image2" or container.group(1).endswith("_pipe")):
         raise MediaError(f"{path}: a still image, not a video; deepscan scans videos")
-    video = _VIDEO.search(err)
-    if video is None:
+    streams = _video_streams(err)
+    moving = [i for i, st in enumerate(streams) if not st["cover"]]
+    if not moving:
         raise MediaError(f"{path}: has no video stream (audio-only or not a video); pass a video file")
-    codec, w, h = video.group(1), int(video.group(2)), int(video.group(3))
-    stream_line = err[video.start(): err.find("\n", video.start())]
+    # the largest picture (ffmpeg's own choice for an output), the default one among equals
+    index = max(moving, key=lambda i: (streams[i]["w"] * streams[i]["h"], streams[i]["default"], -i))
+    st = streams[index]
     fps = 0.0
-    for value, kilo, _ in _FPS.findall(stream_line):
+    for value, kilo, _ in _FPS.findall(st["line"]):
         fps = float(value) * (1000 if kilo else 1)
         if fps > 0:
             break
@@ -105,13 +170,40 @@ def probe(path: str | os.PathLike, max_side: int | None = None) -> VideoInfo:
         fps = 25.0  # unknown rate (some streams only give tbn): a common default, times approximate
     dur = _DURATION.search(err)
     duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else 0.0
-    rot = _ROTATION.search(err)
-    rotation = int(round(float(rot.group(1)))) % 360 if rot else 0
-    dw, dh = (h, w) if rotation in (90, 270) else (w, h)
+    rotation = int(round(float(st["rotation"].group(1)))) % 360 if st["rotation"] else 0
+    w, h, sar = st["w"], st["h"], st["sar"]
+    if not (0.1 <= sar <= 10):
+        sar = 1.0  # nonsense in the header
+    shown_w = max(2, int(round(w * sar / 2)) * 2)  # displayed width of the stored pixels (even)
+    turned = rotation in (90, 270)
+    dw, dh = (h, shown_w) if turned else (shown_w, h)
+    native = (h, w) if turned else (w, h)
     scale = min(1.0, max_side / max(dw, dh))
-    out_w, out_h = max(2, int(round(dw * scale))), max(2, int(round(dh * scale)))
+    out_w, out_h = max(2, int(round(dw * scale / 2)) * 2), max(2, int(round(dh * scale / 2)) * 2)
+    if scale == 1.0 and (dw, dh) == native:
+        out_w, out_h = native
     num_frames = int(round(duration * fps)) if duration > 0 else 0
-    return VideoInfo(path, out_w, out_h, fps, duration, num_frames, rotation, codec, dw, dh)
+    info = VideoInfo(path, out_w, out_h, fps, duration, num_frames, rotation, st["codec"], dw, dh, stream=index,
+                     sar=sar, native_width=native[0], native_height=native[1], video_streams=len(streams))
+    if count is None:
+        count = duration < COUNT_BELOW_S
+    if duration <= 0 or count:
+        counted = count_frames(info)
+        if counted is not None:
+            info = info.with_frames(counted)
+    return info
+
+
+def count_frames(info: VideoInfo) -> int | None:
+    """The number of frames of the chosen stream, from its packets (read, not decoded: about as
+    fast as reading the file). None if ffmpeg cannot say."""
+    proc = subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", info.url, "-map", f"0:v:{info.stream}",
+         "-c", "copy", "-f", "null", "-", "-progress", "pipe:1", "-nostats"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=600,
+    )
+    frames = re.findall(r"^frame=(\d+)", proc.stdout, re.M)
+    return int(frames[-1]) if frames else None
 
 
 def plan_clips(num_frames: int, clips: int, clip_len: int) -> list[int]:
@@ -131,17 +223,29 @@ def plan_clips(num_frames: int, clips: int, clip_len: int) -> list[int]:
     return sorted({int(round(i * last / (count - 1))) for i in range(count)})
 
 
-def choose_strategy(info: VideoInfo, num_clips: int) -> str:
-    """'seek' when decoding the whole video would cost more than one seek per clip."""
-    pixels = info.source_width * info.source_height / (1280 * 720)
-    decode_all_s = info.num_frames * max(pixels, 0.05) / SELECT_FPS
-    return "seek" if decode_all_s > num_clips * SEEK_COST_S else "select"
+def _decode_s(info: VideoInfo, frames: float) -> float:
+    """Estimated seconds to decode ``frames`` frames of this video (720p decodes at SELECT_FPS)."""
+    pixels = info.native_width * info.native_height / (1280 * 720) if info.native_width else \
+        info.source_width * info.source_height / (1280 * 720)
+    return frames * max(pixels, 0.05) / SELECT_FPS
+
+
+def choose_strategy(info: VideoInfo, num_clips: int, clip_len: int = 3) -> str:
+    """'seek' when decoding the whole video would cost more than seeking to every clip, where a
+    seek decodes from the keyframe before the clip (half a keyframe interval on average): short
+    high-resolution videos are decoded in one pass, long ones seek."""
+    decode_all = _decode_s(info, info.num_frames)
+    gop = min(info.num_frames, GOP_GUESS_S * info.fps)
+    seek_all = num_clips * (SEEK_COST_S + _decode_s(info, gop / 2 + clip_len))
+    return "seek" if decode_all > seek_all else "select"
 
 
 def _scale_filter(info: VideoInfo) -> list[str]:
-    if (info.width, info.height) == (info.source_width, info.source_height):
+    native = (info.native_width or info.source_width, info.native_height or info.source_height)
+    if (info.width, info.height) == native:
         return []
-    return [f"scale={info.width}:{info.height}:flags=area"]
+    flags = "area" if info.width * info.height < native[0] * native[1] else "bicubic"
+    return [f"scale={info.width}:{info.height}:flags={flags}", "setsar=1"]
 
 
 def _read_frames(proc: subprocess.Popen, info: VideoInfo, limit: int) -> Iterator[np.ndarray]:
@@ -168,13 +272,45 @@ def _finish(proc: subprocess.Popen) -> str:
     return err
 
 
+def select_expression(wanted: list[int]) -> str:
+    """An ffmpeg expression true for frame numbers in ``wanted`` (sorted), commas escaped for a
+    filter graph. Runs of consecutive frames become ``between(n,a,b)``; many runs are arranged as
+    a balanced tree of ``if(lt(n,x),...)``, so each frame costs log(runs) comparisons instead of
+    one per run (5000 clips of a 10-minute video: a sum took minutes, the tree a second)."""
+    runs: list[list[int]] = []
+    for i in wanted:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+
+    def leaf(a: int, b: int) -> str:
+        return f"eq(n\\,{a})" if a == b else f"between(n\\,{a}\\,{b})"
+
+    def tree(lo: int, hi: int) -> str:
+        if hi - lo <= 4:
+            return "+".join(leaf(*runs[k]) for k in range(lo, hi))
+        mid = (lo + hi) // 2
+        return f"if(lt(n\\,{runs[mid][0]})\\,{tree(lo, mid)}\\,{tree(mid, hi)})"
+
+    return tree(0, len(runs)) if runs else "0"
+
+
 def _select_pass(info: VideoInfo, wanted: list[int]) -> Iterator[tuple[int, np.ndarray] | str]:
     """One pass over the video: yields (frame index, frame) for the wanted indices as they decode,
     then ffmpeg's stderr (a str). Frames are not kept here: memory stays at a clip's worth."""
-    expr = "+".join(f"eq(n\\,{i})" for i in wanted)
-    vf = ",".join([f"select='{expr}'"] + _scale_filter(info))
-    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", info.path, "-an", "-sn",
-            "-vf", vf, "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
+    vf = ",".join([f"select='{select_expression(wanted)}'"] + _scale_filter(info))
+    script = None
+    if len(vf) > EXPR_INLINE:  # thousands of frames: too long for one argument
+        fd, script = tempfile.mkstemp(prefix="deepscan-select-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(vf)
+        graph = ["-/vf", script]
+    else:
+        graph = ["-vf", vf]
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", info.url,
+            "-map", f"0:v:{info.stream}", "-an", "-sn", *graph, "-fps_mode", "passthrough",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
     proc = _run(args)
     try:
         for index, frame in zip(wanted, _read_frames(proc, info, len(wanted))):
@@ -183,6 +319,8 @@ def _select_pass(info: VideoInfo, wanted: list[int]) -> Iterator[tuple[int, np.n
         if proc.poll() is None and proc.stdout and not proc.stdout.closed:
             proc.stdout.close()
             proc.kill()
+        if script:
+            os.unlink(script)
     yield _finish(proc)
 
 
@@ -194,7 +332,8 @@ def _seek_time(info: VideoInfo, start: int) -> str:
 def _seek_clip(info: VideoInfo, start: int, clip_len: int) -> tuple[list[np.ndarray], str]:
     """One clip by one seek in its own ffmpeg process (the fallback of ``_seek_chunk``)."""
     args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-ss", _seek_time(info, start),
-            "-i", info.path, "-an", "-sn", "-frames:v", str(clip_len), "-fps_mode", "passthrough"]
+            "-i", info.url, "-map", f"0:v:{info.stream}", "-an", "-sn", "-frames:v", str(clip_len),
+            "-fps_mode", "passthrough"]
     vf = _scale_filter(info)
     if vf:
         args += ["-vf", ",".join(vf)]
@@ -211,9 +350,10 @@ def _seek_chunk(info: VideoInfo, starts: list[int], clip_len: int) -> list[tuple
     chunk does not decode whole (e.g. a truncated file), so that every clip that can decode does."""
     args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"]
     for s in starts:
-        args += ["-threads", "1", "-ss", _seek_time(info, s), "-i", info.path]
+        args += ["-threads", "1", "-ss", _seek_time(info, s), "-i", info.url]
     scale = "".join("," + f for f in _scale_filter(info))
-    graph = ";".join(f"[{k}:v:0]trim=end_frame={clip_len},setpts=PTS-STARTPTS{scale}[v{k}]" for k in range(len(starts)))
+    graph = ";".join(f"[{k}:v:{info.stream}]trim=end_frame={clip_len},setpts=PTS-STARTPTS{scale}[v{k}]"
+                     for k in range(len(starts)))
     graph += ";" + "".join(f"[v{k}]" for k in range(len(starts))) + f"concat=n={len(starts)}:v=1:a=0[out]"
     args += ["-filter_complex", graph, "-map", "[out]", "-an", "-sn", "-fps_mode", "passthrough",
              "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
@@ -233,29 +373,65 @@ class DecodeReport:
     planned: int = 0
     decoded: int = 0
     warning: str | None = None  # e.g. truncated file
+    warnings: list = dataclasses.field(default_factory=list)  # e.g. fewer clips than asked for
+    frames: int = 0  # the length the plan used (counted or estimated)
+
+
+def sample_clips(info: VideoInfo, clips: int, clip_len: int, strategy: str = "auto",
+                 report: DecodeReport | None = None) -> Iterator[Clip]:
+    """``clips`` clips of ``clip_len`` frames spread evenly over the video, decoded in order.
+
+    When the length is only estimated and the last planned clip does not decode, the frames are
+    counted and the clips planned again within the real length before anything is yielded (a
+    container longer than its video). Fewer clips than asked for (a short video) is a warning."""
+    report = report if report is not None else DecodeReport()
+    starts = plan_clips(info.num_frames, clips, clip_len)
+    if not starts and info.num_frames == 0 and not info.frames_exact:
+        starts = [0]  # length unknown and uncountable: try the first frames
+    strategy = choose_strategy(info, len(starts), clip_len) if strategy == "auto" else strategy
+    first: Clip | None = None
+    if strategy == "seek" and not info.frames_exact and len(starts) > 1:
+        frames, _ = _seek_clip(info, starts[-1], clip_len)
+        if len(frames) < clip_len:  # the video ends before the container: count and plan again
+            counted = count_frames(info)
+            if counted is not None and counted < info.num_frames:
+                info = info.with_frames(counted)
+                starts = plan_clips(counted, clips, clip_len)
+                strategy = choose_strategy(info, len(starts), clip_len)
+        else:
+            first = _clip(info, len(starts) - 1, starts[-1], frames)
+    report.frames = info.num_frames
+    if 0 < len(starts) < clips and info.num_frames:
+        report.warnings.append(f"only {len(starts)} of the {clips} clips asked for: the video has "
+                               f"{info.num_frames} frame(s)")
+    if first is None:
+        yield from read_clips(info, starts, clip_len, strategy, report)
+        return
+    # the last clip is decoded already: the others, then it
+    yield from read_clips(info, starts[:-1], clip_len, strategy, report, _planned=len(starts), _extra=1)
+    report.decoded += 1
+    yield first
 
 
 def read_clips(info: VideoInfo, starts: list[int], clip_len: int, strategy: str = "auto",
-               report: DecodeReport | None = None) -> Iterator[Clip]:
-    """Decode the planned clips in order, one at a time (memory: a few clips' frames at most).
-
-    Clips that do not fully decode are dropped and noted in ``report``.
-    """
+               report: DecodeReport | None = None, _planned: int | None = None, _extra: int = 0) -> Iterator[Clip]:
+    """Decode the clips starting at ``starts``, in order, one at a time (memory: a few clips'
+    frames at most). Clips that do not fully decode are dropped and noted in ``report``."""
     report = report if report is not None else DecodeReport()
     if strategy == "auto":
         strategy = choose_strategy(info, len(starts))
     if strategy not in ("select", "seek"):
         raise ValueError(f"unknown decode strategy {strategy!r}")
-    report.strategy, report.planned = strategy, len(starts)
+    report.strategy, report.planned = strategy, _planned or len(starts)
     stream = _select_clips if strategy == "select" else _seek_clips
     last_err = ""
-    for item in stream(info, starts, clip_len):
+    for item in stream(info, starts, clip_len) if starts else ():
         if isinstance(item, str):
             last_err = item
         else:
             report.decoded += 1
             yield item
-    if report.decoded < report.planned:
+    if report.decoded + _extra < report.planned:
         detail = _first_error_line(last_err) if last_err.strip() else "fewer frames than its header says"
         report.warning = f"only {report.decoded} of {report.planned} clips decoded ({detail}); the file may be truncated"
 

@@ -27,6 +27,7 @@ KINDS = ("model", "detector")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 PROBE_TIMEOUT_S = 3.0
 
 
@@ -79,12 +80,16 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
         else:
             text = resources.files("deepscan").joinpath("weights_manifest.json").read_text(encoding="utf-8")
             source = "deepscan/weights_manifest.json"
+    except UnicodeDecodeError:
+        raise WeightsError(f"{path}: the weights manifest is not UTF-8 text (UTF-16?); save it as UTF-8 JSON") from None
     except OSError as exc:
         raise WeightsError(f"{path}: cannot read the weights manifest ({exc.strerror})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{source}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise WeightsError(f"{source}: JSON nested too deeply to be a weights manifest") from None
     return parse_manifest(data, source)
 
 
@@ -112,8 +117,13 @@ def parse_manifest(data: dict, source: str = "manifest") -> Manifest:
             raise bad("revision", "must be a 40-hex commit hash (never a branch or tag)")
         if not _HEX64.match(raw["sha256"]):
             raise bad("sha256", "must be 64 lowercase hex digits")
-        if not isinstance(raw.get("size"), int) or raw["size"] <= 0:
+        if type(raw.get("size")) is not int or raw["size"] <= 0:
             raise bad("size", "must be a positive integer (bytes)")
+        if not _REPO_ID.match(raw["repo_id"]) or ".." in raw["repo_id"]:
+            raise bad("repo_id", "must look like owner/name (letters, digits, '-', '_', '.'; no '..')")
+        parts = raw["filename"].split("/")
+        if raw["filename"].startswith("/") or "\\" in raw["filename"] or any(p in ("", ".", "..") for p in parts):
+            raise bad("filename", "must be a relative path inside the repository (no '..', no leading '/')")
         if raw["kind"] == "model":
             if raw.get("variant") not in VARIANTS:
                 raise bad("variant", f"must be one of {VARIANTS} for a model")
@@ -125,6 +135,9 @@ def parse_manifest(data: dict, source: str = "manifest") -> Manifest:
         for fld in ("preprocessing", "metrics"):
             if raw.get(fld) is not None and not isinstance(raw[fld], dict):
                 raise bad(fld, "must be an object or null")
+        for fld in ("variant", "provenance_note"):
+            if raw.get(fld) is not None and not isinstance(raw[fld], str):
+                raise bad(fld, "must be a string")
         entries.append(ManifestEntry(**raw))
     return Manifest(tuple(entries), source)
 
@@ -241,6 +254,10 @@ def init_checkpoint(out, *, variant: str, seed: int = 0, image_size: int = 398, 
     from .config import config_for_variant
     from .model import LDADetector, load_vit_embeddings
 
+    if Path(out).is_dir():
+        raise WeightsError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'untrained.safetensors'}")
+    if Path(out).suffix.lower() != ".safetensors":
+        raise WeightsError(f"--out {out}: a checkpoint is a .safetensors file; name it e.g. untrained.safetensors")
     cfg = config_for_variant(variant, image_size=image_size, num_maps=num_maps, num_frames=num_frames)
     torch.manual_seed(seed)
     model = LDADetector(cfg)

@@ -46,10 +46,11 @@ from . import faces as faces_mod
 from .config import CROP_MARGIN
 from .errors import DeepscanError, MediaError
 from .hashing import sha256_file
-from .video import MAX_SIDE, DecodeReport, check_readable, plan_clips, probe, read_clips
+from .video import MAX_SIDE, DecodeReport, check_readable, plan_clips, probe, sample_clips
 
 JOBS_PER_WORKER = 2  # the input being prepared and the next one, so a worker never waits for the driver
 REST_FRACTION = 0.75  # a worker out of slots rests until this fraction of them is free again
+DEEP_EVERY = 8  # the expensive small-face search runs on the first clip and every 8th (see faces.DlibDetector)
 
 
 @dataclass(frozen=True)
@@ -104,27 +105,26 @@ def prepare_video(index: int, path: str, detector, settings: PrepSettings) -> It
         info = probe(path, settings.max_side)
         head["box_scale"] = info.source_width / info.width
         head["video"] = {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
-                         "duration_s": round(info.duration, 3), "rotation": info.rotation, "codec": info.codec}
+                         "duration_s": round(info.duration, 3), "frames": info.num_frames, "rotation": info.rotation,
+                         "codec": info.codec, "stream": info.stream, "sar": round(info.sar, 4)}
         yield "start", index, head
         started = True
         clip_len = settings.clip_len
-        starts = plan_clips(info.num_frames, settings.clips, clip_len)
-        if not starts:
-            if info.num_frames == 0 and info.duration == 0:
-                starts = [0]  # unknown length (no duration in the header): try the first frames
-            else:
-                raise MediaError(f"{path}: only {info.num_frames} frame(s), fewer than the {clip_len} "
-                                 f"consecutive frames the model needs; use a longer video")
+        if (info.num_frames or info.frames_exact) and not plan_clips(info.num_frames, settings.clips, clip_len):
+            raise MediaError(f"{path}: only {info.num_frames} frame(s), fewer than the {clip_len} "
+                             f"consecutive frames the model needs; use a longer video")
         report = DecodeReport()
         tracker = faces_mod.Tracker()
         timings = tail["timings"]
         timings.update(decode_s=0.0, detect_crop_s=0.0)
         count = 0
         t = time.perf_counter()
-        for clip in read_clips(info, starts, clip_len, settings.strategy, report):
+        for clip in sample_clips(info, settings.clips, clip_len, settings.strategy, report):
             t1 = time.perf_counter()
             timings["decode_s"] += t1 - t
-            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent()), settings.min_face)
+            deep = clip.index % DEEP_EVERY == 0
+            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent(), deep=deep,
+                                                   min_face=settings.min_face), settings.min_face)
             ids = tracker.assign(dets)
             fcs = faces_mod.face_clips(path, clip, dets, ids, settings.image_size, settings.lda_size, settings.margin)
             t = time.perf_counter()
@@ -134,8 +134,9 @@ def prepare_video(index: int, path: str, detector, settings: PrepSettings) -> It
                 yield fc
             t = time.perf_counter()
         tail["face_clips"] = count
-        tail["sampling"] = {"clips": len(starts), "n": clip_len, "decoded_clips": report.decoded,
+        tail["sampling"] = {"clips": report.planned, "n": clip_len, "decoded_clips": report.decoded,
                             "frames": report.decoded * clip_len, "face_clips": count, "strategy": report.strategy}
+        tail["warnings"] += report.warnings
         if report.warning:
             tail["warnings"].append(report.warning)
         if report.decoded == 0:

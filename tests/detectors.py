@@ -30,9 +30,9 @@ class _Poison:
 
         self.action, self.dlib = action, DlibDetector()
 
-    def __call__(self, frame, hints=()):
+    def __call__(self, frame, hints=(), **kw):
         if frame.shape[:2] == POISON_SIZE:
             if self.action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(3600)
-        return self.dlib(frame, hints)
+        return self.dlib(frame, hints, **kw)

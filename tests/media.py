@@ -249,3 +249,72 @@ def scrfd_like_onnx(path: Path, size: int = 64, face=(16, 8, 48, 56)) -> Path:
     onnx.checker.check_model(model)
     path.write_bytes(model.SerializeToString())
     return path
+
+
+# ---------------------------------------------------------------------------- hostile media
+def ffmpeg(*args) -> None:
+    subprocess.run([ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error", "-nostdin", *map(str, args)], check=True)
+
+
+def two_streams(src: Path, path: Path) -> Path:
+    """Two video streams: a small one first (not default), a large default one second."""
+    ffmpeg("-i", src, "-filter_complex", "[0:v]scale=320:180[s];[0:v]scale=1280:720[l]", "-map", "[s]", "-map", "[l]",
+           "-c:v", "libx264", "-preset", "ultrafast", "-t", "2", "-disposition:v:0", "0", "-disposition:v:1", "default",
+           path)
+    return path
+
+
+def piped_webm(src: Path, path: Path) -> Path:
+    """A WebM written to a pipe, like a browser's MediaRecorder: no duration in its header."""
+    data = subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(src),
+                           "-c:v", "libvpx-vp9", "-deadline", "realtime", "-f", "webm", "pipe:1"],
+                          capture_output=True, check=True).stdout
+    path.write_bytes(data)
+    return path
+
+
+def long_audio(src: Path, path: Path, seconds: int) -> Path:
+    """The video of ``src`` with ``seconds`` of audio: the container is much longer than its video."""
+    ffmpeg("-i", src, "-f", "lavfi", "-i", f"sine=frequency=300:duration={seconds}", "-map", "0:v", "-map", "1:a",
+           "-c:v", "copy", "-c:a", "aac", path)
+    return path
+
+
+def non_square_pixels(src: Path, path: Path) -> Path:
+    """Anamorphic storage (as DV/DVD): the 640x360 picture squeezed to 450x360 wide pixels, with a
+    sample aspect ratio of 64:45 that stretches it back to 640x360 for display."""
+    ffmpeg("-i", src, "-vf", "scale=450:360,setsar=64/45", "-c:v", "libx264", "-preset", "ultrafast", path)
+    return path
+
+
+def small_faces_grid(path: Path, face_px: int = 67, frames: int = 3) -> Path:
+    """A 1920x1080 frame holding a 3x3 grid of faces about ``face_px`` wide (a group photo)."""
+    from PIL import Image
+
+    head = Image.fromarray(astronaut()[:300, 100:400])  # the face is ~110 px wide in it
+    head = np.asarray(head.resize((round(300 * face_px / 110),) * 2, Image.BICUBIC))
+    frame = np.full((1080, 1920, 3), 100, np.uint8)
+    for r in range(3):
+        for c in range(3):
+            y, x = r * 360 + (360 - head.shape[0]) // 2, c * 640 + (640 - head.shape[1]) // 2
+            frame[y:y + head.shape[0], x:x + head.shape[1]] = head
+    return write_video(path, [frame] * frames)
+
+
+def fast_face(path: Path, frames: int = 20, step: int = 60) -> Path:
+    """The astronaut's head crossing a 1280x480 frame fast: ``step`` px a frame."""
+    face = astronaut()[:300, 100:400]
+    out = []
+    for i in range(frames):
+        frame = np.full((480, 1280, 3), 90, np.uint8)
+        x = min(1280 - 300, i * step)
+        frame[90:390, x:x + 300] = face
+        out.append(frame)
+    return write_video(path, out)
+
+
+def tiny_long(path: Path, seconds: int = 600) -> Path:
+    """A long video of small synthetic frames (cheap to decode): for plans of thousands of clips."""
+    ffmpeg("-f", "lavfi", "-i", f"testsrc=size=96x64:rate=25", "-t", seconds, "-c:v", "libx264", "-preset",
+           "ultrafast", "-g", "250", path)
+    return path

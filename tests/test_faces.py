@@ -147,3 +147,34 @@ def test_small_faces_are_found_near_hints_or_at_higher_resolution():
     assert len(full) == 1
     hinted = det(frame, hints=[full[0].box])
     assert len(hinted) == 1 and box_iou(hinted[0].box, full[0].box) > 0.5
+
+
+def test_a_fast_moving_face_stays_one_track(tmp_path):
+    from . import media
+
+    fcs = _detect_video(media.fast_face(tmp_path / "fast.mp4"), clips=6)
+    assert len(fcs) >= 5 and {f.track_id for f in fcs} == {0}
+    xs = [(f.box[0] + f.box[2]) / 2 for f in fcs]
+    assert xs[-1] - xs[0] > 600  # it did cross the frame
+
+
+def test_tracker_keeps_two_fast_faces_apart():
+    t = Tracker()
+    a = lambda x, y: Detection((x, y, x + 100, y + 100), 1.0)  # noqa: E731
+    assert t.assign([a(0, 0), a(0, 400)]) == [0, 1]
+    assert t.assign([a(250, 0), a(250, 400)]) == [0, 1]  # both moved 2.5 sizes: nearest first
+    assert t.assign([a(500, 400)]) == [1]
+    assert t.assign([a(900, 0)]) == [2]  # track 0 was not in the previous clip: a new face
+
+
+def test_small_faces_are_found_down_to_40_px(tmp_path):
+    from deepscan.video import probe, read_clips
+
+    from . import media
+
+    info = probe(media.small_faces_grid(tmp_path / "grid.mp4", face_px=67))
+    frame = next(read_clips(info, [0], 1)).frames[0]
+    det = DlibDetector()
+    assert det(frame) == []  # the fast stages see nothing at 640 or 1280
+    faces = filter_faces(det(frame, deep=True, min_face=24), 24)
+    assert len(faces) >= 7 and all(40 < f.size < 110 for f in faces)

@@ -136,9 +136,9 @@ def test_cpu_model_leaves_a_core_while_preparation_works(media_dir, workers, poi
     if workers == 0:
         dlib = DlibDetector()
 
-        def detector(frame, hints=()):  # preparation still busy when the first batch is scored
+        def detector(frame, hints=(), **kw):  # preparation still busy when the first batch is scored
             time.sleep(0.05)
-            return dlib(frame, hints)
+            return dlib(frame, hints, **kw)
 
         detector.name = "dlib"
     else:
