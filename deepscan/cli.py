@@ -15,7 +15,7 @@ import typer
 
 from . import __version__
 from .config import VARIANTS
-from .errors import ConfigError, DeepscanError
+from .errors import ConfigError, DeepscanError, WeightsError
 from .output import debug_enabled, emit_json, json_line, notice, printable, stderr_console, stdout_console
 
 app = typer.Typer(
@@ -131,11 +131,15 @@ def scan(
     min_face: Annotated[int, typer.Option(help="Ignore faces smaller than this many pixels.")] = 24,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the sha256 of each input file.")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model first (15-40 s once; pays on long runs).")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Scan on Ray: local (start one here), auto (the cluster of this environment) or ADDRESS; needs deepscan[ray].")] = None,
 ) -> None:
     """Scan videos for deepfaked faces: a verdict per video (exit 0 none fake, 1 fake found, 2 errors)."""
     import signal
 
     from .inputs import parse_shard
+
+    if weights is not None and not weights.is_file():  # before loading torch: a typo fails in a blink
+        raise WeightsError(f"{weights}: checkpoint not found; pass an existing .safetensors file")
     from .run import ScanRequest, run_scan
     from .scan import ScanSettings, exit_code
 
@@ -153,7 +157,7 @@ def scan(
     request = ScanRequest(paths=tuple(paths), weights=weights, variant=variant, settings=settings, device=device,
                           precision=precision, workers=workers, detector=detector, glob=glob,
                           shard=parse_shard(shard) if shard else (1, 1), output=output, resume=resume,
-                          heatmaps=heatmaps, compile=compile_model, json_out=json_out)
+                          heatmaps=heatmaps, compile=compile_model, json_out=json_out, ray=ray)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         outcome = run_scan(request, say=notice)
@@ -190,20 +194,27 @@ def _dataset(data, layout, compression, methods, splits, seed=0):
                         methods=[m.strip() for m in methods.split(",") if m.strip()], splits_dir=splits, seed=seed)
 
 
-def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, num_frames, quiet=False):
-    from .faces import make_detector
+def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, num_frames, quiet=False, ray=None):
+    from .faces import make_detector, resolve_detector
     from .output import progress
     from .prepare import PrepareSettings, is_done, prepare
 
-    cache = cache or data / ".deepscan-cache"
+    cache = writable_folder(cache or data / ".deepscan-cache", "--cache")
     settings = PrepareSettings(image_size=image_size, lda_size=lda_size, clip_len=num_frames, clips=clips)
     todo = [i for i in items if not is_done(cache, i)]
     if todo:
-        det = make_detector(detector, say=notice)
         with progress(len(items), "preparing face clips", enabled=not quiet) as advance:
-            counts = prepare(items, cache, det, settings, advance)
-        notice(f"prepared {counts['prepared']} video(s) into {cache} ({counts['done_before']} done before, "
-               f"{counts['no_face']} without faces, {counts['errors']} unreadable)")
+            if ray:
+                from . import cluster
+
+                spec = resolve_detector(detector, say=notice)
+                resources = cluster.connect(ray)
+                notice(f"ray: {int(resources.get('CPU', 0))} CPU(s) in the cluster prepare {len(todo)} video(s)")
+                counts = cluster.prepare(items, cache, spec, settings, advance)
+            else:
+                counts = prepare(items, cache, make_detector(detector, say=notice), settings, advance)
+        notice(f"prepared {counts['prepared']} video(s) into {printable(str(cache))} ({counts['done_before']} done "
+               f"before, {counts['no_face']} without faces, {counts['errors']} unreadable)")
     return cache
 
 
@@ -224,11 +235,12 @@ def prepare(
     image_size: Annotated[int, typer.Option(help="Backbone crop size.")] = 398,
     lda_size: Annotated[int, typer.Option(help="LDA crop size.")] = 224,
     num_frames: Annotated[int, typer.Option("--frames-per-clip", help="n consecutive frames per clip.")] = 3,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Prepare on Ray: local, auto or ADDRESS (the cache must be on storage every node sees); needs deepscan[ray].")] = None,
 ) -> None:
     """Extract face clips of every video once into a cache (resumable; train and eval do it too)."""
     kind, items = _dataset(data, layout, compression, methods, splits)
     notice(f"{kind}: {len(items)} videos")
-    _prepare(items, data, cache, clips, detector, image_size, lda_size, num_frames)
+    _prepare(items, data, cache, clips, detector, image_size, lda_size, num_frames, ray=ray)
 
 
 @app.command()
@@ -590,6 +602,13 @@ def _exit_now(code: int) -> None:
     without an active exception". Everything complete has been written and flushed by now."""
     import threading
 
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()  # a `--ray local` runtime must not outlive us
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
     if threading.active_count() > 1:
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,8 +64,6 @@ def is_done(cache: Path, item: VideoItem) -> bool:
 def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSettings) -> dict:
     """Extract and store one video's face clips; returns its meta record."""
     final = cache / entry_name(item.key)
-    tmp = cache / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     meta = {**asdict(item), "clips": 0, "frame_indices": [], "boxes": [], "error": None}
     images, frames = [], []
     try:
@@ -88,22 +87,32 @@ def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSetti
     except DeepscanError as exc:
         meta["error"] = str(exc)
     meta["clips"] = len(images)
-    tmp.mkdir(parents=True)
+    # a unique temporary name: several processes (or nodes sharing the folder) may write at once
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
     if images:
         np.save(tmp / "image.npy", np.stack(images))
         np.save(tmp / "frames.npy", np.stack(frames))
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # atomic: the entry appears complete or not at all
+    try:
+        os.replace(tmp, final)  # atomic: the entry appears complete or not at all
+    except OSError:  # another process finished the same video first: its entry stands
+        shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def begin(cache: Path, settings: PrepareSettings) -> None:
+    """Check (or record) the cache's settings and remove what a killed run left half-written."""
+    _check_settings(cache, settings)
+    for leftover in cache.glob(".*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def prepare(items: list[VideoItem], cache: str | Path, detector, settings: PrepareSettings, advance=None) -> dict:
     """Prepare every item not yet in the cache. Returns counts."""
     cache = Path(cache)
-    _check_settings(cache, settings)
-    for leftover in cache.glob(".*.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    begin(cache, settings)
     counts = {"done_before": 0, "prepared": 0, "no_face": 0, "errors": 0}
     for item in items:
         if is_done(cache, item):

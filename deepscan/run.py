@@ -32,6 +32,7 @@ class ScanRequest:
     heatmaps: Path | None = None
     compile: bool = False
     json_out: bool = False
+    ray: str | None = None  # a Ray address: local, auto or host:port (see cluster.py)
 
 
 @dataclass
@@ -51,12 +52,13 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     from .config import VARIANTS
     from .faces import resolve_detector
     from .hashing import sha256_file
-    from .inputs import ResumeIndex, in_shard, walk
     from .output import JsonlFile, OutputClosed, ScanSink, printable, progress, warn_untrained
     from .weights import load_manifest, resolve_checkpoint
 
     if req.variant is not None and req.variant not in VARIANTS:
         raise ConfigError(f"unknown variant {req.variant!r}; choose one of: {', '.join(VARIANTS)}")
+    if req.ray:
+        return _run_on_ray(req, say)
     devices = scan_mod.pick_devices(req.device)
     dtype = scan_mod.pick_precision(req.precision, devices[0])
     manifest = load_manifest()
@@ -78,13 +80,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
         if info.untrained:
             warn_untrained(str(ckpt))
         model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt))
-        if file is not None and file.dropped:
-            say(f"note: dropped a torn last line ({file.dropped} bytes) from {printable(str(req.output))}")
-        inputs = in_shard(walk(req.paths, req.glob), *req.shard)
-        if req.resume:
-            done = ResumeIndex(file.records)
-            say(f"resuming: {done.count} record(s) in {printable(str(req.output))}; inputs that have one are skipped")
-            inputs = done.pending(inputs)
+        inputs = _plan(req, file, say)
         runners = [scan_mod.Runner(model, devices[0], dtype, use_compile=req.compile,
                                    batch_size=req.settings.batch_size, say=say)]
         runners += [runners[0].replica(d) for d in devices[1:]]
@@ -109,5 +105,66 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
         return outcome
     finally:
         pool.close()
+        if file is not None:
+            file.close()
+
+
+def _plan(req: ScanRequest, file, say):
+    """The inputs of ``req``: walked lazily, sharded, and without those ``file`` has (--resume)."""
+    from .inputs import ResumeIndex, in_shard, walk
+    from .output import printable
+
+    if file is not None and file.dropped:
+        say(f"note: dropped a torn last line ({file.dropped} bytes) from {printable(str(req.output))}")
+    inputs = in_shard(walk(req.paths, req.glob), *req.shard)
+    if req.resume:
+        done = ResumeIndex(file.records)
+        say(f"resuming: {done.count} record(s) in {printable(str(req.output))}; inputs that have one are skipped")
+        inputs = done.pending(inputs)
+    return inputs
+
+
+def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
+    """The same scan through Ray actors (cluster.py): same records, same sinks; any order."""
+    from . import cluster
+    from .checkpoint import read_info
+    from .faces import resolve_detector
+    from .hashing import sha256_file
+    from .output import JsonlFile, OutputClosed, ScanSink, printable, progress, warn_untrained
+    from .scan import model_record
+    from .weights import load_manifest, resolve_checkpoint
+
+    manifest = load_manifest()
+    ckpt, ckpt_sha = resolve_checkpoint(req.variant or "spatial-temporal", req.weights, manifest, say=say)
+    info = read_info(ckpt)
+    if req.variant is not None and req.variant != info.variant:
+        raise ConfigError(f"--variant {req.variant}, but {printable(str(ckpt))} holds a {info.variant} model; "
+                          "drop --variant or pass a checkpoint of that variant")
+    if info.untrained:
+        warn_untrained(str(ckpt))
+    spec = resolve_detector(req.detector, manifest=manifest, say=say)
+    spec = dataclasses.replace(spec, threads=1, providers=None)  # each actor picks its own providers
+    model_rec = model_record(info, ckpt_sha or sha256_file(ckpt))
+    resources = cluster.connect(req.ray)
+    file = JsonlFile(req.output, read=req.resume) if req.output is not None else None
+    sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
+                    on_error=lambda e: say(f"deepscan: {printable(e)}"))
+    outcome = ScanOutcome(sink, info, Path(ckpt), spec.name)
+    say(f"ray: {int(resources.get('CPU', 0))} CPU(s), {int(resources.get('GPU', 0))} GPU(s) in the cluster")
+    try:
+        inputs = _plan(req, file, say)
+        with progress(None, "scanning", enabled=not req.json_out) as advance:
+            try:
+                for record in cluster.scan(inputs, ckpt, req.settings, spec, model=model_rec, device=req.device,
+                                           precision=req.precision, workers=req.workers, heatmaps=req.heatmaps,
+                                           say=say):
+                    sink(record, cluster.row_of(record))
+                    advance()
+            except OutputClosed:
+                pass
+            except KeyboardInterrupt as exc:
+                outcome.interrupted = exc
+        return outcome
+    finally:
         if file is not None:
             file.close()

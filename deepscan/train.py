@@ -286,7 +286,7 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
             scaler.step(opt)
             scaler.update()
             seen += len(labels)
-            loss_sum += float(loss) * len(labels)
+            loss_sum += float(loss.detach()) * len(labels)
         record = {"epoch": epoch, "lr": lr_at(epoch, cfg), "train_loss": loss_sum / max(seen, 1),
                   "train_clips": seen, "seconds": round(time.perf_counter() - t0, 2)}
         if rank == 0:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -19,8 +20,24 @@ invoke = CliRunner().invoke
 
 
 def run(*args, **kw):
+    """The real console entry point, in a subprocess (for what only a process shows: locales,
+    closed pipes, standard input)."""
     return subprocess.run([sys.executable, "-m", "deepscan", *map(str, args)], capture_output=True, text=True,
                           timeout=600, **kw)
+
+
+def cli(*args, env=None):
+    """The command line in this process (no interpreter and torch start-up per call), routed as
+    ``deepscan.cli.main`` routes it; any exception other than the exit fails the test."""
+    from deepscan.cli import COMMANDS
+
+    argv = [str(a) for a in args]
+    if argv[0] not in COMMANDS:
+        argv.insert(0, "scan")
+    r = invoke(app, argv, env=env)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 
 def one_line_error(r, *words):
@@ -38,8 +55,8 @@ def test_square_brackets_in_names_are_text_not_markup(media_dir, tiny_ckpt, tmp_
     shutil.copy(media_dir / "astronaut.mp4", d / "clip [1080p].mp4")
     (d / "x[").mkdir()
     shutil.copy(media_dir / "astronaut.mp4", d / "x[/raw].mp4")  # folder "x[", file "raw].mp4"
-    r = run(d / "clip [1080p].mp4", d / "x[/raw].mp4", d / "mix [/] final.mp4", "--weights", tiny_ckpt, *FAST,
-            env={**os.environ, "COLUMNS": "250"})
+    r = cli(d / "clip [1080p].mp4", d / "x[/raw].mp4", d / "mix [/] final.mp4", "--weights", tiny_ckpt, *FAST,
+            env={"COLUMNS": "250"})
     assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
     assert "clip [1080p].mp4" in r.stdout and "x[/raw].mp4" in r.stdout and "mix [/] final.mp4" in r.stdout
     assert "mix [/] final.mp4: no such file" in r.stderr
@@ -48,7 +65,7 @@ def test_square_brackets_in_names_are_text_not_markup(media_dir, tiny_ckpt, tmp_
 def test_a_checkpoint_name_with_brackets_is_printed_as_is(tiny_ckpt, media_dir, tmp_path):
     ckpt = tmp_path / "model [v2].safetensors"
     shutil.copy(tiny_ckpt, ckpt)
-    r = run(media_dir / "astronaut.mp4", "--weights", ckpt, *FAST, "--json")
+    r = cli(media_dir / "astronaut.mp4", "--weights", ckpt, *FAST, "--json")
     assert r.returncode in (0, 1) and "model [v2].safetensors is an UNTRAINED" in r.stderr, r.stderr
 
 
@@ -61,7 +78,7 @@ def test_a_checkpoint_name_with_brackets_is_printed_as_is(tiny_ckpt, media_dir, 
 def test_impossible_heatmap_folders_are_misuse_before_scanning(media_dir, tiny_ckpt, tmp_path, where, words):
     (tmp_path / "afile").write_text("x")
     target = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "heat", "proc": Path("/proc/x/heat")}[where]
-    r = run(media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--heatmaps", target, *FAST)
+    r = cli(media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--heatmaps", target, *FAST)
     assert r.returncode == 2 and r.stdout == ""
     one_line_error(r, "--heatmaps", words)
 
@@ -101,7 +118,7 @@ def test_a_link_out_of_the_heatmap_folder_is_refused_with_a_warning(media_dir, t
     outside.mkdir()
     video = media_dir / "astronaut.mp4"
     (heat / safe_folder_name(str(video))).symlink_to(outside)
-    r = run(video, media_dir / "carphone.mp4", "--weights", tiny_ckpt, "--heatmaps", heat, "--json", *FAST)
+    r = cli(video, media_dir / "carphone.mp4", "--weights", tiny_ckpt, "--heatmaps", heat, "--json", *FAST)
     recs = [json.loads(line) for line in r.stdout.splitlines()]
     assert r.returncode in (0, 1) and "Traceback" not in r.stderr
     assert "heatmaps not written" in recs[0]["warnings"][0] and "link" in recs[0]["warnings"][0]
@@ -110,7 +127,7 @@ def test_a_link_out_of_the_heatmap_folder_is_refused_with_a_warning(media_dir, t
 
 # ---------------------------------------------------------------------------- output
 def test_a_full_disk_for_output_ends_the_run_cleanly(media_dir, tiny_ckpt):
-    r = run(media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--output", "/dev/full", *FAST)
+    r = cli(media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--output", "/dev/full", *FAST)
     assert r.returncode == 2
     one_line_error(r, "/dev/full", "No space left on device")
 
@@ -136,7 +153,7 @@ def test_a_closed_pipe_keeps_the_exit_code_the_results_earned(media_dir, tiny_ck
 
 
 def test_empty_glob_is_misuse(media_dir, tiny_ckpt):
-    r = run(media_dir, "--weights", tiny_ckpt, "--glob", "", *FAST)
+    r = cli(media_dir, "--weights", tiny_ckpt, "--glob", "", *FAST)
     assert r.returncode == 2
     one_line_error(r, "--glob")
 
@@ -154,7 +171,7 @@ from . import media  # noqa: E402
 
 
 def scan_json(*args, **kw):
-    r = run(*args, "--json", **kw)
+    r = cli(*args, "--json", **kw)
     assert "Traceback" not in r.stderr, r.stderr
     return r, [json.loads(line) for line in r.stdout.splitlines()]
 
@@ -208,12 +225,11 @@ def test_a_protocol_like_name_is_that_file_and_dash_does_not_read_stdin(media_di
 def test_non_utf8_file_names_give_valid_utf8_output(media_dir, tiny_ckpt, tmp_path):
     name = os.fsdecode(b"caf\xe9 [x].mp4")
     shutil.copy(media_dir / "astronaut.mp4", tmp_path / name)
-    env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "COLUMNS": "200"}
-    r = subprocess.run([sys.executable, "-m", "deepscan", str(tmp_path), "--weights", str(tiny_ckpt), "--json",
-                        *FAST], capture_output=True, env=env, timeout=300)
-    assert r.returncode in (0, 1) and b"Traceback" not in r.stderr
-    (rec,) = [json.loads(line) for line in r.stdout.decode("utf-8").splitlines()]  # strict UTF-8
+    r = cli(tmp_path, "--weights", tiny_ckpt, "--json", *FAST)
+    assert r.returncode in (0, 1)
+    (rec,) = [json.loads(line) for line in r.stdout.splitlines()]
     assert rec["path"].endswith("caf\\xe9 [x].mp4") and rec["verdict"] in ("fake", "real")
+    env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "COLUMNS": "200"}  # where printing crashed
     table = subprocess.run([sys.executable, "-m", "deepscan", str(tmp_path), "--weights", str(tiny_ckpt), *FAST],
                            capture_output=True, env=env, timeout=300)
     assert table.returncode in (0, 1) and b"Traceback" not in table.stderr
@@ -258,7 +274,7 @@ def set_config(**kw):
 ])
 def test_hostile_checkpoints_are_refused_in_one_line(media_dir, tiny_ckpt, tmp_path, case, words):
     bad = rewrite(tiny_ckpt, tmp_path / "bad.safetensors", **case)
-    r = run(media_dir / "astronaut.mp4", "--weights", bad, *FAST, "--json")
+    r = cli(media_dir / "astronaut.mp4", "--weights", bad, *FAST, "--json")
     assert r.returncode == 2 and r.stdout == ""
     one_line_error(r, "bad.safetensors", words)
 
@@ -275,7 +291,7 @@ def test_half_precision_checkpoints_load(media_dir, tiny_ckpt, tmp_path, dtype):
 
 
 def test_an_explicit_variant_must_match_the_checkpoint(media_dir, tiny_ckpt):
-    r = run(media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--variant", "temporal", *FAST)
+    r = cli(media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--variant", "temporal", *FAST)
     assert r.returncode == 2
     one_line_error(r, "--variant temporal", "spatial-temporal model")
 
@@ -295,7 +311,7 @@ def test_hostile_manifest_entries_name_entry_and_field(tmp_path, field, value, w
     entry = {**entry_dict(), field: value}
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps({"schema": 1, "entries": [entry]}))
-    r = run("weights", "list", env={**os.environ, "DEEPSCAN_MANIFEST": str(path)})
+    r = cli("weights", "list", env={"DEEPSCAN_MANIFEST": str(path)})
     assert r.returncode == 2
     one_line_error(r, "entry 0 ('test-det')", words)
     with pytest.raises(weights.WeightsError):
@@ -309,7 +325,7 @@ def test_hostile_manifest_entries_name_entry_and_field(tmp_path, field, value, w
 def test_unreadable_manifests_are_one_line(tmp_path, content, words):
     path = tmp_path / "manifest.json"
     path.write_bytes(content)
-    r = run("weights", "list", env={**os.environ, "DEEPSCAN_MANIFEST": str(path)})
+    r = cli("weights", "list", env={"DEEPSCAN_MANIFEST": str(path)})
     assert r.returncode == 2
     one_line_error(r, words)
 
@@ -335,11 +351,14 @@ def test_camera_files_are_scanned_and_mac_sidecars_skipped(media_dir, tiny_ckpt,
     assert r.returncode in (0, 1)
 
 
-def test_a_folder_named_like_a_command_gets_a_hint(tmp_path):
+def test_a_folder_named_like_a_command_gets_a_hint(tmp_path, monkeypatch, capsys):
+    from deepscan.cli import main
+
     (tmp_path / "train").mkdir()
-    r = subprocess.run([sys.executable, "-m", "deepscan", "train"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "deepscan scan train" in r.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train"])
+    assert exit_.value.code == 2 and "deepscan scan train" in capsys.readouterr().err
 
 
 def test_stale_heatmaps_are_replaced(media_dir, tiny_ckpt, tmp_path):

@@ -100,10 +100,15 @@ def test_shards_partition_the_inputs_stably(folder, tmp_path):
 
 
 def test_shard_runs_cover_the_folder_exactly_once(folder, tiny_ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from deepscan.cli import app
+
     seen = []
     for k in (1, 2):
-        r = run(folder, "--weights", tiny_ckpt, "--json", "--shard", f"{k}/2", "--workers", "0", *FAST)
-        assert r.returncode in (0, 1), r.stderr
+        r = CliRunner().invoke(app, ["scan", str(folder), "--weights", str(tiny_ckpt), "--json", "--shard", f"{k}/2",
+                                     *FAST])
+        assert r.exit_code in (0, 1), r.output
         seen.append({json.loads(line)["path"] for line in r.stdout.splitlines()})
     assert not seen[0] & seen[1] and seen[0] | seen[1] == {str(p) for p in folder.rglob("*.mp4")}
 

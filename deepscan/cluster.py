@@ -1,0 +1,272 @@
+"""Scans and preparation on a Ray cluster, with Ray Data (``pip install 'deepscan[ray]'``).
+
+The same pipeline as a local scan runs inside Ray actors: each ``ScanActor`` holds one model
+replica (on its GPU, or on CPU) and its own preparation worker processes, and is fed paths
+(``ray.data.from_items``) through ``map_batches(..., compute=ActorPoolStrategy(...))``. Only
+paths go in and JSON records come out: decoded frames and face crops never travel through
+Ray's object store. The driver expands, shards and resumes the inputs as a local scan does and
+writes the records exactly as a local scan does; their order may differ.
+
+Failures: a bad input gives an ``error`` record inside the actor, as locally; an actor that
+dies is restarted by Ray and the batch it held is tried once more; a batch that fails twice
+gives ``error`` records for its inputs (the job goes on).
+
+Preparation for training (``deepscan prepare --ray``): ``PrepareActor`` writes each video's
+cache folder under a unique temporary name and renames it into the shared cache folder, so a
+folder appears complete or not at all, whichever node made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from .errors import ConfigError, DeepscanError
+
+TASK_RETRIES = 1  # a batch whose actor died is tried once more, on the restarted actor
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs Ray: pip install 'deepscan[ray]'") from None
+    return ray
+
+
+def connect(address: str, *, num_cpus: float | None = None) -> dict:
+    """Join (or start) a Ray runtime: ``local`` starts one on this machine, ``auto`` joins the
+    cluster the environment points to (RAY_ADDRESS or a running ``ray start``), anything else is
+    a cluster address. Returns the cluster's resources."""
+    ray = _ray()
+    if not ray.is_initialized():
+        quiet = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                     configure_logging=True)
+        try:
+            if address == "local":
+                from .scan import cpu_count
+
+                ray.init(num_cpus=num_cpus or cpu_count(), **quiet)
+            else:
+                ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"--ray {address}: cannot start or reach a Ray cluster ({first})") from None
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # deepscan prints its own progress; stdout stays results only
+    ctx.max_errored_blocks = -1  # a batch that fails twice costs its inputs, not the job (see run_scan)
+    return dict(ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def _remote_args_allowed():
+    """Ray 2.60 warns that ``max_task_retries``/``max_restarts`` as map_batches keywords go away
+    in 2.64 but names no replacement; without them Ray Data retries a dying actor's batch forever
+    (an input that kills its actor would never end). Hence ray<2.64 in the ray extra."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        yield
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many scan actors, and what each asks Ray for."""
+
+    actors: int
+    num_gpus: float
+    num_cpus: float  # fractional: never more slots than the cluster has (Ray would wait forever)
+    workers: int  # preparation worker processes inside each actor
+    batch: int  # inputs per call of an actor
+
+
+def plan_actors(resources: dict, workers: int | None = None, max_actors: int | None = None) -> ActorPlan:
+    """One actor per GPU; without GPUs one per 4 CPUs. Each asks for a share of the CPUs that
+    leaves room for Ray Data's own tasks, and runs that many preparation workers (at least one)."""
+    cpus = float(resources.get("CPU", 1))
+    gpus = int(resources.get("GPU", 0))
+    actors = gpus if gpus else max(1, int(cpus // 4))
+    if max_actors:
+        actors = max(1, min(actors, max_actors))
+    share = cpus / actors
+    return ActorPlan(actors=actors, num_gpus=1.0 if gpus else 0.0, num_cpus=round(max(0.25, 0.75 * share), 2),
+                     workers=workers if workers is not None else max(1, math.floor(share) - (0 if gpus else 1)),
+                     batch=16 if gpus else 4)
+
+
+class ScanActor:
+    """A Ray actor running the local scan pipeline (preparation workers + one model replica)."""
+
+    def __init__(self, checkpoint: str, settings, detector, workers: int, device: str, precision: str,
+                 model: dict, heatmaps: str | None):
+        from .checkpoint import load_checkpoint
+        from .scan import Runner, Scanner, pick_devices, pick_precision
+
+        model_obj, info = load_checkpoint(checkpoint)
+        dev = pick_devices(device)[0]  # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU
+        runner = Runner(model_obj, dev, pick_precision(precision, dev), batch_size=settings.batch_size)
+        self.scanner = Scanner([runner], detector.build, detector.name, settings, workers=workers, model=model,
+                               heatmaps=Path(heatmaps) if heatmaps else None)
+
+    def __call__(self, batch: dict) -> dict:
+        from .inputs import ScanInput
+        from .output import json_line
+
+        records: list[str] = []
+        items = [ScanInput(str(p), str(k)) for p, k in zip(batch["path"], batch["key"])]
+        self.scanner.run(items, lambda rec, row: records.append(json_line(rec)))
+        return {"record": records}
+
+
+def row_of(record: dict):
+    """The summary-table row of a record (what a local scan builds from its state)."""
+    from .scan import Row
+
+    error = record.get("error") or ""
+    path = record["path"]
+    if error.startswith(path + ": "):
+        error = error[len(path) + 2:]
+    note = error or "; ".join(record.get("warnings") or []) or (
+        f"heatmaps: {record['heatmaps']}" if record.get("heatmaps") else "")
+    return Row(path, record["verdict"], record.get("score"), len(record.get("tracks") or []),
+               sum(len(t["frames"]) for t in record.get("tracks") or []),
+               float((record.get("timings") or {}).get("total_s", 0.0)), note)
+
+
+def scan(inputs: Iterable, checkpoint: str | os.PathLike, settings, detector, *, model: dict,
+         device: str = "auto", precision: str = "auto", workers: int | None = None, heatmaps=None,
+         max_actors: int | None = None, say: Callable[[str], None] | None = None) -> Iterator[dict]:
+    """Records of ``inputs`` (``ScanInput``s) scanned by Ray actors, as they arrive (any order).
+    Inputs known to be bad before reading (``error`` set) get their record from the driver."""
+    from ray.data import ActorPoolStrategy, from_items
+
+    from .scan import error_record
+
+    resources = _ray().cluster_resources()
+    plan = plan_actors(resources, workers, max_actors)
+    if say:
+        say(f"ray: {plan.actors} scan actor(s), {plan.workers} preparation worker(s) each, "
+            f"{'1 GPU' if plan.num_gpus else f'{plan.num_cpus} CPU'} each")
+    items, sent = [], set()
+    for inp in inputs:
+        if inp.error:
+            yield error_record(inp.path, inp.error, threshold=settings.threshold, aggregation=settings.aggregation,
+                               model=model, detector=detector.name)
+        else:
+            items.append({"path": inp.path, "key": inp.key})
+            sent.add(inp.path)
+    if not items:
+        return
+    with _remote_args_allowed():
+        ds = from_items(items).map_batches(
+            ScanActor,
+            fn_constructor_kwargs=dict(checkpoint=str(checkpoint), settings=settings, detector=detector,
+                                       workers=plan.workers, device="cuda" if plan.num_gpus else "cpu",
+                                       precision=precision if plan.num_gpus or precision != "fp16" else "auto",
+                                       model=model, heatmaps=str(heatmaps) if heatmaps else None),
+            batch_size=min(plan.batch, max(1, -(-len(items) // plan.actors))),
+            compute=ActorPoolStrategy(min_size=1, max_size=plan.actors),
+            num_gpus=plan.num_gpus, num_cpus=plan.num_cpus,
+            max_task_retries=TASK_RETRIES, max_restarts=-1,
+        )
+    got: list[str] = []
+    try:
+        for row in ds.iter_rows():
+            rec = json.loads(row["record"])
+            got.append(rec["path"])
+            yield rec
+    except DeepscanError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray wraps actor failures in its own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise DeepscanError(f"the Ray job failed ({type(exc).__name__}: {first})") from None
+    # batches that failed twice (max_errored_blocks): their inputs still get a record
+    from .output import printable
+
+    missing = sent - set(got)
+    for path in sorted(missing):
+        yield error_record(printable(path), f"{printable(path)}: the Ray actor scanning it died twice; skipped",
+                           threshold=settings.threshold, aggregation=settings.aggregation, model=model,
+                           detector=detector.name)
+
+
+# ---------------------------------------------------------------------------- prepare
+class PrepareActor:
+    """A Ray actor preparing training videos into the shared cache folder."""
+
+    def __init__(self, cache: str, settings, detector):
+        self.cache, self.settings, self.detector = Path(cache), settings, detector.build()
+
+    def __call__(self, batch: dict) -> dict:
+        from .data import VideoItem
+        from .prepare import is_done, prepare_video
+
+        out = {"key": [], "clips": [], "error": [], "done_before": []}
+        for i in range(len(batch["key"])):
+            item = VideoItem(str(batch["path"][i]), int(batch["label"][i]), str(batch["split"][i]),
+                             str(batch["method"][i]), str(batch["key"][i]))
+            if is_done(self.cache, item):  # another node finished it (a retried batch)
+                meta = {"clips": -1, "error": None}
+            else:
+                meta = prepare_video(item, self.cache, self.detector, self.settings)
+            out["key"].append(item.key)
+            out["clips"].append(int(meta["clips"]))
+            out["error"].append(meta["error"] or "")
+            out["done_before"].append(meta["clips"] == -1)
+        return out
+
+
+def prepare(items: list, cache: str | os.PathLike, detector, settings, advance=None) -> dict:
+    """``prepare.prepare`` on a Ray cluster: the videos not yet in the (shared) cache."""
+    from ray.data import ActorPoolStrategy, from_items
+
+    from .prepare import begin, is_done
+
+    cache = Path(cache)
+    begin(cache, settings)
+    counts = {"done_before": 0, "prepared": 0, "no_face": 0, "errors": 0}
+    todo = []
+    for item in items:
+        if is_done(cache, item):
+            counts["done_before"] += 1
+            if advance:
+                advance()
+        else:
+            todo.append({"path": item.path, "label": item.label, "split": item.split, "method": item.method,
+                         "key": item.key})
+    if not todo:
+        return counts
+    resources = _ray().cluster_resources()
+    cpus = float(resources.get("CPU", 1))
+    actors = max(1, min(len(todo), int(cpus)))
+    with _remote_args_allowed():
+        ds = from_items(todo).map_batches(
+            PrepareActor, fn_constructor_kwargs=dict(cache=str(cache), settings=settings, detector=detector),
+            batch_size=1, compute=ActorPoolStrategy(min_size=1, max_size=actors),
+            num_cpus=round(max(0.25, 0.75 * cpus / actors), 2), max_task_retries=TASK_RETRIES, max_restarts=-1,
+        )
+    try:
+        for row in ds.iter_rows():
+            if row["done_before"]:
+                counts["done_before"] += 1
+            else:
+                counts["prepared"] += 1
+                counts["errors"] += bool(row["error"])
+                counts["no_face"] += not row["error"] and row["clips"] == 0
+            if advance:
+                advance()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray wraps actor failures in its own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise DeepscanError(f"the Ray job failed ({type(exc).__name__}: {first})") from None
+    return counts
