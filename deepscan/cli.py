@@ -281,6 +281,7 @@ def train(
     from .prepare import load_cache
     from .train import TrainConfig, train as run_train
 
+    writable_folder(out, "--out")
     rank = int(os.environ.get("RANK", "0"))
     kind, items = _dataset(data, layout, compression, methods, splits, seed)
     if rank == 0:
@@ -391,6 +392,8 @@ def bench(
     """Parameters and GMACs of every variant beside the paper's Table VII; with --throughput, speed and memory."""
     from .costs import PAPER_COSTS, measure_all
 
+    if workdir is not None:
+        writable_folder(workdir, "--workdir")
     costs = measure_all(image_size=image_size, lda_size=lda_size)
     perf = None
     if throughput:
@@ -456,7 +459,7 @@ def bench(
                 console.print(f"detector {d['detector']}: {d['frames_per_s']} frames/s on {d['frame_size']} "
                               f"(faces found in {d['frames_with_face']})", highlight=False)
             else:
-                console.print(f"detector {d['detector']}: not available ({d['reason']})", highlight=False)
+                console.print(f"detector {d['detector']}: not available ({d['reason']})", highlight=False, markup=False)
         mem = perf["memory"]
         console.print(f"10 min / 10 s end-to-end time: {perf['long_over_short']:.2f}x; peak RSS scanning a 1-hour "
                       f"1080p video: {mem['peak_rss_mb']:.0f} MB ({mem['seconds']:.1f} s)", highlight=False)
@@ -506,14 +509,15 @@ def weights_list(json_out: Annotated[bool, typer.Option("--json", help="Print JS
         emit_json({"manifest": manifest.source, "entries": rows})
         return
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"Weights manifest ({manifest.source})", title_justify="left")
+    table = Table(title=Text(f"Weights manifest ({printable(manifest.source)})"), title_justify="left")
     for col in ("name", "kind", "variant", "cached", "size", "license", "metrics"):
         table.add_column(col, overflow="fold")
     for r in rows:
         metrics = ", ".join(f"{k} {v}" for k, v in (r["metrics"] or {}).items()) or "-"
-        table.add_row(r["name"], r["kind"], r["variant"] or "-", "yes" if r["cached"] else "no",
-                      f"{r['size'] / 1e6:.1f} MB", r["license"], metrics)
+        table.add_row(*(Text(str(x)) for x in (r["name"], r["kind"], r["variant"] or "-", "yes" if r["cached"] else "no",
+                                               f"{r['size'] / 1e6:.1f} MB", r["license"], metrics)))
     stdout_console().print(table)
     if not manifest.models():
         notice("No trained deepscan checkpoint is published yet: train one (`deepscan train`) or pass --weights.")

@@ -70,7 +70,9 @@ class DlibDetector:
        ``retry_size`` (measured on 720p: 24 ms finds a 120 px face in 19 of 32 frames, the retry
        at 1280 finds it in all, at 69 ms).
     A deep search of a 1920 px frame costs ~1-2 s, so a scan asks for it on the first clip and on
-    every 8th; faces it finds are then followed by stage 2 on the clips between."""
+    every 8th; faces it finds are then followed by stage 2 on the clips between. Between full
+    searches (every 4th clip), a scan looks around the faces it follows first (``full=False``):
+    ~15 ms instead of 50-75 ms a 720p frame, which halves the cost of preparation."""
 
     name = "dlib"
 
@@ -104,8 +106,16 @@ class DlibDetector:
         found = self._run(region, max(16, round(max(region.shape[:2]) * scale)))
         return [Detection((d.box[0] + x1, d.box[1] + y1, d.box[2] + x1, d.box[3] + y1), d.score) for d in found]
 
-    def __call__(self, frame: np.ndarray, hints=(), deep: bool = False, min_face: int = MIN_FACE) -> list[Detection]:
-        """Faces in ``frame``, in the stages of the class docstring."""
+    def __call__(self, frame: np.ndarray, hints=(), deep: bool = False, min_face: int = MIN_FACE,
+                 follow=(), full: bool = True) -> list[Detection]:
+        """Faces in ``frame``, in the stages of the class docstring. With ``full=False``, the
+        surroundings of the faces being followed (``follow``: boxes in the previous clip) are
+        searched first and, if each is found again there, the whole frame is not (the caller asks
+        for a full search regularly, so that new faces are found too)."""
+        if follow and not full:
+            found = nms_detections([d for box in follow for d in self._around(frame, box)])
+            if len(found) >= len(follow):
+                return found
         found = self._run(frame, self.det_size)
         if found:
             return found
@@ -322,6 +332,10 @@ class Tracker:
     def recent(self) -> list[tuple]:
         """The latest box of every track: where to look first in the next clip."""
         return list(self.last.values())
+
+    def active(self) -> list[tuple]:
+        """The boxes of the tracks seen in the previous clip: the faces being followed."""
+        return [box for tid, box in self.last.items() if self.seen.get(tid) == self.clip]
 
     def assign(self, detections: list[Detection]) -> list[int]:
         """Track ids for one clip's detections (best matches first, one detection per track)."""

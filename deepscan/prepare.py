@@ -28,7 +28,7 @@ from .config import CROP_MARGIN
 from .data import VideoItem
 from .errors import ConfigError, DeepscanError
 from .video import check_readable, probe, sample_clips
-from .workers import DEEP_EVERY
+from .workers import DEEP_EVERY, FULL_EVERY
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSetti
         last_box = None  # where the face was in the previous clip: the detector looks there first
         for clip in sample_clips(info, settings.clips, settings.clip_len):
             hints = [last_box] if last_box else []
-            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=hints, deep=clip.index % DEEP_EVERY == 0,
-                                                   min_face=settings.min_face), settings.min_face)
+            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=hints, follow=hints, min_face=settings.min_face,
+                                                   deep=clip.index % DEEP_EVERY == 0,
+                                                   full=clip.index % FULL_EVERY == 0), settings.min_face)
             if not dets:
                 continue
             det = max(dets, key=lambda d: (d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))

@@ -60,6 +60,6 @@ def eval_table(result: dict) -> Table:
         for level in ("frame", "video"):
             s = met[level]
             p = paper.get(level) or (None, None)
-            table.add_row(name, level, str(s["n"]), _pct(s["acc"]), _pct(s["auc"]), _pct(s["ap"]), _pct(s["eer"]),
+            table.add_row(Text(name), level, str(s["n"]), _pct(s["acc"]), _pct(s["auc"]), _pct(s["ap"]), _pct(s["eer"]),
                           "-" if p[0] is None else f"{p[0]:.2f}", "-" if p[1] is None else f"{p[1]:.2f}")
     return table

@@ -51,6 +51,7 @@ from .video import MAX_SIDE, DecodeReport, check_readable, plan_clips, probe, sa
 JOBS_PER_WORKER = 2  # the input being prepared and the next one, so a worker never waits for the driver
 REST_FRACTION = 0.75  # a worker out of slots rests until this fraction of them is free again
 DEEP_EVERY = 8  # the expensive small-face search runs on the first clip and every 8th (see faces.DlibDetector)
+FULL_EVERY = 4  # between whole-frame searches, faces being followed are looked for around where they were
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,9 @@ def prepare_video(index: int, path: str, detector, settings: PrepSettings) -> It
         for clip in sample_clips(info, settings.clips, clip_len, settings.strategy, report):
             t1 = time.perf_counter()
             timings["decode_s"] += t1 - t
-            deep = clip.index % DEEP_EVERY == 0
-            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent(), deep=deep,
-                                                   min_face=settings.min_face), settings.min_face)
+            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent(), follow=tracker.active(),
+                                                   min_face=settings.min_face, deep=clip.index % DEEP_EVERY == 0,
+                                                   full=clip.index % FULL_EVERY == 0), settings.min_face)
             ids = tracker.assign(dets)
             fcs = faces_mod.face_clips(path, clip, dets, ids, settings.image_size, settings.lda_size, settings.margin)
             t = time.perf_counter()

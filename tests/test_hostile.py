@@ -373,3 +373,18 @@ def test_stale_heatmaps_are_replaced(media_dir, tiny_ckpt, tmp_path):
     assert rec["heatmaps"] == str(stale.parent) and not stale.exists()
     names = {p.name for p in stale.parent.iterdir()}
     assert "contact_sheet.png" in names and len(names) == 3  # the sheet and this run's two face clips
+
+
+def test_manifest_strings_with_brackets_are_printed_as_text(tmp_path):
+    from .test_weights import entry_dict
+
+    path = tmp_path / "my [manifest].json"
+    path.write_text(json.dumps({"schema": 1, "entries": [{**entry_dict(), "license": "[/] research [bold]"}]}))
+    r = cli("weights", "list", env={"DEEPSCAN_MANIFEST": str(path), "COLUMNS": "200"})
+    assert r.returncode == 0 and "[/] research [bold]" in r.stdout and "my [manifest].json" in r.stdout
+
+
+def test_train_out_on_a_file_is_misuse(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = cli("train", "--data", tmp_path, "--out", tmp_path / "afile")
+    assert r.returncode == 2 and "--out" in r.stderr and "not a folder" in r.stderr
