@@ -1,0 +1,96 @@
+"""Ray benchmark (not a test): what running a scan through Ray Data costs on one machine.
+
+Scans a folder of generated 720p face videos twice with the real CLI, in fresh processes:
+`deepscan scan DIR --json` and `deepscan scan DIR --json --ray local`, and prints one JSON
+object with the wall time of each (Ray's includes starting its runtime and the scan actor,
+which loads the model) and whether the two agree record for record (verdicts equal, scores
+within 1e-5). On one small machine Ray only adds overhead; it pays off when there are more
+machines or GPUs than one process can use.
+
+    python benchmarks/ray_local.py [--videos 8] [--clips 8] [--workdir DIR] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from deepscan.checkpoint import save_checkpoint  # noqa: E402
+from deepscan.config import config_for_variant  # noqa: E402
+from deepscan.model import LDADetector  # noqa: E402
+from deepscan.perf import _write_face_video, make_folder  # noqa: E402
+
+
+def timed_scan(folder: Path, weights: Path, clips: int, extra: list[str]) -> tuple[float, dict[str, dict]]:
+    cmd = [sys.executable, "-m", "deepscan", "scan", str(folder), "--weights", str(weights), "--json",
+           "--clips", str(clips), "--no-hash", "--detector", "dlib", *extra]
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t
+    if out.returncode not in (0, 1):
+        raise SystemExit(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stderr[-2000:]}")
+    records = {}
+    for line in out.stdout.splitlines():
+        rec = json.loads(line)
+        records[Path(rec["path"]).name] = rec
+    return seconds, records
+
+
+def agree(a: dict[str, dict], b: dict[str, dict]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name, ra in a.items():
+        rb = b[name]
+        if ra["verdict"] != rb["verdict"]:
+            return False
+        if (ra["score"] is None) != (rb["score"] is None):
+            return False
+        if ra["score"] is not None and abs(ra["score"] - rb["score"]) > 1e-5:
+            return False
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--videos", type=int, default=8)
+    ap.add_argument("--clips", type=int, default=8)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="deepscan-ray-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "face_720p_10s.mp4"
+    if not src.exists():
+        _write_face_video(src, (1280, 720), seconds=10)
+    weights = work / "untrained.safetensors"
+    if not weights.exists():
+        torch.manual_seed(0)
+        save_checkpoint(LDADetector(config_for_variant("spatial-temporal")), weights, untrained=True)
+    folder = work / f"videos{args.videos}"
+    make_folder(src, folder, args.videos)
+    local_s, local = timed_scan(folder, weights, args.clips, [])
+    print(f"local: {local_s:.1f} s", file=sys.stderr)
+    ray_s, on_ray = timed_scan(folder, weights, args.clips, ["--ray", "local"])
+    print(f"ray local: {ray_s:.1f} s", file=sys.stderr)
+    result = {"videos": args.videos, "clips": args.clips, "cores": os.cpu_count(),
+              "local_s": round(local_s, 1), "ray_local_s": round(ray_s, 1),
+              "ray_over_local": round(ray_s / local_s, 2), "records_agree": agree(local, on_ray)}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
