@@ -14,9 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .config import VARIANTS
 from .errors import ConfigError, DeepscanError, WeightsError
-from .output import debug_enabled, emit_json, json_line, notice, printable, stderr_console, stdout_console
+from .output import debug_enabled, emit_json, json_line, notice, printable, stdout_console
 
 app = typer.Typer(
     name="deepscan",

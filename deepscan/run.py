@@ -44,16 +44,31 @@ class ScanOutcome:
     interrupted: KeyboardInterrupt | None = None
 
 
+def _checkpoint(req: ScanRequest, manifest, say):
+    """The checkpoint a scan uses (path, its sha256 when already known, its header), checked
+    against an explicit --variant."""
+    from .checkpoint import read_info
+    from .output import printable
+    from .weights import resolve_checkpoint
+
+    ckpt, ckpt_sha = resolve_checkpoint(req.variant or "spatial-temporal", req.weights, manifest, say=say)
+    info = read_info(ckpt)
+    if req.variant is not None and req.variant != info.variant:
+        raise ConfigError(f"--variant {req.variant}, but {printable(str(ckpt))} holds a {info.variant} model; "
+                          "drop --variant or pass a checkpoint of that variant")
+    return ckpt, ckpt_sha, info
+
+
 def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     """Run the scan ``req`` describes. Ctrl-C (KeyboardInterrupt) and SIGTERM (raised as one by
     the caller) stop it: what is complete is kept and the interruption is returned, not raised."""
     from . import scan as scan_mod
-    from .checkpoint import load_checkpoint, read_info
+    from .checkpoint import load_checkpoint
     from .config import VARIANTS
     from .faces import resolve_detector
     from .hashing import sha256_file
     from .output import JsonlFile, OutputClosed, ScanSink, printable, progress, warn_untrained
-    from .weights import load_manifest, resolve_checkpoint
+    from .weights import load_manifest
 
     if req.variant is not None and req.variant not in VARIANTS:
         raise ConfigError(f"unknown variant {req.variant!r}; choose one of: {', '.join(VARIANTS)}")
@@ -62,11 +77,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     devices = scan_mod.pick_devices(req.device)
     dtype = scan_mod.pick_precision(req.precision, devices[0])
     manifest = load_manifest()
-    ckpt, ckpt_sha = resolve_checkpoint(req.variant or "spatial-temporal", req.weights, manifest, say=say)
-    info = read_info(ckpt)
-    if req.variant is not None and req.variant != info.variant:
-        raise ConfigError(f"--variant {req.variant}, but {printable(str(ckpt))} holds a {info.variant} model; "
-                          "drop --variant or pass a checkpoint of that variant")
+    ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
     spec = resolve_detector(req.detector, manifest=manifest, say=say)
     file = JsonlFile(req.output, read=req.resume) if req.output is not None else None
     workers = scan_mod.default_workers(devices) if req.workers is None else req.workers
@@ -127,19 +138,14 @@ def _plan(req: ScanRequest, file, say):
 def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
     """The same scan through Ray actors (cluster.py): same records, same sinks; any order."""
     from . import cluster
-    from .checkpoint import read_info
     from .faces import resolve_detector
     from .hashing import sha256_file
     from .output import JsonlFile, OutputClosed, ScanSink, printable, progress, warn_untrained
     from .scan import model_record
-    from .weights import load_manifest, resolve_checkpoint
+    from .weights import load_manifest
 
     manifest = load_manifest()
-    ckpt, ckpt_sha = resolve_checkpoint(req.variant or "spatial-temporal", req.weights, manifest, say=say)
-    info = read_info(ckpt)
-    if req.variant is not None and req.variant != info.variant:
-        raise ConfigError(f"--variant {req.variant}, but {printable(str(ckpt))} holds a {info.variant} model; "
-                          "drop --variant or pass a checkpoint of that variant")
+    ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
     if info.untrained:
         warn_untrained(str(ckpt))
     spec = resolve_detector(req.detector, manifest=manifest, say=say)

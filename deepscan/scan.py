@@ -484,7 +484,7 @@ class Scanner:
         return st.verdicts
 
     def _loop(self, st: "_RunState") -> None:
-        pool, settings = self.pool, self.settings
+        pool = self.pool
         while True:
             self._dispatch(st)
             if st.exhausted and not st.videos and not st.ready:

@@ -373,7 +373,7 @@ def _seek_chunk(info: VideoInfo, starts: list[int], clip_len: int) -> list[tuple
              "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
     proc = _run(args)
     frames = [f.copy() for f in _read_frames(proc, info, clip_len * len(starts))]
-    err = _finish(proc)
+    _finish(proc)
     if len(frames) == clip_len * len(starts) and proc.returncode == 0:
         return [(frames[k * clip_len:(k + 1) * clip_len], "") for k in range(len(starts))]
     return [_seek_clip(info, s, clip_len) for s in starts]

@@ -315,6 +315,6 @@ def fast_face(path: Path, frames: int = 20, step: int = 60) -> Path:
 
 def tiny_long(path: Path, seconds: int = 600) -> Path:
     """A long video of small synthetic frames (cheap to decode): for plans of thousands of clips."""
-    ffmpeg("-f", "lavfi", "-i", f"testsrc=size=96x64:rate=25", "-t", seconds, "-c:v", "libx264", "-preset",
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x64:rate=25", "-t", seconds, "-c:v", "libx264", "-preset",
            "ultrafast", "-g", "250", path)
     return path

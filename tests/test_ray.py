@@ -127,7 +127,7 @@ def test_ray_prepare_makes_the_cache_a_local_prepare_makes(local_ray, tmp_path):
 
 def test_plan_asks_for_no_more_than_the_cluster_has():
     p = cluster.plan_actors({"CPU": 2.0})
-    assert p.actors == 1 and p.num_cpus <= 2 and p.num_gpus == 0 and p.workers >= 1
+    assert p.actors == 1 and p.num_cpus <= 2 and p.num_gpus == 0 and p.workers >= 1 and p.threads == 2
     g = cluster.plan_actors({"CPU": 16.0, "GPU": 4.0})
     assert g.actors == 4 and g.num_gpus == 1 and g.num_cpus * 4 <= 16 and g.workers == 4
 

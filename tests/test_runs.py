@@ -1,7 +1,6 @@
 """Long runs as a user drives them: --output and --resume after a crash, signals, shards."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
