@@ -25,12 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from deepscan.checkpoint import save_checkpoint  # noqa: E402
-from deepscan.config import config_for_variant  # noqa: E402
-from deepscan.model import LDADetector  # noqa: E402
-from deepscan.perf import _write_face_video, make_folder, scan_peak_rss  # noqa: E402
+from deepscan.perf import benchmark_inputs, make_folder, scan_peak_rss  # noqa: E402
 
 
 def main() -> None:
@@ -43,14 +38,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="deepscan-memory-"))
-    work.mkdir(parents=True, exist_ok=True)
-    src = work / "face_360p_2s.mp4"
-    if not src.exists():
-        _write_face_video(src, (640, 360), seconds=2)
-    weights = work / "untrained.safetensors"
-    if not weights.exists():
-        torch.manual_seed(0)
-        save_checkpoint(LDADetector(config_for_variant("spatial-temporal")), weights, untrained=True)
+    src, weights = benchmark_inputs(work, (640, 360), seconds=2)
     result = {"clips": args.clips, "mode": "table + --heatmaps", "runs": []}
     medians = []
     for count in (int(c) for c in args.counts.split(",")):

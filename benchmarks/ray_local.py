@@ -23,12 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from deepscan.checkpoint import save_checkpoint  # noqa: E402
-from deepscan.config import config_for_variant  # noqa: E402
-from deepscan.model import LDADetector  # noqa: E402
-from deepscan.perf import _write_face_video, make_folder  # noqa: E402
+from deepscan.perf import benchmark_inputs, make_folder  # noqa: E402
 
 
 def timed_scan(folder: Path, weights: Path, clips: int, extra: list[str]) -> tuple[float, dict[str, dict]]:
@@ -69,14 +64,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="deepscan-ray-"))
-    work.mkdir(parents=True, exist_ok=True)
-    src = work / "face_720p_10s.mp4"
-    if not src.exists():
-        _write_face_video(src, (1280, 720), seconds=10)
-    weights = work / "untrained.safetensors"
-    if not weights.exists():
-        torch.manual_seed(0)
-        save_checkpoint(LDADetector(config_for_variant("spatial-temporal")), weights, untrained=True)
+    src, weights = benchmark_inputs(work, (1280, 720), seconds=10)
     folder = work / f"videos{args.videos}"
     make_folder(src, folder, args.videos)
     local_s, local = timed_scan(folder, weights, args.clips, [])

@@ -219,6 +219,22 @@ def folder_throughput(videos: list[Path], runner, spec, weights: Path, clips: in
             "peak_rss_mb": rss["peak_rss_mb"]}
 
 
+def benchmark_inputs(work: Path, size: tuple[int, int], seconds: int) -> tuple[Path, Path]:
+    """A generated face video of ``size`` and ``seconds`` and an untrained spatial-temporal
+    checkpoint in ``work`` (made once, reused by later runs): what the benchmark scripts scan."""
+    from .checkpoint import save_checkpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / f"face_{size[1]}p_{seconds}s.mp4"
+    if not src.exists():
+        _write_face_video(src, size, seconds=seconds)
+    weights = work / "untrained.safetensors"
+    if not weights.exists():
+        torch.manual_seed(0)
+        save_checkpoint(LDADetector(config_for_variant("spatial-temporal")), weights, untrained=True)
+    return src, weights
+
+
 def make_folder(src: Path, folder: Path, count: int) -> list[Path]:
     """``count`` copies of a video under distinct names (hard links where possible)."""
     import os

@@ -4,6 +4,7 @@ and renders what ``run_scan`` returns."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -44,6 +45,20 @@ class ScanOutcome:
     interrupted: KeyboardInterrupt | None = None
 
 
+@contextlib.contextmanager
+def _until_stopped(outcome: "ScanOutcome"):
+    """Scanning ends early, without an error, when standard output closes (the results so far
+    stand) or on Ctrl-C/SIGTERM (kept in ``outcome`` for the exit code)."""
+    from .output import OutputClosed
+
+    try:
+        yield
+    except OutputClosed:
+        pass
+    except KeyboardInterrupt as exc:
+        outcome.interrupted = exc
+
+
 def _checkpoint(req: ScanRequest, manifest, say):
     """The checkpoint a scan uses (path, its sha256 when already known, its header), checked
     against an explicit --variant."""
@@ -67,7 +82,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     from .config import VARIANTS
     from .faces import resolve_detector
     from .hashing import sha256_file
-    from .output import JsonlFile, OutputClosed, ScanSink, printable, progress, warn_untrained
+    from .output import JsonlFile, ScanSink, printable, progress, warn_untrained
     from .weights import load_manifest
 
     if req.variant is not None and req.variant not in VARIANTS:
@@ -107,12 +122,8 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
                 sink(record, row)
                 advance()
 
-            try:
+            with _until_stopped(outcome):
                 scanner.run(inputs, on_record)
-            except OutputClosed:
-                pass
-            except KeyboardInterrupt as exc:
-                outcome.interrupted = exc
         return outcome
     finally:
         pool.close()
@@ -140,7 +151,7 @@ def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
     from . import cluster
     from .faces import resolve_detector
     from .hashing import sha256_file
-    from .output import JsonlFile, OutputClosed, ScanSink, printable, progress, warn_untrained
+    from .output import JsonlFile, ScanSink, printable, progress, warn_untrained
     from .scan import model_record
     from .weights import load_manifest
 
@@ -160,16 +171,12 @@ def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
     try:
         inputs = _plan(req, file, say)
         with progress(None, "scanning", enabled=not req.json_out) as advance:
-            try:
+            with _until_stopped(outcome):
                 for record in cluster.scan(inputs, ckpt, req.settings, spec, model=model_rec, device=req.device,
                                            precision=req.precision, workers=req.workers, heatmaps=req.heatmaps,
                                            say=say):
                     sink(record, cluster.row_of(record))
                     advance()
-            except OutputClosed:
-                pass
-            except KeyboardInterrupt as exc:
-                outcome.interrupted = exc
         return outcome
     finally:
         if file is not None:
