@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# GPU benchmark in one go, for a bare single-GPU Linux machine holding this repository:
-# installs deepscan in its own venv, checks that torch and onnxruntime see the GPU, then runs
-# `deepscan bench --throughput` on CUDA and writes its JSON (default benchmarks/gpu-result.json),
-# then the compiled spatial-temporal model's clips/s (benchmarks/gpu-result-compile.json).
-# Budget: install ~2-4 min (pip), benchmark ~3 min on an H100.
-set -euo pipefail
+# The CUDA proof on a GPU machine, in one go: benchmarks/gpu.py's stages (versions, the CUDA tests,
+# model clips/s, preparation workers, a folder scan, training with resume, torch.compile), each
+# time-limited, results in OUTDIR/gpu-result.json with a log per stage.
+#
+#   bash benchmarks/gpu.sh OUTDIR [BUDGET_SECONDS [STAGES]]   (STAGES: comma-separated, see gpu.py)
+#
+# Where deepscan is installed (`pip install -e '.[test]'`), it runs as is. On a bare machine with
+# no network (this workplace's lent GPU: torch, timm, typer, rich, scikit-learn, CPU onnxruntime,
+# but no dlib-bin, imageio-ffmpeg or scikit-video), prepare a folder .dev/ here first (ignored by
+# git, carried with the call; 64 MiB at most):
+#   .dev/*.whl            dlib-bin and scikit-video wheels for the machine's Python (cp312)
+#   .dev/site/imageio_ffmpeg/   the package without its binary
+#   .dev/ffmpeg.xz        that binary, xz-compressed (the wheel alone is over the carry limit)
+#   .dev/face_720p_10s.mp4      optional: the generated benchmark video, saves its encoding there
+set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-benchmarks/gpu-result.json}
-venv=${DEEPSCAN_GPU_VENV:-.venv-gpu}
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q -e '.[test]'
-"$venv/bin/python" - <<'PY'
-import torch, onnxruntime
-assert torch.cuda.is_available(), "torch sees no CUDA GPU"
-print("gpu:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| onnxruntime", onnxruntime.__version__,
-      onnxruntime.get_available_providers())
-PY
-start=$(date +%s)
-timeout 420 "$venv/bin/deepscan" bench --throughput --json --device cuda --batch-size "${BATCH:-256}" > "$out"
-echo "wrote $out in $(( $(date +%s) - start )) s" >&2
-# torch.compile on the GPU, separately so that a slow or failing compile cannot cost the above.
-timeout 180 "$venv/bin/python" -c "import json, torch; from deepscan.perf import model_throughput as m; \
-print(json.dumps(m('spatial-temporal', 'auto', torch.device('cuda'), ${BATCH:-256}, iters=10, use_compile=True)))" \
-  > "${out%.json}-compile.json" || echo "torch.compile run failed or timed out" >&2
+out=${1:-benchmarks}
+budget=${2:-440}
+py=${PYTHON:-python3}
+if [ -d .dev ]; then
+  site=/tmp/deepscan-site
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .dev/*.whl || exit 1
+  cp -r .dev/site/. "$site/"
+  "$py" -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.dev/ffmpeg.xz'), open('/tmp/ffmpeg', 'wb'))" || exit 1
+  chmod +x /tmp/ffmpeg
+  export IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+"$py" benchmarks/gpu.py --out "$out" --budget "$budget" ${3:+--stages "$3"}

@@ -94,7 +94,10 @@ class ClipDataset(torch.utils.data.Dataset):
             self._arrays[v] = open_arrays(self.videos[v])
         return self._arrays[v]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        # (epoch, index) from EpochSampler: persistent loader workers keep their own copy of the
+        # data set, so the epoch travels with each index rather than as an attribute set here
+        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
         v, c = self.index[i]
         images, frames = self._arr(v)
         image = np.array(images[c])
@@ -102,7 +105,7 @@ class ClipDataset(torch.utils.data.Dataset):
         label = self.videos[v].label
         if self.train:
             # a per-(epoch, item) generator: the same draws whatever the worker or rank
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng([self.seed, epoch, i])
             if self.self_blend_p and label == 0 and rng.random() < self.self_blend_p:
                 image, clip = self_blend(image, clip, rng)
                 label = 1
@@ -133,7 +136,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
 
     def __iter__(self):
-        return iter(self.order()[self.rank:: self.world].tolist())
+        return iter((self.epoch, i) for i in self.order()[self.rank:: self.world].tolist())
 
     def __len__(self) -> int:
         return len(range(self.rank, len(self.labels), self.world))
@@ -260,7 +263,7 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
     sampler = EpochSampler(ds.labels, cfg.balance, cfg.seed, rank, world)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=False,
-                                         persistent_workers=False)
+                                         persistent_workers=cfg.workers > 0)
     to_input = input_normaliser(mcfg, device)
     amp = device.type == "cuda"
     dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -273,6 +276,8 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg)
         net.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         for step, (image, frames, labels, _) in enumerate(loader):
             if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
@@ -287,8 +292,14 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
             scaler.update()
             seen += len(labels)
             loss_sum += float(loss.detach()) * len(labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "lr": lr_at(epoch, cfg), "train_loss": loss_sum / max(seen, 1),
-                  "train_clips": seen, "seconds": round(time.perf_counter() - t0, 2)}
+                  "train_clips": seen, "seconds": round(seconds, 2),
+                  "clips_per_s": round(seen * world / seconds, 1) if seconds else None}
+        if device.type == "cuda":  # this process's peak over the epoch's training steps
+            record["cuda_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if rank == 0:
             if val_videos:
                 m = frame_and_video(predict(model, val_videos, device))

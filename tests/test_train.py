@@ -215,8 +215,38 @@ def test_lr_schedule_and_balanced_sampler():
     s = EpochSampler(labels, balance=True, seed=0)
     drawn = labels[s.order()]
     assert 0.35 < drawn.mean() < 0.65  # four fakes per real, rebalanced
-    shards = [list(EpochSampler(labels, True, 0, rank=r, world=2)) for r in (0, 1)]
+    shards = [[i for _, i in EpochSampler(labels, True, 0, rank=r, world=2)] for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == sorted(s.order().tolist()) and len(shards[0]) == 50
+
+
+def test_persistent_loader_workers_draw_each_epochs_augmentation(tmp_path):
+    from deepscan.prepare import CachedVideo
+    from deepscan.train import ClipDataset
+
+    rng = np.random.default_rng(0)
+    videos = []
+    for v in range(2):
+        folder = tmp_path / f"v{v}"
+        folder.mkdir()
+        np.save(folder / "image.npy", rng.integers(0, 255, (4, 8, 8, 3), np.uint8))
+        np.save(folder / "frames.npy", rng.integers(0, 255, (4, 3, 6, 6, 3), np.uint8))
+        videos.append(CachedVideo(f"v{v}", v, "train", "real", 4, str(folder)))
+    ds = ClipDataset(videos, clip_len=3, train=True, augment=True)
+    sampler = EpochSampler(ds.labels, True, seed=0)
+
+    def two_epochs(workers):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers,
+                                             persistent_workers=workers > 0)
+        out = []
+        for epoch in (0, 1):
+            # as train() does; persistent workers keep the data set as it was when they started,
+            # so only what the sampler hands them can tell them the epoch
+            ds.epoch = sampler.epoch = epoch
+            out.append(torch.cat([b[0].flatten(1) for b in loader]))
+        return out
+
+    inline, workers = two_epochs(0), two_epochs(2)
+    assert all(torch.equal(a, b) for a, b in zip(inline, workers))
 
 
 def test_vit_init_offline_fails_fast_and_local_file_loads(tmp_path):

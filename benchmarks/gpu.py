@@ -1,0 +1,501 @@
+"""The CUDA proof in one call, for a lent GPU machine with little time: each stage runs in its own
+process under a time limit and leaves what it measured so far, so a stage that hangs or fails costs
+only itself. Writes ``gpu-result.json`` (and the stages' logs, one file) to --out.
+
+Stages, in order of importance: env (versions, GPU, providers), model (clips/s per variant and
+precision, a batch sweep, cudnn.benchmark), tests (the CUDA-marked tests), prep (preparation
+workers 1..cores, model off), folder (a folder scan on the GPU against the model alone, with the
+per-stage breakdown of one video), train (a full-size training run with AMP and loader workers on a
+generated FF++-shaped set, and a resumed run against a straight one), compile (torch.compile).
+
+    python benchmarks/gpu.py --out OUTDIR [--budget 440] [--stages env,tests,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {  # name: the most seconds it may take; in order of importance
+    "env": 60, "model": 120, "tests": 120, "train": 150, "prep": 90, "folder": 90, "compile": 150,
+    # follow-ups, run by name (--stages): steady-state training, wider preparation, workers vs cores
+    "train_steady": 120, "prep_wide": 100, "folder_workers": 90,
+}
+DEFAULT = "env,model,tests,train,prep,folder,compile"
+BATCH = 128
+CLIPS = 32
+# --smoke: the same stages on the CPU at toy sizes, to find a script's mistakes before device time
+SMOKE = os.environ.get("DEEPSCAN_GPU_SMOKE") == "1"
+if SMOKE:
+    BATCH, CLIPS = 2, 2
+
+
+def _dev():
+    import torch
+
+    return torch.device("cpu") if SMOKE else torch.device("cuda", 0)
+
+
+def _sync() -> None:
+    import torch
+
+    if not SMOKE:
+        torch.cuda.synchronize()
+
+
+def _peak_gb(reset: bool = False):
+    import torch
+
+    if SMOKE:
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+# ---------------------------------------------------------------------------- stages
+def stage_env(part: dict, work: Path) -> None:
+    import onnxruntime
+    import torch
+
+    from deepscan.video import ffmpeg_exe
+
+    ffmpeg = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True).stdout.split("\n")[0]
+    part.update(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(), cores=os.cpu_count(), onnxruntime=onnxruntime.__version__,
+                providers=onnxruntime.get_available_providers(), ffmpeg=ffmpeg, smoke=SMOKE)
+    if not SMOKE:
+        p = torch.cuda.get_device_properties(0)
+        part.update(device_name=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",
+                    memory_gb=round(p.total_memory / 2**30, 1), gpus=torch.cuda.device_count(),
+                    bf16=torch.cuda.is_bf16_supported())
+    import dlib  # the offline detector must import there
+
+    part["dlib"] = getattr(dlib, "__version__", "?")
+
+
+def stage_tests(part: dict, work: Path) -> None:
+    pick = os.environ.get("DEEPSCAN_GPU_TESTS_K")  # a -k expression: a rerun of some tests only
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", *(["-k", pick] if pick else []),
+                        "tests/test_cuda.py", "-p",
+                        "no:cacheprovider", "--timeout", "120", f"--basetemp={work / 'pytest'}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    part.update(returncode=r.returncode, summary=lines[-1] if lines else "", tail=lines[-60:])
+
+
+def _save(part: dict, work: Path, name: str) -> None:
+    (work / f"{name}.json").write_text(json.dumps(part))
+
+
+def stage_model(part: dict, work: Path) -> None:
+    import torch
+
+    from deepscan.perf import model_throughput
+
+    dev = _dev()
+    rows = part.setdefault("rows", [])
+
+    def row(variant, precision, batch, **note):
+        if not SMOKE:
+            torch.cuda.empty_cache()
+        r = model_throughput(variant, precision, dev, batch, iters=1 if SMOKE else 10)
+        rows.append({**r, **note})
+        print(json.dumps(rows[-1]), flush=True)
+        _save(part, work, "model")
+
+    for variant in ("spatial-temporal",) if SMOKE else ("spatial-temporal", "xception", "spatial", "temporal"):
+        for precision in ("bf16", "fp32-nchw") if SMOKE else ("bf16", "fp16", "fp32-nchw"):
+            row(variant, precision, BATCH)
+    if SMOKE:
+        return
+    for batch in (32, 64, 256):
+        row("spatial-temporal", "bf16", batch)
+    torch.backends.cudnn.benchmark = True
+    row("spatial-temporal", "bf16", BATCH, cudnn_benchmark=True)
+    row("spatial-temporal", "bf16", 256, cudnn_benchmark=True)
+
+
+def _videos(work: Path, count: int):
+    from deepscan.perf import benchmark_inputs, make_folder
+
+    carried = ROOT / ".dev" / "face_720p_10s.mp4"
+    if carried.exists() and not (work / "face_720p_10s.mp4").exists():
+        shutil.copy(carried, work / "face_720p_10s.mp4")
+    src, weights = benchmark_inputs(work, (1280, 720), 10)
+    return src, weights, make_folder(src, work / f"folder{count}", count)
+
+
+def stage_prep(part: dict, work: Path) -> None:
+    from deepscan.config import config_for_variant
+    from deepscan.faces import DetectorSpec
+    from deepscan.perf import preparation_throughput
+    from deepscan.scan import ScanSettings, cpu_count
+
+    _, _, folder = _videos(work, 16)
+    prep = ScanSettings(clips=CLIPS, hash_files=False).prep(config_for_variant("spatial-temporal"))
+    cores = cpu_count()
+    rows = part.setdefault("rows", [])
+    for n in sorted({1, 2, 4, 8, cores - 1, cores} & set(range(1, cores + 1))):
+        rows += preparation_throughput(folder, DetectorSpec("dlib"), prep, [n], say=lambda m: None)
+        rows[-1]["x_one_worker"] = round(rows[-1]["clips_per_s"] / rows[0]["clips_per_s"], 2)
+        print(json.dumps(rows[-1]), flush=True)
+        _save(part, work, "prep")
+
+
+def stage_folder(part: dict, work: Path) -> None:
+    import torch
+
+    from deepscan.config import config_for_variant
+    from deepscan.faces import DetectorSpec
+    from deepscan.model import LDADetector
+    from deepscan.perf import end_to_end, folder_throughput
+    from deepscan.scan import Runner, default_workers
+
+    dev = _dev()
+    src, weights, folder = _videos(work, 4 if SMOKE else 64)
+    torch.manual_seed(0)
+    runner = Runner(LDADetector(config_for_variant("spatial-temporal")), dev,
+                    torch.float32 if SMOKE else torch.bfloat16, batch_size=BATCH)
+    spec = DetectorSpec("dlib")
+    # one video, one worker: where the time of a clip goes (decode, detect + crop, model)
+    part["one_video"] = end_to_end(src, runner, spec, CLIPS, BATCH, 1)
+    print(json.dumps(part["one_video"]), flush=True)
+    _save(part, work, "folder")
+    workers = default_workers([dev])
+    part.update(folder_throughput(folder, runner, spec, weights, CLIPS, BATCH, workers))
+    part["precision"] = "bf16"
+    print(json.dumps({k: v for k, v in part.items() if k != "one_video"}), flush=True)
+
+
+def _ffpp_of_copies(src: Path, root: Path) -> Path:
+    """FF++'s layout (three pairs, one per split; two methods) whose videos are all ``src``:
+    enough for timing training at full size, not for learning anything."""
+    ids = [f"{i:03d}" for i in range(6)]
+    pairs = [[ids[i], ids[i + 1]] for i in range(0, 6, 2)]
+    for name, pair in zip(("train", "val", "test"), pairs):
+        (root / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{name}.json").write_text(json.dumps([pair]))
+    real = root / "original_sequences" / "youtube" / "c23" / "videos"
+    real.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        if not (real / f"{i}.mp4").exists():
+            os.link(src, real / f"{i}.mp4")
+    for method in ("Deepfakes", "FaceSwap"):
+        d = root / "manipulated_sequences" / method / "c23" / "videos"
+        d.mkdir(parents=True, exist_ok=True)
+        for a, b in pairs:
+            for name in (f"{a}_{b}.mp4", f"{b}_{a}.mp4"):
+                if not (d / name).exists():
+                    os.link(src, d / name)
+    return root
+
+
+def _step_rate(dev, batch: int) -> dict:
+    """Training steps alone on synthetic batches already on the device (no loader): the ceiling."""
+    import torch
+    import torch.nn.functional as F
+
+    from deepscan.config import config_for_variant
+    from deepscan.model import LDADetector
+
+    tiny = {"image_size": 62, "lda_size": 32} if SMOKE else {}
+    cfg = config_for_variant("spatial-temporal", **tiny)
+    torch.manual_seed(0)
+    model = LDADetector(cfg).to(dev).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=3e-4, momentum=0.9)
+    image = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=dev).contiguous(memory_format=torch.channels_last)
+    frames = torch.randn(batch, cfg.clip_len, 3, cfg.lda_size, cfg.lda_size, device=dev)
+    labels = torch.randint(0, 2, (batch,), device=dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(image, frames).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    _sync()
+    _peak_gb(reset=True)
+    t, steps = time.perf_counter(), 2 if SMOKE else 15
+    for _ in range(steps):
+        step()
+    _sync()
+    return {"clips_per_s": round(steps * batch / (time.perf_counter() - t), 1), "batch": batch,
+            "precision": "bf16", "peak_memory_gb": _peak_gb()}
+
+
+def stage_train(part: dict, work: Path) -> None:
+    import torch
+
+    dev, batch = _dev(), 2 if SMOKE else 32
+    part["step_only"] = _step_rate(dev, batch)
+    print(json.dumps(part["step_only"]), flush=True)
+    _save(part, work, "train")
+    if not SMOKE:
+        torch.cuda.empty_cache()
+
+    # 2. `deepscan train` itself: prepare (dlib), two epochs, and one epoch + --resume
+    src, _, _ = _videos(work, 1)
+    data = _ffpp_of_copies(src, work / "ffpp")
+    common = [sys.executable, "-m", "deepscan", "train", "--data", str(data), "--cache", str(work / "cache"),
+              "--clips", "32", "--detector", "dlib", "--vit-init", "random", "--batch-size", str(batch),
+              "--workers", "8", "--device", dev.type]
+    if SMOKE:
+        common += ["--clips", "2", "--image-size", "62", "--lda-size", "32", "--max-steps", "2", "--workers", "1"]
+    runs = {}
+    for name, extra in (("straight", ["--epochs", "2"]), ("split", ["--epochs", "1"]),
+                        ("split", ["--epochs", "2", "--resume"])):
+        t = time.perf_counter()
+        r = subprocess.run([*common, "--out", str(work / name), *extra], capture_output=True, text=True)
+        runs.setdefault(name, []).append({"returncode": r.returncode, "seconds": round(time.perf_counter() - t, 1),
+                                          "stderr_tail": r.stderr.strip().splitlines()[-5:]})
+        print(name, extra, runs[name][-1], flush=True)
+        part["runs"] = runs
+        _save(part, work, "train")
+        if r.returncode:
+            return
+    epochs = [json.loads(x) for x in (work / "straight" / "metrics.jsonl").read_text().splitlines()]
+    part["epochs"] = epochs
+    last = epochs[-1]  # the second epoch: cuDNN and the loader warm
+    part.update(clips_per_s=last["clips_per_s"], batch=batch, precision="bf16",
+                peak_memory_gb=last.get("cuda_peak_memory_gb"), loader_workers=8)
+    from safetensors import safe_open
+
+    def weights(run):
+        with safe_open(str(work / run / "last.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k).float() for k in f.keys() if k.startswith("model.")}
+
+    a, b = weights("straight"), weights("split")
+    part["resume_max_abs_diff"] = max(float((a[k] - b[k]).abs().max()) for k in a)
+    part["resume_bitwise_equal"] = all(torch.equal(a[k], b[k]) for k in a)
+
+
+def stage_train_steady(part: dict, work: Path) -> None:
+    """`deepscan train` over epochs long enough to time (36 steps of 32), on a cache of random
+    crops written directly (no detection): loader workers 8 and 15, the second epoch timed."""
+    import numpy as np
+    from dataclasses import asdict
+
+    from deepscan.data import load_dataset
+    from deepscan.prepare import PrepareSettings, entry_name
+
+    clips = 8 if SMOKE else 192
+    size = {"image_size": 62, "lda_size": 32} if SMOKE else {}
+    settings = PrepareSettings(clips=clips, **size)
+    src, _, _ = _videos(work, 1)
+    data = _ffpp_of_copies(src, work / "ffpp")
+    cache = work / "cache-random"
+    cache.mkdir(exist_ok=True)
+    (cache / "cache.json").write_text(json.dumps(asdict(settings)))
+    rng = np.random.default_rng(0)
+    s, n, L = settings.image_size, settings.clip_len, settings.lda_size
+    images = rng.integers(0, 255, (clips, s, s, 3), np.uint8)
+    frames = rng.integers(0, 255, (clips, n, L, L, 3), np.uint8)
+    _, items = load_dataset(data)
+    for item in items:
+        if item.split == "test":
+            continue
+        k = clips if item.split == "train" else 8  # a short validation: training is what is timed
+        entry = cache / entry_name(item.key)
+        entry.mkdir(exist_ok=True)
+        np.save(entry / "image.npy", images[:k])
+        np.save(entry / "frames.npy", frames[:k])
+        (entry / "meta.json").write_text(json.dumps({"clips": k}))
+    part["train_clips_per_epoch"] = sum(1 for i in items if i.split == "train") * clips
+    rows = part.setdefault("rows", [])
+    for workers in (2,) if SMOKE else (8, 15):
+        args = [sys.executable, "-m", "deepscan", "train", "--data", str(data), "--cache", str(cache),
+                "--clips", str(clips), "--detector", "dlib", "--vit-init", "random", "--batch-size", "2" if SMOKE else "32",
+                "--workers", str(workers), "--device", _dev().type, "--epochs", "2", "--out", str(work / f"steady{workers}")]
+        if SMOKE:
+            args += ["--image-size", "62", "--lda-size", "32"]
+        r = subprocess.run(args, capture_output=True, text=True)
+        row = {"loader_workers": workers, "returncode": r.returncode}
+        if r.returncode == 0:
+            epochs = [json.loads(x) for x in (work / f"steady{workers}" / "metrics.jsonl").read_text().splitlines()]
+            row.update({k: epochs[-1].get(k) for k in ("clips_per_s", "train_clips", "seconds", "cuda_peak_memory_gb")})
+        else:
+            row["stderr_tail"] = r.stderr.strip().splitlines()[-5:]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        _save(part, work, "train_steady")
+
+
+def stage_prep_wide(part: dict, work: Path) -> None:
+    """Preparation workers over 32 videos (the 16 of `prep` leave the last round half idle)."""
+    from deepscan.config import config_for_variant
+    from deepscan.faces import DetectorSpec
+    from deepscan.perf import preparation_throughput
+    from deepscan.scan import ScanSettings, cpu_count
+
+    _, _, folder = _videos(work, 4 if SMOKE else 32)
+    prep = ScanSettings(clips=CLIPS, hash_files=False).prep(config_for_variant("spatial-temporal"))
+    cores = cpu_count()
+    rows = part.setdefault("rows", [])
+    for n in sorted({1, 8, cores - 1, cores} & set(range(1, cores + 1))):
+        rows += preparation_throughput(folder, DetectorSpec("dlib"), prep, [n], say=lambda m: None)
+        rows[-1]["x_one_worker"] = round(rows[-1]["clips_per_s"] / rows[0]["clips_per_s"], 2)
+        print(json.dumps(rows[-1]), flush=True)
+        _save(part, work, "prep_wide")
+
+
+def stage_folder_workers(part: dict, work: Path) -> None:
+    """The folder scan with every core a worker, and with one core left to the scanning process."""
+    import resource
+
+    import torch
+
+    from deepscan.config import config_for_variant
+    from deepscan.faces import DetectorSpec
+    from deepscan.model import LDADetector
+    from deepscan.perf import folder_throughput
+    from deepscan.scan import Runner, cpu_count
+
+    dev = _dev()
+    _, weights, folder = _videos(work, 4 if SMOKE else 64)
+    torch.manual_seed(0)
+    runner = Runner(LDADetector(config_for_variant("spatial-temporal")), dev,
+                    torch.float32 if SMOKE else torch.bfloat16, batch_size=BATCH)
+    rows = part.setdefault("rows", [])
+    cores = cpu_count()
+    for workers in sorted({max(1, cores - 1), cores}):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        row = folder_throughput(folder, runner, DetectorSpec("dlib"), weights, CLIPS, BATCH, workers, rss=False)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        # CPU seconds of the scanning process itself (its threads; not the workers)
+        row["scanner_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        _save(part, work, "folder_workers")
+
+
+def stage_compile(part: dict, work: Path) -> None:
+    from deepscan.perf import model_throughput
+
+    r = model_throughput("spatial-temporal", "bf16", _dev(), BATCH, iters=1 if SMOKE else 10, use_compile=True)
+    part.update(r)
+
+
+# ---------------------------------------------------------------------------- driver
+def run_stage(name: str, work: Path) -> int:
+    part: dict = {}
+    try:
+        globals()[f"stage_{name}"](part, work)
+        part["ok"] = True
+    except Exception as exc:  # noqa: BLE001 - recorded, then the next stage runs
+        import traceback
+
+        part["ok"] = False
+        part["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        traceback.print_exc()
+    _save(part, work, name)
+    return 0 if part["ok"] else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/deepscan-gpu"))
+    ap.add_argument("--budget", type=float, default=440, help="seconds for all stages together")
+    ap.add_argument("--stages", default=DEFAULT)
+    ap.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.stage:
+        return run_stage(args.stage, args.work)
+    args.out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "stages": {}}
+    for name in [s for s in args.stages.split(",") if s]:
+        left = deadline - time.monotonic()
+        if left < 20:
+            result["stages"][name] = {"ok": False, "error": "skipped: out of time"}
+            continue
+        limit = min(STAGES[name], left)
+        (args.work / f"{name}.json").unlink(missing_ok=True)
+        t = time.monotonic()
+        with open(args.work / f"{name}.log", "w") as log:
+            try:
+                subprocess.run([sys.executable, __file__, "--stage", name, "--work", str(args.work)],
+                               stdout=log, stderr=subprocess.STDOUT, timeout=limit, cwd=ROOT)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+        f = args.work / f"{name}.json"
+        part = json.loads(f.read_text()) if f.exists() else {}
+        if timed_out:
+            part.update(ok=False, error=f"timed out after {limit:.0f} s (what it measured before is kept)")
+        part["seconds"] = round(time.monotonic() - t, 1)
+        with open(args.out / "gpu-stages.log", "a") as log:  # one file: few files come back from a lent machine
+            log.write(f"===== {name} ({part['seconds']} s)\n" + (args.work / f"{name}.log").read_text())
+        result["stages"][name] = part
+        (args.out / "gpu-result.json").write_text(json.dumps(shape(result), indent=1))
+        print(f"{name}: {'ok' if part.get('ok') else 'FAILED ' + part.get('error', '')[:300]} ({part['seconds']} s)",
+              flush=True)
+    print(summary(shape(result)))
+    return 0
+
+
+def shape(result: dict) -> dict:
+    """The stages' parts in the layout the README and issue 13 name: throughput.{device_name,
+    model, preparation, folder}, training."""
+    st = result["stages"]
+    env, folder = st.get("env", {}), dict(st.get("folder", {}))
+    out = {"date": result["date"],
+           "throughput": {"device_name": env.get("device_name"), "model": st.get("model", {}).get("rows", []),
+                          "preparation": st.get("prep", {}).get("rows", []), "folder": folder,
+                          "compile": st.get("compile")},
+           "training": {k: v for k, v in st.get("train", {}).items()},
+           "tests": st.get("tests"), "env": env,
+           "follow_ups": {k: st[k] for k in ("train_steady", "prep_wide", "folder_workers") if k in st},
+           "stages": {k: {"ok": v.get("ok"), "seconds": v.get("seconds"), "error": v.get("error")}
+                      for k, v in st.items()}}
+    return out
+
+
+def summary(r: dict) -> str:
+    t = r["throughput"]
+    lines = [f"device: {t['device_name']}"]
+    for m in t["model"]:
+        lines.append(f"  model {m['variant']:16s} {m['precision']:10s} b{m['batch']:<4d} {m['clips_per_s']:9.1f} clips/s"
+                     + (" cudnn.benchmark" if m.get("cudnn_benchmark") else ""))
+    for p in t["preparation"]:
+        lines.append(f"  prep {p['workers']:2d} workers {p['clips_per_s']:8.1f} clips/s  x{p.get('x_one_worker')}")
+    f = t["folder"]
+    if "end_to_end_clips_per_s" in f:
+        lines.append(f"  folder {f['videos']} videos {f['workers']} workers: {f['end_to_end_clips_per_s']} clips/s "
+                     f"e2e vs {f['model_only_clips_per_s']} model-only (ratio {f['ratio_to_model_only']})")
+    if f.get("one_video"):
+        lines.append(f"  one video breakdown: {f['one_video'].get('breakdown_s')}")
+    tr = r["training"]
+    if tr.get("step_only"):
+        lines.append(f"  train step only: {tr['step_only']}")
+    if "clips_per_s" in tr:
+        lines.append(f"  train CLI: {tr['clips_per_s']} clips/s, peak {tr['peak_memory_gb']} GB, "
+                     f"resume max diff {tr.get('resume_max_abs_diff')}")
+    if r.get("tests"):
+        lines.append(f"  tests: {r['tests'].get('summary')}")
+    c = t.get("compile") or {}
+    if c.get("clips_per_s"):
+        lines.append(f"  compile: {c['precision']} {c['clips_per_s']} clips/s (compile {c.get('compile_s')} s)")
+    for k, v in r["follow_ups"].items():
+        for row in v.get("rows", []):
+            lines.append(f"  {k}: {json.dumps(row)[:300]}")
+    for k, v in r["stages"].items():
+        if not v["ok"]:
+            lines.append(f"  stage {k} FAILED: {(v['error'] or '')[:200]}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

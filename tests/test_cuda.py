@@ -1,0 +1,138 @@
+"""The CUDA path: the same answers as the CPU within each precision's rounding, several replicas
+on a GPU, workers beside CUDA, training with AMP and an exact-enough resume. Skipped without a GPU
+(CI has none); `benchmarks/gpu.sh` runs them on a lent one."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from deepscan.config import config_for_variant
+from deepscan.faces import DetectorSpec
+from deepscan.inputs import ScanInput
+from deepscan.model import LDADetector
+from deepscan.scan import Runner, ScanSettings, scan
+
+from . import media
+from .conftest import tiny_model
+from .test_hostile import cli
+from .test_train import TINY_ARGS, deepscan
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch sees none)")]
+
+CUDA = torch.device("cuda", 0)
+# ||cuda - cpu|| / ||cpu|| of the logits: fp32 runs convolutions in TF32 on the GPU (cuDNN's default),
+# bf16 keeps 8 bits of mantissa, fp16 11.
+REL_TOL = {torch.float32: 1e-2, torch.bfloat16: 6e-2, torch.float16: 2e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_full_size_model_on_cuda_agrees_with_the_cpu(dtype):
+    cfg = config_for_variant("spatial-temporal")
+    torch.manual_seed(0)
+    model = LDADetector(cfg).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (2, cfg.image_size, cfg.image_size, 3), np.uint8)
+    frames = rng.integers(0, 255, (2, cfg.clip_len, cfg.lda_size, cfg.lda_size, 3), np.uint8)
+    ref = Runner(LDADetector(cfg).eval(), torch.device("cpu"), torch.float32)
+    ref.model.load_state_dict(Runner(model, torch.device("cpu"), torch.float32).model.state_dict())
+    gpu = ref.replica(CUDA)
+    gpu.dtype = dtype
+    with torch.inference_mode():
+        want, want_maps = ref.forward(ref._to_input(images), ref._to_input(frames))
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            got, got_maps = gpu.forward(gpu._to_input(images), gpu._to_input(frames))
+    assert torch.isfinite(got.float()).all()
+    assert rel(got, want) < REL_TOL[dtype]
+    for k in want_maps:
+        assert rel(got_maps[k], want_maps[k]) < REL_TOL[dtype], k
+    probs, maps = gpu.score(images, frames)  # the scan's entry point: numpy out, maps in float32
+    assert probs.shape == (2,) and np.isfinite(probs).all() and all(v.dtype == np.float32 for v in maps.values())
+
+
+def frame_scores(records):
+    return [f["score"] for r in records for t in r["tracks"] for f in t["frames"]]
+
+
+@pytest.mark.parametrize("precision,atol", [("fp32", 2e-3), ("auto", 3e-2)])
+def test_a_scan_on_cuda_gives_the_cpu_verdicts(media_dir, tiny_ckpt, tmp_path, precision, atol):
+    args = [media_dir / "astronaut.mp4", media_dir / "two_faces.mp4", "--weights", tiny_ckpt, "--json",
+            "--clips", "4", "--detector", "dlib", "--no-hash"]
+    cpu = cli(*args, "--device", "cpu")
+    gpu = cli(*args, "--device", "cuda", "--precision", precision, "--heatmaps", tmp_path / "maps")
+    assert cpu.returncode == gpu.returncode and cpu.returncode in (0, 1), gpu.stderr
+    a = [json.loads(x) for x in cpu.stdout.splitlines()]
+    b = [json.loads(x) for x in gpu.stdout.splitlines()]
+    assert [r["verdict"] for r in a] == [r["verdict"] for r in b] or precision == "auto"
+    np.testing.assert_allclose(frame_scores(b), frame_scores(a), atol=atol)
+    assert sorted(p.suffix for p in (tmp_path / "maps").rglob("*.png"))  # heatmaps drawn from CUDA maps
+
+
+def test_two_replicas_on_a_gpu_share_a_scan_fed_by_worker_processes(media_dir):
+    items = [ScanInput(str(media_dir / n), n) for n in ("carphone.mp4", "two_faces.mp4", "astronaut.mp4")]
+    settings = ScanSettings(clips=6, batch_size=2, hash_files=False)
+    one = scan(items, Runner(tiny_model(), CUDA, torch.float32, batch_size=2), DetectorSpec("dlib"), settings,
+               workers=0)
+    first = Runner(tiny_model(), CUDA, torch.float32, batch_size=2)
+    runners = [first, first.replica(CUDA)]
+    used = []
+    for r in runners:
+        score = r.score
+
+        def spy(images, frames, score=score, r=r):
+            used.append(id(r))
+            return score(images, frames)
+
+        r.score = spy
+    two = scan(items, runners, DetectorSpec("dlib"), settings, workers=2)  # forkserver workers, CUDA here
+    assert [r["path"] for r in two] == [i.path for i in items]
+    assert len(set(used)) == 2
+    np.testing.assert_allclose(frame_scores(two), frame_scores(one), atol=2e-3)
+
+
+def test_training_on_cuda_with_amp_and_loader_workers_resumes(tmp_path):
+    data = media.make_dataset(tmp_path / "ffpp", "ffpp", per_split=1)
+    common = ["--data", data, "--cache", tmp_path / "cache", "--max-steps", "2", *TINY_ARGS,
+              "--device", "cuda", "--workers", "2"]  # the later --workers wins over TINY_ARGS' 0
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    r = deepscan("train", *common, "--out", straight, "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["train_loss"]) for x in rows) and rows[0]["cuda_peak_memory_gb"] > 0
+    assert deepscan("train", *common, "--out", split, "--epochs", "1").returncode == 0
+    r = deepscan("train", *common, "--out", split, "--epochs", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def weights(p):
+        with safe_open(str(p / "last.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k).float() for k in f.keys() if k.startswith("model.")}
+
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys()
+    # cuDNN's backward is not bitwise deterministic: the same up to its reductions' order
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-3, worst
+
+
+def test_scrfd_shaped_graph_on_the_cuda_provider_beside_torch(tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip(f"onnxruntime {onnxruntime.__version__} has no CUDA provider here (install onnxruntime-gpu)")
+    from deepscan.faces import ScrfdDetector
+
+    path = media.scrfd_like_onnx(tmp_path / "det.onnx", size=64, face=(16, 8, 48, 56))
+    torch.zeros(1, device=CUDA)  # torch's CUDA libraries first, then onnxruntime's session
+    det = ScrfdDetector(str(path), det_size=64)
+    assert det.session.get_providers()[0] == "CUDAExecutionProvider"
+    (found,) = det(np.full((128, 128, 3), 100, np.uint8))
+    assert np.allclose(found.box, (32, 16, 96, 112), atol=1e-3) and found.score > 0.89
+    assert det(np.zeros((128, 128, 3), np.uint8)) == []
