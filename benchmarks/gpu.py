@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {  # name: the most seconds it may take; in order of importance
     "env": 60, "model": 120, "tests": 120, "train": 150, "prep": 90, "folder": 90, "compile": 150,
     # follow-ups, run by name (--stages): steady-state training, wider preparation, workers vs cores
-    "train_steady": 120, "prep_wide": 100, "folder_workers": 90,
+    "train_steady": 120, "prep_wide": 100, "folder_workers": 90, "folder_profile": 120,
 }
 DEFAULT = "env,model,tests,train,prep,folder,compile"
 BATCH = 128
@@ -379,6 +379,55 @@ def stage_folder_workers(part: dict, work: Path) -> None:
         _save(part, work, "folder_workers")
 
 
+def stage_folder_profile(part: dict, work: Path) -> None:
+    """Where the scanning process's core goes during a folder scan (it used a whole one on the
+    H200, 2026-11-26, cause unknown): py-spy samples it for a while mid-scan; the leaf functions
+    that take most samples, per thread, and the functions most often on the stack."""
+    import collections
+
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    site = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    pyspy = next((str(Path(p) / "bin" / "py-spy") for p in site if (Path(p) / "bin" / "py-spy").exists()), pyspy)
+    if not Path(pyspy).exists():
+        raise RuntimeError("py-spy not found (carry its wheel in .dev/)")
+    _, weights, folder = _videos(work, 4 if SMOKE else 64)
+    scan = subprocess.Popen([sys.executable, "-m", "deepscan", "scan", str(folder[0].parent), "--weights", str(weights),
+                             "--json", "--detector", "dlib", "--no-hash", "--clips", str(CLIPS),
+                             "--batch-size", str(BATCH), "--device", _dev().type],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(3 if SMOKE else 12)  # past start-up, model load and the first batches
+    raw = work / "profile.txt"
+    t = time.perf_counter()
+    r = subprocess.run([pyspy, "record", "--pid", str(scan.pid), "--duration", "3" if SMOKE else "10", "--rate", "200",
+                        "--format", "raw", "--threads", "--idle", "--nonblocking", "--output", str(raw)],
+                       capture_output=True, text=True)
+    before = time.perf_counter() - t
+    cpu = None
+    try:
+        fields = Path(f"/proc/{scan.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime so far
+    except (OSError, IndexError, ValueError):
+        pass
+    part.update(pyspy_returncode=r.returncode, pyspy_stderr=r.stderr.strip()[-500:], sampled_s=round(before, 1),
+                scan_cpu_s_so_far=cpu)
+    scan.wait(timeout=600)
+    part["scan_returncode"] = scan.returncode
+    leaf, on_stack, threads = collections.Counter(), collections.Counter(), collections.Counter()
+    if raw.exists():
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(";")
+            n = int(count)
+            threads[frames[0]] += n
+            leaf[f"{frames[0][:40]} | {frames[-1]}"] += n
+            for f in set(frames[1:]):
+                on_stack[f] += n
+    part.update(threads=threads.most_common(10), leaf=leaf.most_common(30), on_stack=on_stack.most_common(40))
+    print(json.dumps(part, indent=1)[:6000], flush=True)
+
+
 def stage_compile(part: dict, work: Path) -> None:
     from deepscan.perf import model_throughput
 
@@ -457,7 +506,7 @@ def shape(result: dict) -> dict:
                           "compile": st.get("compile")},
            "training": {k: v for k, v in st.get("train", {}).items()},
            "tests": st.get("tests"), "env": env,
-           "follow_ups": {k: st[k] for k in ("train_steady", "prep_wide", "folder_workers") if k in st},
+           "follow_ups": {k: st[k] for k in ("train_steady", "prep_wide", "folder_workers", "folder_profile") if k in st},
            "stages": {k: {"ok": v.get("ok"), "seconds": v.get("seconds"), "error": v.get("error")}
                       for k, v in st.items()}}
     return out

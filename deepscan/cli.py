@@ -122,7 +122,7 @@ def scan(
     detector: Annotated[str, typer.Option(help="Face detector: auto, scrfd or dlib.")] = "auto",
     device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda (every GPU), cuda:N or a list cuda:0,cuda:2.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Face clips per model batch (mixed across videos).")] = 8,
+    batch_size: Annotated[Optional[int], typer.Option(help="Face clips per model batch, mixed across videos (default: 8 on CPU, 64 on CUDA).")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Preparation worker processes (default: all cores but one on CPU, all cores with a GPU; 0 = a thread in this process).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Abandon an input whose preparation makes no progress for this many seconds.")] = 600.0,
     aggregate: Annotated[str, typer.Option(help="Frame-to-track score: mean (paper), median or max.")] = "mean",
@@ -140,8 +140,10 @@ def scan(
     if weights is not None and not weights.is_file():  # before loading torch: a typo fails in a blink
         raise WeightsError(f"{weights}: checkpoint not found; pass an existing .safetensors file")
     from .run import ScanRequest, run_scan
-    from .scan import ScanSettings, exit_code
+    from .scan import ScanSettings, default_batch_size, exit_code
 
+    if batch_size is None:
+        batch_size = default_batch_size(device)
     settings = ScanSettings(clips=clips, threshold=threshold, aggregation=aggregate, batch_size=batch_size,
                             min_face=min_face, hash_files=not no_hash, timeout_s=timeout,
                             keep_crops=4 if heatmaps is not None else 0)
@@ -193,13 +195,16 @@ def _dataset(data, layout, compression, methods, splits, seed=0):
                         methods=[m.strip() for m in methods.split(",") if m.strip()], splits_dir=splits, seed=seed)
 
 
-def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, num_frames, quiet=False, ray=None):
+def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, num_frames, quiet=False, ray=None,
+             workers: int | None = None):
     from .faces import make_detector, resolve_detector
     from .output import progress
-    from .prepare import PrepareSettings, is_done, prepare
+    from .prepare import PrepareSettings, default_workers, is_done, prepare
 
     cache = writable_folder(cache or data / ".deepscan-cache", "--cache")
     settings = PrepareSettings(image_size=image_size, lda_size=lda_size, clip_len=num_frames, clips=clips)
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers {workers}: give 0 (this process only) or more")
     todo = [i for i in items if not is_done(cache, i)]
     if todo:
         with progress(len(items), "preparing face clips", enabled=not quiet) as advance:
@@ -211,9 +216,12 @@ def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, nu
                 notice(f"ray: {int(resources.get('CPU', 0))} CPU(s) in the cluster prepare {len(todo)} video(s)")
                 counts = cluster.prepare(items, cache, spec, settings, advance)
             else:
-                counts = prepare(items, cache, make_detector(detector, say=notice), settings, advance)
+                workers = min(default_workers() if workers is None else workers, len(todo))
+                det = resolve_detector(detector, say=notice) if workers else make_detector(detector, say=notice)
+                counts = prepare(items, cache, det, settings, advance, workers=workers,
+                                 say=lambda m: notice(f"warning: {m}"))
         notice(f"prepared {counts['prepared']} video(s) into {printable(str(cache))} ({counts['done_before']} done "
-               f"before, {counts['no_face']} without faces, {counts['errors']} unreadable)")
+               f"before, {counts['no_face']} without faces, {counts['errors']} failed)")
     return cache
 
 
@@ -235,11 +243,12 @@ def prepare(
     lda_size: Annotated[int, typer.Option(help="LDA crop size.")] = 224,
     num_frames: Annotated[int, typer.Option("--frames-per-clip", help="n consecutive frames per clip.")] = 3,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Prepare on Ray: local, auto or ADDRESS (the cache must be on storage every node sees); needs deepscan[ray].")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes preparing videos side by side (default: every core; 0 = this process only).")] = None,
 ) -> None:
     """Extract face clips of every video once into a cache (resumable; train and eval do it too)."""
     kind, items = _dataset(data, layout, compression, methods, splits)
     notice(f"{kind}: {len(items)} videos")
-    _prepare(items, data, cache, clips, detector, image_size, lda_size, num_frames, ray=ray)
+    _prepare(items, data, cache, clips, detector, image_size, lda_size, num_frames, ray=ray, workers=workers)
 
 
 @app.command()

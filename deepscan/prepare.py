@@ -18,6 +18,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,22 +112,109 @@ def begin(cache: Path, settings: PrepareSettings) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def prepare(items: list[VideoItem], cache: str | Path, detector, settings: PrepareSettings, advance=None) -> dict:
-    """Prepare every item not yet in the cache. Returns counts."""
+def default_workers() -> int:
+    """Preparation processes when not told: every core (nothing else runs while a cache is made)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def prepare(items: list[VideoItem], cache: str | Path, detector, settings: PrepareSettings, advance=None,
+            workers: int = 0, say=None) -> dict:
+    """Prepare every item not yet in the cache. Returns counts; ``say`` hears each video that
+    failed. With ``workers`` > 0, ``detector`` is a ``faces.DetectorSpec`` and that many
+    processes prepare videos side by side."""
     cache = Path(cache)
     begin(cache, settings)
     counts = {"done_before": 0, "prepared": 0, "no_face": 0, "errors": 0}
+    todo = []
     for item in items:
         if is_done(cache, item):
             counts["done_before"] += 1
+            if advance:
+                advance()
         else:
-            meta = prepare_video(item, cache, detector, settings)
-            counts["prepared"] += 1
-            counts["errors"] += meta["error"] is not None
-            counts["no_face"] += meta["error"] is None and meta["clips"] == 0
+            todo.append(item)
+    metas = (_in_processes(todo, cache, detector, settings, workers) if workers > 0 and todo
+             else (prepare_video(item, cache, detector, settings) for item in todo))
+    for meta in metas:
+        counts["prepared"] += 1
+        counts["errors"] += meta["error"] is not None
+        counts["no_face"] += meta["error"] is None and meta["clips"] == 0
+        if meta["error"] and say:
+            say(meta["error"])
         if advance:
             advance()
     return counts
+
+
+# concurrent.futures rather than workers.PreparePool: each video's clips go to disk here, so one
+# small result per video is all a worker returns. What the executor lacks is isolation (a worker
+# that dies breaks the whole pool), so that is added: after a death, the videos that were in
+# flight are prepared again one at a time, and one that kills its process alone is an error.
+_DETECTOR = None
+
+
+def _start_worker(spec, run: int) -> None:
+    global _DETECTOR
+    _DETECTOR = spec.build()
+    threading.Thread(target=_exit_with_run, args=(run,), daemon=True).start()
+
+
+def _exit_with_run(run: int) -> None:
+    """Stop once the run (process ``run``) is gone. A SIGKILLed run cannot stop its executor's
+    processes, and nothing tells them: each holds both ends of its queue and keeps the fork server
+    (their parent) alive, so without this they would wait for work for ever."""
+    while True:
+        time.sleep(0.2)
+        try:
+            os.kill(run, 0)
+        except (ProcessLookupError, PermissionError):  # gone (or another user's process by now)
+            os._exit(1)
+
+
+def _prepare_in_worker(item: VideoItem, cache: str, settings: PrepareSettings) -> dict:
+    return prepare_video(item, Path(cache), _DETECTOR, settings)
+
+
+def _in_processes(todo: list[VideoItem], cache: Path, spec, settings: PrepareSettings, workers: int):
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+    from dataclasses import replace
+
+    from .workers import _main_module_hidden, default_context
+
+    if getattr(spec, "name", None) == "scrfd":
+        spec = replace(spec, threads=1)  # one onnxruntime thread per process: the processes are the parallelism
+    queue, suspects = deque(todo), deque()
+    while queue or suspects:
+        alone = bool(suspects)
+        source, width = (suspects, 1) if alone else (queue, workers)
+        pool = ProcessPoolExecutor(width, mp_context=default_context(), initializer=_start_worker,
+                                   initargs=(spec, os.getpid()))
+        inflight: dict = {}
+        try:
+            with _main_module_hidden():
+                while source or inflight:
+                    while source and len(inflight) < (1 if alone else 2 * width):
+                        item = source.popleft()
+                        inflight[pool.submit(_prepare_in_worker, item, str(cache), settings)] = item
+                    done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        meta = future.result()  # BrokenProcessPool if a worker died
+                        del inflight[future]
+                        yield meta
+        except BrokenProcessPool:
+            if alone:
+                (item,) = inflight.values()
+                yield {**asdict(item), "clips": 0, "error": f"{item.path}: the preparation process died on this "
+                       "video (killed, or out of memory?); it is not cached, so the next run tries it again"}
+            else:
+                suspects.extend(inflight.values())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,12 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+def default_batch_size(device: str) -> int:
+    """--batch-size when not given: 8 on CPU (clips/s hardly depends on it there), 64 on CUDA
+    (on an H200 in bf16: 2,552 / 2,695 / 2,800 clips/s at 32 / 64 / 128, 2.5 GB at 64)."""
+    return 64 if pick_devices(device)[0].type == "cuda" else 8
+
+
 def default_workers(devices: list[torch.device]) -> int:
     """Preparation workers when --workers is not given: every core on a GPU machine; on CPU
     every core but one for the model (2 cores: 1 worker; see README 'Performance')."""

@@ -78,6 +78,34 @@ def test_prepare_caches_and_skips_finished_videos(tmp_path, datasets):
         prepare(items, tmp_path / "cache", DlibDetector(), PrepareSettings(image_size=398))
 
 
+def test_prepare_in_processes_gives_the_same_cache_and_isolates_a_crash(tmp_path, datasets):
+    from deepscan.data import VideoItem
+    from deepscan.faces import DetectorSpec
+
+    from .detectors import POISON_SIZE, PoisonSpec
+
+    _, items = load_dataset(datasets["folders"])
+    h, w = POISON_SIZE
+    rng = np.random.default_rng(1)
+    poison = media.write_video(tmp_path / "poison.mp4", [rng.integers(0, 255, (h, w, 3), np.uint8) for _ in range(10)])
+    items = items[:2] + [VideoItem(str(poison), 1, "train", "fake", "poison")] + items[2:]
+    settings = PrepareSettings(image_size=62, lda_size=32, clips=2)
+    said = []
+    counts = prepare(items, tmp_path / "two", PoisonSpec("kill"), settings, workers=2, say=said.append)
+    assert counts == {"done_before": 0, "prepared": len(items), "no_face": 0, "errors": 1}
+    assert len(said) == 1 and said[0].startswith(str(poison)) and "died" in said[0]
+    assert not (tmp_path / "two" / "poison").exists()  # not cached: the next run tries it again
+    one = prepare(items[:2] + items[3:], tmp_path / "one", DlibDetector(), settings)
+    assert one["prepared"] == len(items) - 1
+    a, b = load_cache(tmp_path / "two", items), load_cache(tmp_path / "one", items)
+    assert [v.key for v in a] == [v.key for v in b] and len(a) == len(items) - 1
+    for x, y in zip(a, b):
+        for name in ("image.npy", "frames.npy"):
+            assert np.array_equal(np.load(Path(x.folder) / name), np.load(Path(y.folder) / name))
+    again = prepare(items, tmp_path / "two", DetectorSpec("dlib"), settings, workers=2)
+    assert again == {"done_before": len(items) - 1, "prepared": 1, "no_face": 1, "errors": 0}
+
+
 def test_prepare_killed_midway_resumes_without_corrupt_entries(tmp_path, datasets):
     cache = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-m", "deepscan", "prepare", "--data", datasets["ffpp"], "--cache", cache,
@@ -88,6 +116,7 @@ def test_prepare_killed_midway_resumes_without_corrupt_entries(tmp_path, dataset
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    time.sleep(1.0)  # its preparation processes notice within 0.2 s and stop (see prepare._exit_with_run)
     done_at_kill = len(list(cache.glob("*/meta.json")))
     assert 2 <= done_at_kill
     for meta in cache.glob("*/meta.json"):  # whatever exists is complete
