@@ -21,7 +21,7 @@ from deepscan.config import config_for_variant
 from deepscan.faces import DetectorSpec
 from deepscan.inputs import ScanInput
 from deepscan.model import LDADetector
-from deepscan.perf import _sync, benchmark_inputs, make_folder
+from deepscan.perf import _sync, benchmark_inputs, emit, make_folder
 from deepscan.scan import Runner, ScanSettings, Scanner, default_workers, pick_devices, pick_precision
 from deepscan.workers import prepare_video
 
@@ -70,10 +70,7 @@ def main() -> None:
     result = {"device": str(device), "threads": torch.get_num_threads(), "workers": workers, "videos": args.videos,
               "clips": args.clips, "batch": args.batch, "pairs": pairs,
               "median_ratio": statistics.median(p["ratio"] for p in pairs)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

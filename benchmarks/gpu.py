@@ -133,43 +133,55 @@ def _videos(work: Path, count: int):
     return src, weights, make_folder(src, work / f"folder{count}", count)
 
 
-def stage_prep(part: dict, work: Path) -> None:
+def _prep_rows(part: dict, work: Path, name: str, videos: int, counts) -> None:
+    """Preparation clips/s (model off) over ``videos`` generated videos, for each worker count in
+    ``counts(cores)``."""
     from deepscan.config import config_for_variant
     from deepscan.faces import DetectorSpec
     from deepscan.perf import preparation_throughput
     from deepscan.scan import ScanSettings, cpu_count
 
-    _, _, folder = _videos(work, 16)
+    _, _, folder = _videos(work, videos)
     prep = ScanSettings(clips=CLIPS, hash_files=False).prep(config_for_variant("spatial-temporal"))
     cores = cpu_count()
     rows = part.setdefault("rows", [])
-    for n in sorted({1, 2, 4, 8, cores - 1, cores} & set(range(1, cores + 1))):
+    for n in sorted(counts(cores) & set(range(1, cores + 1))):
         rows += preparation_throughput(folder, DetectorSpec("dlib"), prep, [n], say=lambda m: None)
         rows[-1]["x_one_worker"] = round(rows[-1]["clips_per_s"] / rows[0]["clips_per_s"], 2)
         print(json.dumps(rows[-1]), flush=True)
-        _save(part, work, "prep")
+        _save(part, work, name)
 
 
-def stage_folder(part: dict, work: Path) -> None:
+def stage_prep(part: dict, work: Path) -> None:
+    _prep_rows(part, work, "prep", 16, lambda cores: {1, 2, 4, 8, cores - 1, cores})
+
+
+def _runner():
+    """The full-size spatial-temporal model on the device, as a GPU scan runs it (bf16)."""
     import torch
 
     from deepscan.config import config_for_variant
-    from deepscan.faces import DetectorSpec
     from deepscan.model import LDADetector
-    from deepscan.perf import end_to_end, folder_throughput
-    from deepscan.scan import Runner, default_workers
+    from deepscan.scan import Runner
 
-    dev = _dev()
-    src, weights, folder = _videos(work, 4 if SMOKE else 64)
     torch.manual_seed(0)
-    runner = Runner(LDADetector(config_for_variant("spatial-temporal")), dev,
-                    torch.float32 if SMOKE else torch.bfloat16, batch_size=BATCH)
+    return Runner(LDADetector(config_for_variant("spatial-temporal")), _dev(),
+                  torch.float32 if SMOKE else torch.bfloat16, batch_size=BATCH)
+
+
+def stage_folder(part: dict, work: Path) -> None:
+    from deepscan.faces import DetectorSpec
+    from deepscan.perf import end_to_end, folder_throughput
+    from deepscan.scan import default_workers
+
+    src, weights, folder = _videos(work, 4 if SMOKE else 64)
+    runner = _runner()
     spec = DetectorSpec("dlib")
     # one video, one worker: where the time of a clip goes (decode, detect + crop, model)
     part["one_video"] = end_to_end(src, runner, spec, CLIPS, BATCH, 1)
     print(json.dumps(part["one_video"]), flush=True)
     _save(part, work, "folder")
-    workers = default_workers([dev])
+    workers = default_workers([runner.device])
     part.update(folder_throughput(folder, runner, spec, weights, CLIPS, BATCH, workers))
     part["precision"] = "bf16"
     print(json.dumps({k: v for k, v in part.items() if k != "one_video"}), flush=True)
@@ -333,39 +345,19 @@ def stage_train_steady(part: dict, work: Path) -> None:
 
 def stage_prep_wide(part: dict, work: Path) -> None:
     """Preparation workers over 32 videos (the 16 of `prep` leave the last round half idle)."""
-    from deepscan.config import config_for_variant
-    from deepscan.faces import DetectorSpec
-    from deepscan.perf import preparation_throughput
-    from deepscan.scan import ScanSettings, cpu_count
-
-    _, _, folder = _videos(work, 4 if SMOKE else 32)
-    prep = ScanSettings(clips=CLIPS, hash_files=False).prep(config_for_variant("spatial-temporal"))
-    cores = cpu_count()
-    rows = part.setdefault("rows", [])
-    for n in sorted({1, 8, cores - 1, cores} & set(range(1, cores + 1))):
-        rows += preparation_throughput(folder, DetectorSpec("dlib"), prep, [n], say=lambda m: None)
-        rows[-1]["x_one_worker"] = round(rows[-1]["clips_per_s"] / rows[0]["clips_per_s"], 2)
-        print(json.dumps(rows[-1]), flush=True)
-        _save(part, work, "prep_wide")
+    _prep_rows(part, work, "prep_wide", 4 if SMOKE else 32, lambda cores: {1, 8, cores - 1, cores})
 
 
 def stage_folder_workers(part: dict, work: Path) -> None:
     """The folder scan with every core a worker, and with one core left to the scanning process."""
     import resource
 
-    import torch
-
-    from deepscan.config import config_for_variant
     from deepscan.faces import DetectorSpec
-    from deepscan.model import LDADetector
     from deepscan.perf import folder_throughput
-    from deepscan.scan import Runner, cpu_count
+    from deepscan.scan import cpu_count
 
-    dev = _dev()
     _, weights, folder = _videos(work, 4 if SMOKE else 64)
-    torch.manual_seed(0)
-    runner = Runner(LDADetector(config_for_variant("spatial-temporal")), dev,
-                    torch.float32 if SMOKE else torch.bfloat16, batch_size=BATCH)
+    runner = _runner()
     rows = part.setdefault("rows", [])
     cores = cpu_count()
     for workers in sorted({max(1, cores - 1), cores}):
@@ -390,7 +382,7 @@ def stage_folder_profile(part: dict, work: Path) -> None:
     pyspy = next((str(Path(p) / "bin" / "py-spy") for p in site if (Path(p) / "bin" / "py-spy").exists()), pyspy)
     if not Path(pyspy).exists():
         raise RuntimeError("py-spy not found (carry its wheel in .dev/)")
-    _, weights, folder = _videos(work, 4 if SMOKE else 64)
+    _, weights, folder = _videos(work, 4 if SMOKE else 128)  # ~30 s of scanning at ~140 clips/s
     scan = subprocess.Popen([sys.executable, "-m", "deepscan", "scan", str(folder[0].parent), "--weights", str(weights),
                              "--json", "--detector", "dlib", "--no-hash", "--clips", str(CLIPS),
                              "--batch-size", str(BATCH), "--device", _dev().type],

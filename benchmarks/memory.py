@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepscan.perf import benchmark_inputs, make_folder, scan_peak_rss  # noqa: E402
+from deepscan.perf import benchmark_inputs, emit, make_folder, scan_peak_rss  # noqa: E402
 
 
 def main() -> None:
@@ -59,10 +59,7 @@ def main() -> None:
     result["median_peak_rss_mb"] = medians
     result["difference_mb"] = round(max(medians) - min(medians), 1)
     result["target_mb"] = 50
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

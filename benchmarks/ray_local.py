@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepscan.perf import benchmark_inputs, make_folder  # noqa: E402
+from deepscan.perf import benchmark_inputs, emit, make_folder  # noqa: E402
 
 
 def timed_scan(folder: Path, weights: Path, clips: int, extra: list[str]) -> tuple[float, dict[str, dict]]:
@@ -74,10 +74,7 @@ def main() -> None:
     result = {"videos": args.videos, "clips": args.clips, "cores": os.cpu_count(),
               "local_s": round(local_s, 1), "ray_local_s": round(ray_s, 1),
               "ray_over_local": round(ray_s / local_s, 2), "records_agree": agree(local, on_ray)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -350,3 +350,13 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
     }
     result["workdir"] = str(work)
     return result
+
+
+def emit(result: dict, out: Path | None = None) -> None:
+    """A benchmark script's result: JSON on stdout, and into ``out`` when given."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -271,6 +271,12 @@ def _read_frames(proc: subprocess.Popen, info: VideoInfo, limit: int) -> Iterato
         yield np.frombuffer(buf, np.uint8).reshape(info.height, info.width, 3)
 
 
+# Decoding in one thread (and filtering in one): preparation runs one ffmpeg per worker, with as
+# many workers as the cores it is given, and ffmpeg's default of a thread per core (plus one)
+# would take the cores promised to the other workers or to the model.
+ONE_THREAD = ("-filter_threads", "1", "-threads", "1")
+
+
 def _run(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -322,7 +328,7 @@ def _select_pass(info: VideoInfo, wanted: list[int]) -> Iterator[tuple[int, np.n
         graph = ["-/vf", script]
     else:
         graph = ["-vf", vf]
-    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", info.url,
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *ONE_THREAD, "-i", info.url,
             "-map", f"0:v:{info.stream}", "-an", "-sn", *graph, "-fps_mode", "passthrough",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
     proc = _run(args)
@@ -345,7 +351,7 @@ def _seek_time(info: VideoInfo, start: int) -> str:
 
 def _seek_clip(info: VideoInfo, start: int, clip_len: int) -> tuple[list[np.ndarray], str]:
     """One clip by one seek in its own ffmpeg process (the fallback of ``_seek_chunk``)."""
-    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-ss", _seek_time(info, start),
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *ONE_THREAD, "-ss", _seek_time(info, start),
             "-i", info.url, "-map", f"0:v:{info.stream}", "-an", "-sn", "-frames:v", str(clip_len),
             "-fps_mode", "passthrough"]
     vf = _scale_filter(info)
@@ -362,7 +368,7 @@ def _seek_chunk(info: VideoInfo, starts: list[int], clip_len: int) -> list[tuple
     trimmed to n frames and concatenated. Saves a process start per clip (measured 35 vs 97 ms per
     clip on a 10 min 720p file); gives the same frames. Falls back to one process per clip if the
     chunk does not decode whole (e.g. a truncated file), so that every clip that can decode does."""
-    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"]
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-filter_complex_threads", "1"]
     for s in starts:
         args += ["-threads", "1", "-ss", _seek_time(info, s), "-i", info.url]
     scale = "".join("," + f for f in _scale_filter(info))
