@@ -197,9 +197,10 @@ def _dataset(data, layout, compression, methods, splits, seed=0):
 
 def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, num_frames, quiet=False, ray=None,
              workers: int | None = None):
-    from .faces import make_detector, resolve_detector
+    from .faces import resolve_detector
     from .output import progress
-    from .prepare import PrepareSettings, default_workers, is_done, prepare
+    from .prepare import PrepareSettings, is_done, prepare
+    from .workers import cpu_count
 
     cache = writable_folder(cache or data / ".deepscan-cache", "--cache")
     settings = PrepareSettings(image_size=image_size, lda_size=lda_size, clip_len=num_frames, clips=clips)
@@ -207,18 +208,18 @@ def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, nu
         raise ConfigError(f"--workers {workers}: give 0 (this process only) or more")
     todo = [i for i in items if not is_done(cache, i)]
     if todo:
+        spec = resolve_detector(detector, say=notice)
         with progress(len(items), "preparing face clips", enabled=not quiet) as advance:
             if ray:
                 from . import cluster
 
-                spec = resolve_detector(detector, say=notice)
                 resources = cluster.connect(ray)
                 notice(f"ray: {int(resources.get('CPU', 0))} CPU(s) in the cluster prepare {len(todo)} video(s)")
                 counts = cluster.prepare(items, cache, spec, settings, advance)
             else:
-                workers = min(default_workers() if workers is None else workers, len(todo))
-                det = resolve_detector(detector, say=notice) if workers else make_detector(detector, say=notice)
-                counts = prepare(items, cache, det, settings, advance, workers=workers,
+                # every core by default: nothing else runs while a cache is made
+                workers = min(cpu_count() if workers is None else workers, len(todo))
+                counts = prepare(items, cache, spec if workers else spec.build(), settings, advance, workers=workers,
                                  say=lambda m: notice(f"warning: {m}"))
         notice(f"prepared {counts['prepared']} video(s) into {printable(str(cache))} ({counts['done_before']} done "
                f"before, {counts['no_face']} without faces, {counts['errors']} failed)")

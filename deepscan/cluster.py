@@ -110,12 +110,12 @@ class ScanActor:
         import torch
 
         from .checkpoint import load_checkpoint
+        from .scan import Runner, Scanner, pick_devices, pick_precision
 
         if threads:
             # Ray sets OMP_NUM_THREADS to the actor's (fractional, rounded down) CPU request, 1 on a
             # small node: the model ran on one thread, a scan took 2.06x as long as a local one.
             torch.set_num_threads(threads)
-        from .scan import Runner, Scanner, pick_devices, pick_precision
 
         model_obj, info = load_checkpoint(checkpoint)
         dev = pick_devices(device)[0]  # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU

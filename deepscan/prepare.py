@@ -112,14 +112,6 @@ def begin(cache: Path, settings: PrepareSettings) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def default_workers() -> int:
-    """Preparation processes when not told: every core (nothing else runs while a cache is made)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def prepare(items: list[VideoItem], cache: str | Path, detector, settings: PrepareSettings, advance=None,
             workers: int = 0, say=None) -> dict:
     """Prepare every item not yet in the cache. Returns counts; ``say`` hears each video that

@@ -35,7 +35,7 @@ from .config import CROP_MARGIN
 from .errors import ConfigError, DeepscanError
 from .inputs import ScanInput
 from .model import LDADetector, fold_batchnorm, input_normaliser
-from .workers import PreparePool, PrepSettings
+from .workers import PreparePool, PrepSettings, cpu_count
 
 SCHEMA = "deepscan.scan/1"
 AGGREGATIONS = ("mean", "median", "max")
@@ -73,13 +73,6 @@ class ScanSettings:
 
 
 # ---------------------------------------------------------------------------- devices
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def pick_device(name: str = "auto") -> torch.device:
     (dev,) = pick_devices(name)[:1]
     return dev

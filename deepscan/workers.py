@@ -246,6 +246,14 @@ def _process_main(conn, shm_name: str, slots: list[int], make_detector, settings
 
 
 # ---------------------------------------------------------------------------- the pool
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_context():
     """A fork server preloaded with this module: clean (no threads, no torch) and quick to fork."""
     if "forkserver" in mp.get_all_start_methods():
