@@ -21,8 +21,8 @@ from deepscan.config import config_for_variant
 from deepscan.faces import DetectorSpec
 from deepscan.inputs import ScanInput
 from deepscan.model import LDADetector
-from deepscan.perf import _sync, benchmark_inputs, emit, make_folder
-from deepscan.scan import Runner, ScanSettings, Scanner, default_workers, pick_devices, pick_precision
+from deepscan.perf import benchmark_inputs, emit, make_folder, model_only
+from deepscan.scan import Runner, ScanSettings, Scanner, default_workers, model_lanes, pick_devices, pick_precision
 from deepscan.workers import prepare_video
 
 
@@ -58,16 +58,12 @@ def main() -> None:
             e2e_s = time.perf_counter() - t
             face = sum(r["sampling"].get("face_clips", 0) for r in records)
             # the model alone on as many clips (the first video's, repeated), same batch size
-            sample = (clips * (-(-face // len(clips))))[:face]
-            t = time.perf_counter()
-            for i in range(0, face, args.batch):
-                runner(sample[i:i + args.batch])
-            _sync(device)
-            model_s = time.perf_counter() - t
+            model_s = model_only(runner, (clips * (-(-face // len(clips))))[:face], args.batch)
             pairs.append({"face_clips": face, "end_to_end_clips_per_s": round(face / e2e_s, 3),
                           "model_only_clips_per_s": round(face / model_s, 3), "ratio": round(model_s / e2e_s, 3)})
             print(json.dumps(pairs[-1]), flush=True)
-    result = {"device": str(device), "threads": torch.get_num_threads(), "workers": workers, "videos": args.videos,
+    result = {"device": str(device), "threads": torch.get_num_threads(),
+              "lanes": [t for _, t in model_lanes([runner])], "workers": workers, "videos": args.videos,
               "clips": args.clips, "batch": args.batch, "pairs": pairs,
               "median_ratio": statistics.median(p["ratio"] for p in pairs)}
     emit(result, args.out)

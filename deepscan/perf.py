@@ -1,6 +1,7 @@
 """Throughput benchmarks behind ``deepscan bench --throughput`` (never timed assertions in tests).
 
-- model: clips/s per variant and precision at full size on the current device; the baseline is
+- model: clips/s per variant and precision at full size on the current device, one stream (a CPU
+  scan runs several single-threaded lanes side by side: see ``lanes``); the baseline is
   fp32 in NCHW layout, the fast path what ``--precision auto`` picks (channels_last + bf16 on CPUs
   with native bf16, bf16/fp16 autocast on CUDA);
 - end to end: a scan of generated 720p face videos of 10 s and 10 min at the same sampling, with
@@ -78,6 +79,45 @@ def model_throughput(variant: str, precision: str, device: torch.device, batch: 
     return out
 
 
+def model_only(runner, clips: list, batch: int) -> float:
+    """Seconds the model alone takes over ``clips`` in batches of ``batch``, through the same lanes
+    as a scan (scan.model_lanes: several single-threaded ones on CPU), fed from one queue."""
+    import queue
+    import threading
+
+    from .scan import model_lanes
+
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    for i in range(0, len(clips), batch):
+        jobs.put(clips[i:i + batch])
+    errors = []
+
+    def lane(threads: int) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            while True:
+                try:
+                    part = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                runner(part)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller's thread
+            errors.append(exc)
+
+    lanes = [threading.Thread(target=lane, args=(t,)) for _, t in model_lanes([runner])]
+    _sync(runner.device)
+    t = time.perf_counter()
+    for th in lanes:
+        th.start()
+    for th in lanes:
+        th.join()
+    _sync(runner.device)
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t
+
+
 def make_videos(folder: Path, face_video_10s: Path | None = None) -> dict[str, Path]:
     """720p face videos of 10 s and 10 min, and a 1080p one of 1 hour (stream copies of a 10 s clip)."""
     from .video import ffmpeg_exe
@@ -144,15 +184,10 @@ def end_to_end(video: Path, runner, spec, clips: int, batch: int, workers: int) 
     detector = spec.build()
     face_clips = [ev for ev in prepare_video(0, str(video), detector, settings.prep(runner.cfg))
                   if not isinstance(ev, tuple)]
-    _sync(runner.device)
-    t = time.perf_counter()
-    for i in range(0, len(face_clips), batch):
-        runner(face_clips[i:i + batch])
-    _sync(runner.device)
-    model_only = time.perf_counter() - t
+    model_s = model_only(runner, face_clips, batch)
     return {"video": video.name, "duration_s": res["video"]["duration_s"] if res["video"] else None,
-            "face_clips": len(face_clips), "end_to_end_s": round(total, 3), "model_only_s": round(model_only, 3),
-            "ratio": round(total / model_only, 3) if model_only else None, "strategy": res["sampling"].get("strategy"),
+            "face_clips": len(face_clips), "end_to_end_s": round(total, 3), "model_only_s": round(model_s, 3),
+            "ratio": round(total / model_s, 3) if model_s else None, "strategy": res["sampling"].get("strategy"),
             "workers": workers, "breakdown_s": dict(res["timings"])}
 
 
@@ -206,12 +241,7 @@ def folder_throughput(videos: list[Path], runner, spec, weights: Path, clips: in
               if not isinstance(ev, tuple)]
     sample = (sample * (-(-4 * batch // max(1, len(sample)))))[: 4 * batch]
     runner(sample[:batch])  # warm-up
-    _sync(runner.device)
-    t = time.perf_counter()
-    for i in range(0, len(sample), batch):
-        runner(sample[i:i + batch])
-    _sync(runner.device)
-    model = len(sample) / (time.perf_counter() - t)
+    model = len(sample) / model_only(runner, sample, batch)
     end_to_end = face / dt
     out = {"videos": len(videos), "face_clips": face, "workers": workers, "batch": batch,
            "end_to_end_clips_per_s": round(end_to_end, 2), "model_only_clips_per_s": round(model, 2),
@@ -303,7 +333,7 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
             workdir: Path | None = None, say=print, use_compile: bool = False, workers: int | None = None) -> dict:
     from .checkpoint import save_checkpoint
     from .faces import resolve_detector
-    from .scan import Runner, ScanSettings, cpu_count, default_workers, pick_precision
+    from .scan import Runner, ScanSettings, cpu_count, default_workers, model_lanes, pick_precision
 
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cores": cpu_count(), "model": []}
@@ -329,6 +359,7 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
     spec = resolve_detector("auto", say=say)
     workers = default_workers([device]) if workers is None else workers
     result["detector"], result["workers"] = spec.name, workers
+    result["lanes"] = [t for _, t in model_lanes([runner])]  # threads of each model lane of a scan
     e2e = []
     for key in ("720p_10s", "720p_10min"):
         say(f"end to end: {key}")

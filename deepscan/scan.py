@@ -159,9 +159,20 @@ class Runner:
         self._forward = compile_model(self.model, device) if use_compile else self.model
         self.compiled = use_compile
         self.threads = torch.get_num_threads()  # CPU threads, as set where the runner is made
+        self._first = threading.Lock() if use_compile else None  # several lanes: compile once
 
     def forward(self, image: torch.Tensor, frames: torch.Tensor | None):
-        """(logits, maps) for normalised inputs, compiled when asked and possible."""
+        """(logits, maps) for normalised inputs, compiled when asked and possible. The first call
+        compiles; lanes that call meanwhile wait for it rather than compile again."""
+        first = self._first
+        if first is not None:
+            with first:
+                out = self._call(image, frames)
+                self._first = None
+                return out
+        return self._call(image, frames)
+
+    def _call(self, image: torch.Tensor, frames: torch.Tensor | None):
         try:
             return self._forward(image, frames, return_maps=True)
         except Exception as exc:  # noqa: BLE001 - any compiler failure; eager is always there
@@ -188,8 +199,18 @@ class Runner:
         probs = torch.softmax(logits[:n].float(), dim=1)[:, 1].cpu().numpy()
         return probs, {k: v[:n].float().cpu().numpy() for k, v in maps.items()}
 
+    def score_batch(self, images: np.ndarray, frames: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``score`` over a batch: on CPU in steps of CPU_STEP clips (unless compiled: one graph,
+        whole batches), elsewhere at once."""
+        if self.device.type != "cpu" or self.compiled or len(images) <= CPU_STEP:
+            return self.score(images, frames)
+        parts = [self.score(images[k:k + CPU_STEP], None if frames is None else frames[k:k + CPU_STEP])
+                 for k in range(0, len(images), CPU_STEP)]
+        return np.concatenate([p for p, _ in parts]), {key: np.concatenate([m[key] for _, m in parts])
+                                                        for key in parts[0][1]}
+
     def __call__(self, clips: list[faces_mod.FaceClip]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return self.score(np.stack([c.image for c in clips]), np.stack([c.frames for c in clips]))
+        return self.score_batch(np.stack([c.image for c in clips]), np.stack([c.frames for c in clips]))
 
     def replica(self, device: torch.device) -> "Runner":
         """The same model on another device (one per GPU)."""
@@ -293,48 +314,52 @@ class _Batch:
     frames: np.ndarray
 
 
+MAX_CPU_LANES = 8  # each lane holds a step's activations (~120 MB a clip at full size, fp32)
+# A CPU lane scores its batch one clip at a time: as fast as larger steps on one thread (model
+# alone, 2 lanes, clips/s at steps of 1/2/4/8: 4.83-5.25 / 4.73-4.99 / 4.68-4.79 / 4.53-4.55), and
+# the activations of two lanes peak at +250 MB instead of +457 MB (steps of 2) or +1336 MB (8).
+CPU_STEP = 1
+
+
+def cpu_lanes(threads: int) -> list[int]:
+    """The threads of each model lane on CPU, for ``threads`` threads in all: one thread per lane,
+    up to MAX_CPU_LANES lanes (more threads are spread over them).
+
+    Why lanes: convolutions on a few threads meet at a barrier in every parallel region, so one
+    model on 2 threads ran at 3.05-3.1 clips/s on this 2-core machine where two models of one
+    thread each, side by side, ran at 3.8-4.0 (benchmarks/folder_ratio.py, README 'Performance').
+    Single-threaded lanes also share cores with busy preparation without stalling: a scan of 4
+    720p videos took 37-39 s with two lanes, 49-50 s with one two-thread model that stepped down
+    to one thread while preparation worked (the scheme this replaced). More than 8 lanes would
+    cost memory for little gain (unmeasured: only 2 cores here)."""
+    threads = max(1, threads)
+    lanes = min(threads, MAX_CPU_LANES)
+    return [threads // lanes + (1 if i < threads % lanes else 0) for i in range(lanes)]
+
+
 class _Scorer(threading.Thread):
-    """One model replica on one device, scoring batches from a shared queue.
+    """One model lane: a runner and a thread scoring batches from the shared queue. A GPU has
+    one; the CPU has one per ``cpu_lanes`` entry, all on the same runner (inference is
+    stateless, so lanes share one set of weights), each with its own thread count."""
 
-    On CPU, a model that shares its cores with busy preparation stalls the others at every
-    parallel region (2 cores: batches 2.4-3x slower beside any busy thread or process), while
-    one thread alone runs at 0.56x of two. So while any preparation worker is busy the model
-    leaves one core per busy worker (at least one thread for itself), in steps of 2 clips (CPU
-    clips/s hardly depends on the batch size), and takes them all back when they rest."""
-
-    def __init__(self, runner: Runner, jobs: queue.Queue, results: queue.Queue, busy: Callable[[], int],
-                 wake: Callable[[], None]):
-        super().__init__(name=f"deepscan-score-{runner.device}", daemon=True)
-        self.runner, self.jobs, self.results, self.busy, self.wake = runner, jobs, results, busy, wake
+    def __init__(self, runner: Runner, jobs: queue.Queue, results: queue.Queue, wake: Callable[[], None],
+                 threads: int = 0, lane: int = 0):
+        super().__init__(name=f"deepscan-score-{runner.device}-{lane}", daemon=True)
+        self.runner, self.jobs, self.results, self.wake, self.threads = runner, jobs, results, wake, threads
         self.working = False
 
     def run(self) -> None:
         r = self.runner
-        share = r.device.type == "cpu" and r.threads > 1
         if r.device.type == "cpu":
-            torch.set_num_threads(r.threads)  # a new thread starts with the default, not the caller's
+            torch.set_num_threads(self.threads or r.threads)  # a new thread starts with the default
         elif r.device.type == "cuda":
             torch.cuda.set_device(r.device)
-        current = r.threads
         while (batch := self.jobs.get()) is not None:
             self.working = True
             t = time.perf_counter()
             try:
-                if not share:
-                    probs, maps = r.score(batch.images, batch.frames)
-                else:
-                    step = r.batch_size if r.compiled else 2
-                    parts = []
-                    for k in range(0, len(batch.images), step):
-                        want = max(1, r.threads - self.busy())
-                        if want != current:  # resizing the thread pool costs ~10 % of a step
-                            torch.set_num_threads(want)
-                            current = want
-                        parts.append(r.score(batch.images[k:k + step], batch.frames[k:k + step]))
-                        release_free_memory()
-                    probs = np.concatenate([p for p, _ in parts])
-                    maps = {key: np.concatenate([m[key] for _, m in parts]) for key in parts[0][1]}
-                if r.device.type == "cpu" and not share:
+                probs, maps = r.score_batch(batch.images, batch.frames)
+                if r.device.type == "cpu":
                     release_free_memory()
                 self.results.put((batch, probs, maps, time.perf_counter() - t))
             except BaseException as exc:  # noqa: BLE001 - handed to the scanning thread, which stops
@@ -342,6 +367,11 @@ class _Scorer(threading.Thread):
             finally:
                 self.working = False
                 self.wake()
+
+
+def model_lanes(runners: list[Runner]) -> list[tuple[Runner, int]]:
+    """(runner, CPU threads) of each model lane: one per GPU runner, ``cpu_lanes`` per CPU runner."""
+    return [(r, t) for r in runners for t in (cpu_lanes(r.threads) if r.device.type == "cpu" else [0])]
 
 
 @functools.lru_cache(maxsize=1)
@@ -402,7 +432,7 @@ def start_pool(settings: ScanSettings, cfg, make_detector, workers: int, *, devi
     """Preparation workers for scans with ``settings`` and a model of config ``cfg``."""
     if not slots_per_worker:
         # Enough slots in all for two batches per device; on CPU a deep buffer lets a worker work
-        # in long bursts and rest long (see _Scorer).
+        # in long bursts and rest long.
         per = -(-2 * settings.batch_size * devices // max(1, workers))
         slots_per_worker = max(16, per) if gpu else max(64, per)
     return PreparePool(workers, settings.prep(cfg, max_side), make_detector, slots_per_worker=slots_per_worker,
@@ -434,9 +464,11 @@ class Scanner:
                                        slots_per_worker=slots_per_worker, max_side=max_side)
         self.window = max(16, 4 * len(self.pool.workers))  # inputs in flight beyond the next to emit
         self._waker = _Waker()
-        self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(runners))
         self._results: queue.Queue = queue.Queue()
-        self._scorers = [_Scorer(r, self._jobs, self._results, self.pool.busy_count, self._waker) for r in runners]
+        lanes = model_lanes(runners)
+        self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(lanes))
+        self._scorers = [_Scorer(r, self._jobs, self._results, self._waker, threads, k)
+                         for k, (r, threads) in enumerate(lanes)]
         for s in self._scorers:
             s.start()
         self._closed = False

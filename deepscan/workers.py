@@ -6,8 +6,7 @@ worker writes the crops into its own slot and sends only the slot number and a s
 tuple through its pipe. The scanning process copies the slot into a model batch and gives the
 slot back. Nothing per clip is pickled, and memory is bounded by workers x slots, never by the
 number of inputs. A worker that has used all its slots rests until three quarters are free
-again, so on a CPU-only machine it works in bursts and the model has every core in between
-(``busy`` flags tell the scanning process when).
+again, so it works in bursts of whole batches rather than clip by clip.
 
 Workers never import torch (a CUDA build costs ~0.5 GB per process): numpy, Pillow, dlib or
 onnxruntime (CPU provider, one thread), ffmpeg in subprocesses. They start from a fork server
@@ -160,7 +159,7 @@ class _Stop(Exception):
 
 
 def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.ndarray, np.ndarray]],
-                 make_detector, settings: PrepSettings, busy, position: int) -> None:
+                 make_detector, settings: PrepSettings) -> None:
     """Serve jobs from ``conn`` until told to stop or the other end goes away."""
     jobs: deque = deque()
     free: set[int] = set(slots)
@@ -187,20 +186,16 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
     try:
         while True:
             if not jobs:
-                busy[position] = 0
                 pump(block=True)
                 continue
             index, path = jobs.popleft()
-            busy[position] = 1
             for ev in prepare_video(index, path, detector, settings):
                 if isinstance(ev, tuple):
                     conn.send(ev)
                 else:
                     if not free:  # out of slots: rest until most are back (bursts, see module doc)
-                        busy[position] = 0
                         while len(free) < rest_until:
                             pump(block=True)
-                        busy[position] = 1
                     slot = free.pop()
                     image, frames = slot_view(slot)
                     image[...] = ev.image
@@ -211,7 +206,6 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
     except (_Stop, EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
         pass
     finally:
-        busy[position] = 0
         conn.close()  # the other end sees EOF (a thread does not close it by ending)
 
 
@@ -227,8 +221,7 @@ def _slot_viewer(buf, settings: PrepSettings):
     return view
 
 
-def _process_main(conn, shm_name: str, slots: list[int], make_detector, settings: PrepSettings, busy,
-                  position: int) -> None:
+def _process_main(conn, shm_name: str, slots: list[int], make_detector, settings: PrepSettings) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scanning process decides when workers stop
     try:
@@ -240,7 +233,7 @@ def _process_main(conn, shm_name: str, slots: list[int], make_detector, settings
     # unlinked exactly once: by the scanning process, or by the tracker if that process dies.
     shm = shared_memory.SharedMemory(name=shm_name)
     try:
-        _worker_loop(conn, slots, _slot_viewer(shm.buf, settings), make_detector, settings, busy, position)
+        _worker_loop(conn, slots, _slot_viewer(shm.buf, settings), make_detector, settings)
     finally:
         shm.close()
 
@@ -318,7 +311,6 @@ class PreparePool:
         total = count * self.slots_per_worker * settings.slot_bytes
         self.shm = shared_memory.SharedMemory(create=True, size=max(1, total))
         self._view = _slot_viewer(self.shm.buf, settings)
-        self.busy = [0] * count if self.threaded else self.ctx.Array("b", count, lock=False)
         self.workers = [_Worker(p, list(range(p * self.slots_per_worker, (p + 1) * self.slots_per_worker)))
                         for p in range(count)]
         self.replaced = 0
@@ -337,13 +329,11 @@ class PreparePool:
         if self.threaded:
             ours, theirs = mp.Pipe()
             w.proc = threading.Thread(target=_worker_loop, name=f"deepscan-prepare-{w.position}", daemon=True,
-                                      args=(theirs, free, self._view, self.make_detector, self.settings,
-                                            self.busy, w.position))
+                                      args=(theirs, free, self._view, self.make_detector, self.settings))
         else:
             ours, theirs = self.ctx.Pipe()
             w.proc = self.ctx.Process(target=_process_main, name=f"deepscan-prepare-{w.position}", daemon=True,
-                                      args=(theirs, self.shm.name, free, self.make_detector, self.settings,
-                                            self.busy, w.position))
+                                      args=(theirs, self.shm.name, free, self.make_detector, self.settings))
         w.conn, w.events = ours, 0
         if self.threaded:
             w.proc.start()
@@ -433,9 +423,6 @@ class PreparePool:
                 w.conn.send(("free", ss))
             except OSError:
                 pass  # it died; its replacement starts with every slot that is not out
-
-    def busy_count(self) -> int:
-        return sum(1 for b in self.busy if b)
 
     def starved(self) -> bool:
         """True when no worker can make progress without slots being freed (or has no input)."""

@@ -1,14 +1,15 @@
-"""The scan pipeline: preparation workers, order, crashes and stalls, several devices, core sharing."""
+"""The scan pipeline: preparation workers, order, crashes and stalls, several devices, CPU lanes."""
 
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from deepscan.faces import DetectorSpec, DlibDetector
+from deepscan.faces import DetectorSpec
 from deepscan.inputs import ScanInput
-from deepscan.scan import Runner, ScanSettings, scan
+from deepscan.scan import Runner, ScanSettings, cpu_lanes, scan
 
 from . import media
 from .conftest import tiny_model
@@ -102,51 +103,44 @@ def test_every_device_gets_batches_and_scores_are_the_same(media_dir):
         np.testing.assert_allclose(a[path], b[path], atol=1e-5)
 
 
-def test_cpu_scan_shares_cores_without_changing_scores(media_dir):
-    items = inputs(media_dir, "carphone.mp4", "two_faces.mp4")
-    threads = torch.get_num_threads()
-
-    def scores():
-        runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=4)
-        return frame_scores(scan(items, runner, DetectorSpec("dlib"), SETTINGS, workers=1))
-
-    shared = scores()  # threads > 1: the model steps aside while preparation works
-    assert torch.get_num_threads() == threads
-    torch.set_num_threads(1)  # nothing to share: whole batches
-    try:
-        whole = scores()
-    finally:
-        torch.set_num_threads(threads)
-    for path in shared:
-        np.testing.assert_allclose(shared[path], whole[path], atol=1e-5)
+def test_cpu_lanes_split_the_threads():
+    assert cpu_lanes(1) == [1] and cpu_lanes(2) == [1, 1] and cpu_lanes(3) == [1, 1, 1]
+    assert cpu_lanes(10) == [2, 2, 1, 1, 1, 1, 1, 1] and cpu_lanes(16) == [2] * 8 and cpu_lanes(0) == [1]
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: nothing to share")
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: one lane")
 @pytest.mark.parametrize("workers", [0, 1])
-def test_cpu_model_leaves_a_core_while_preparation_works(media_dir, workers, poison):
+def test_cpu_scan_scores_in_single_threaded_lanes_side_by_side(media_dir, workers):
     threads = torch.get_num_threads()
-    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=8)
-    seen, score = [], runner.score
+    items = inputs(media_dir, "carphone.mp4", "two_faces.mp4", "astronaut.mp4")
+    settings = ScanSettings(clips=8, batch_size=2, hash_files=False)
+    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=2)
+    seen, score, lock = [], runner.score, threading.Lock()
+    state = {"now": 0, "most": 0}
 
     def recording(images, frames):
-        seen.append((len(images), torch.get_num_threads()))
-        return score(images, frames)
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.1)  # a slow step: the other lane takes the next batch meanwhile
+        try:
+            return score(images, frames)
+        finally:
+            with lock:
+                state["now"] -= 1
 
     runner.score = recording
-    if workers == 0:
-        dlib = DlibDetector()
-
-        def detector(frame, hints=(), **kw):  # preparation still busy when the first batch is scored
-            time.sleep(0.05)
-            return dlib(frame, hints, **kw)
-
-        detector.name = "dlib"
-    else:
-        detector = DetectorSpec("dlib")
-    items = inputs(media_dir, "carphone.mp4", "carphone.mp4", "carphone.mp4", "carphone.mp4")
-    scan(items, runner, detector, ScanSettings(clips=8, batch_size=8, hash_files=False), workers=workers,
-         slots_per_worker=8)  # a worker out of slots rests: the model then has every core
-    assert all(n <= 2 for n, _ in seen)  # steps of 2 clips
-    assert any(t == threads - 1 for _, t in seen)  # preparation working: one core left to it
-    assert seen[-1][1] == threads  # the last batch comes after preparation is done
-    assert torch.get_num_threads() == threads
+    lanes = frame_scores(scan(items, runner, DetectorSpec("dlib"), settings, workers=workers))
+    assert len({name for name, _ in seen}) == len(cpu_lanes(threads)) and all(t == 1 for _, t in seen)
+    assert state["most"] >= 2  # lanes really score at the same time
+    assert torch.get_num_threads() == threads  # the caller's thread count is untouched
+    torch.set_num_threads(1)  # one lane
+    try:
+        one = frame_scores(scan(items, Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=2),
+                                DetectorSpec("dlib"), settings, workers=workers))
+    finally:
+        torch.set_num_threads(threads)
+    assert one.keys() == lanes.keys()
+    for path in one:
+        np.testing.assert_allclose(lanes[path], one[path], atol=1e-5)
