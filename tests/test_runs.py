@@ -16,9 +16,16 @@ from deepscan.errors import ConfigError
 FAST = ["--clips", "2", "--detector", "dlib", "--batch-size", "2", "--no-hash"]
 
 
+def _default_sigint() -> None:
+    # A suite started in the background of a non-interactive shell (`bash .ci/run &`, nohup)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler: the scan
+    # would rightly ignore the Ctrl-C of the signal test. Give the child the default disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "deepscan", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint, **kw)
 
 
 def run(*args):
