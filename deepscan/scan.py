@@ -1,14 +1,15 @@
 """A scan: inputs in, one record per input out, at any scale on one machine.
 
-    plan (inputs.py) -> prepare (workers.py: worker processes) -> score (one thread per device)
-    -> assemble (here: tracks, verdict, heatmaps, record) -> sink (the caller's ``on_record``)
+    plan (inputs.py) -> prepare (workers.py: worker processes) -> score (model lanes: one thread
+    per GPU, single-threaded lanes on CPU) -> assemble (here: tracks, verdict, heatmaps, record)
+    -> sink (the caller's ``on_record``)
 
 Preparation (decode, detect, track, crop) runs in worker processes that hand face clips over
-through shared memory; batches mix clips of several videos; each device has a scorer thread
-with its own model replica; records leave in input order as soon as a video's last clip is
-scored, and nothing per frame survives them. Memory depends on the number of workers, slots
-and the batch size, never on the number of inputs. Any failure of one input becomes that
-input's ``error`` record.
+through shared memory; batches mix clips of several videos; each GPU has a scorer thread with
+its own model replica, the CPU several lanes on one model (``cpu_lanes``); records leave in
+input order as soon as a video's last clip is scored, and nothing per frame survives them.
+Memory depends on the number of workers, slots and the batch size, never on the number of
+inputs. Any failure of one input becomes that input's ``error`` record.
 """
 
 from __future__ import annotations
