@@ -81,40 +81,15 @@ def model_throughput(variant: str, precision: str, device: torch.device, batch: 
 
 def model_only(runner, clips: list, batch: int) -> float:
     """Seconds the model alone takes over ``clips`` in batches of ``batch``, through the same lanes
-    as a scan (scan.model_lanes: several single-threaded ones on CPU), fed from one queue."""
-    import queue
-    import threading
+    as a scan (scan.score_in_lanes: several single-threaded ones on CPU)."""
+    from .scan import score_in_lanes
 
-    from .scan import model_lanes
-
-    jobs: queue.SimpleQueue = queue.SimpleQueue()
-    for i in range(0, len(clips), batch):
-        jobs.put(clips[i:i + batch])
-    errors = []
-
-    def lane(threads: int) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            while True:
-                try:
-                    part = jobs.get_nowait()
-                except queue.Empty:
-                    return
-                runner(part)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller's thread
-            errors.append(exc)
-
-    lanes = [threading.Thread(target=lane, args=(t,)) for _, t in model_lanes([runner])]
+    batches = [(np.stack([c.image for c in clips[i:i + batch]]), np.stack([c.frames for c in clips[i:i + batch]]))
+               for i in range(0, len(clips), batch)]
     _sync(runner.device)
     t = time.perf_counter()
-    for th in lanes:
-        th.start()
-    for th in lanes:
-        th.join()
+    score_in_lanes([runner], batches)
     _sync(runner.device)
-    if errors:
-        raise errors[0]
     return time.perf_counter() - t
 
 

@@ -375,6 +375,30 @@ def model_lanes(runners: list[Runner]) -> list[tuple[Runner, int]]:
     return [(r, t) for r in runners for t in (cpu_lanes(r.threads) if r.device.type == "cpu" else [0])]
 
 
+def _lane_scorers(runners: list[Runner], jobs: queue.Queue, results: queue.Queue,
+                  wake: Callable[[], None]) -> list[_Scorer]:
+    return [_Scorer(r, jobs, results, wake, threads, k) for k, (r, threads) in enumerate(model_lanes(runners))]
+
+
+def score_in_lanes(runners: list[Runner], batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Score ``batches`` of (images, frames) through the very lanes a Scanner runs, and wait (the
+    model alone at a scan's settings, for benchmarks); the first failure is raised."""
+    jobs: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+    scorers = _lane_scorers(runners, jobs, results, lambda: None)
+    for images, frames in batches:
+        jobs.put(_Batch([], images, frames))
+    for s in scorers:
+        jobs.put(None)
+        s.start()
+    for s in scorers:
+        s.join()
+    while not results.empty():
+        failure = results.get_nowait()[1]
+        if isinstance(failure, BaseException):
+            raise failure
+
+
 @functools.lru_cache(maxsize=1)
 def _malloc_trim():
     try:
@@ -466,10 +490,8 @@ class Scanner:
         self.window = max(16, 4 * len(self.pool.workers))  # inputs in flight beyond the next to emit
         self._waker = _Waker()
         self._results: queue.Queue = queue.Queue()
-        lanes = model_lanes(runners)
-        self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(lanes))
-        self._scorers = [_Scorer(r, self._jobs, self._results, self._waker, threads, k)
-                         for k, (r, threads) in enumerate(lanes)]
+        self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(model_lanes(runners)))
+        self._scorers = _lane_scorers(runners, self._jobs, self._results, self._waker)
         for s in self._scorers:
             s.start()
         self._closed = False
