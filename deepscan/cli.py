@@ -124,7 +124,7 @@ def scan(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option(help="Face clips per model batch, mixed across videos (default: 8 on CPU, 64 on CUDA).")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Preparation worker processes (default: all cores but one on CPU, all cores with a GPU; 0 = a thread in this process).")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Abandon an input whose preparation makes no progress for this many seconds.")] = 600.0,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Abandon an input whose preparation makes no progress for this many seconds (default 600; needs worker processes).")] = None,
     aggregate: Annotated[str, typer.Option(help="Frame-to-track score: mean (paper), median or max.")] = "mean",
     glob: Annotated[Optional[str], typer.Option("--glob", help="In folders, take files matching this pattern (e.g. '*.mp4') instead of video extensions.")] = None,
     min_face: Annotated[int, typer.Option(help="Ignore faces smaller than this many pixels.")] = 24,
@@ -142,13 +142,16 @@ def scan(
     from .run import ScanRequest, run_scan
     from .scan import ScanSettings, default_batch_size, exit_code
 
+    if workers is not None and workers < 0:
+        raise ConfigError("--workers must be >= 0 (0: preparation in a thread of this process)")
+    if timeout is not None and workers == 0:
+        raise ConfigError("--timeout needs preparation worker processes (a thread cannot be stopped): "
+                          "drop --workers 0 or drop --timeout")
     if batch_size is None:
         batch_size = default_batch_size(device)
     settings = ScanSettings(clips=clips, threshold=threshold, aggregation=aggregate, batch_size=batch_size,
-                            min_face=min_face, hash_files=not no_hash, timeout_s=timeout,
+                            min_face=min_face, hash_files=not no_hash, timeout_s=600.0 if timeout is None else timeout,
                             keep_crops=4 if heatmaps is not None else 0)
-    if workers is not None and workers < 0:
-        raise ConfigError("--workers must be >= 0 (0: preparation in a thread of this process)")
     if resume and output is None:
         raise ConfigError("--resume needs --output FILE (the records to resume from)")
     if glob is not None and not glob.strip():

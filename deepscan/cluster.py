@@ -129,8 +129,8 @@ class ScanActor:
 
         records: list[str] = []
         items = [ScanInput(str(p), str(k)) for p, k in zip(batch["path"], batch["key"])]
-        self.scanner.run(items, lambda rec, row: records.append(json_line(rec)))
-        return {"record": records}
+        self.scanner.run(items, lambda rec, row: records.append(json_line(rec)))  # one per input, in order
+        return {"record": records, "id": [int(i) for i in batch["id"]]}
 
 
 def row_of(record: dict):
@@ -162,14 +162,14 @@ def scan(inputs: Iterable, checkpoint: str | os.PathLike, settings, detector, *,
     if say:
         say(f"ray: {plan.actors} scan actor(s), {plan.workers} preparation worker(s) each, "
             f"{'1 GPU' if plan.num_gpus else f'{plan.num_cpus} CPU'} each")
-    items, sent = [], set()
+    items, sent = [], {}
     for inp in inputs:
         if inp.error:
-            yield error_record(inp.path, inp.error, threshold=settings.threshold, aggregation=settings.aggregation,
-                               model=model, detector=detector.name)
+            yield error_record(inp.path, inp.error, settings=settings, model=model, detector=detector.name)
         else:
-            items.append({"path": inp.path, "key": inp.key})
-            sent.add(inp.path)
+            # an id per input, not its path: a path given twice gets two records
+            items.append({"path": inp.path, "key": inp.key, "id": len(items)})
+            sent[len(items) - 1] = inp.path
     if not items:
         return
     with _remote_args_allowed():
@@ -185,11 +185,11 @@ def scan(inputs: Iterable, checkpoint: str | os.PathLike, settings, detector, *,
             num_gpus=plan.num_gpus, num_cpus=plan.num_cpus,
             max_task_retries=TASK_RETRIES, max_restarts=-1,
         )
-    got: list[str] = []
+    got: set[int] = set()
     try:
         for row in ds.iter_rows():
             rec = json.loads(row["record"])
-            got.append(rec["path"])
+            got.add(int(row["id"]))
             yield rec
     except DeepscanError:
         raise
@@ -201,11 +201,10 @@ def scan(inputs: Iterable, checkpoint: str | os.PathLike, settings, detector, *,
     # batches that failed twice (max_errored_blocks): their inputs still get a record
     from .output import printable
 
-    missing = sent - set(got)
-    for path in sorted(missing):
+    for i in sorted(set(sent) - got):
+        path = sent[i]
         yield error_record(printable(path), f"{printable(path)}: the Ray actor scanning it died twice; skipped",
-                           threshold=settings.threshold, aggregation=settings.aggregation, model=model,
-                           detector=detector.name)
+                           settings=settings, model=model, detector=detector.name)
 
 
 # ---------------------------------------------------------------------------- prepare

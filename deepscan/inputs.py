@@ -7,9 +7,8 @@ so the first result of a huge tree appears before the walk ends.
   relative to the folder argument it was found in (or a file argument's name), and ``h`` the
   first 8 bytes of its SHA-256. The same tree gives the same partition on every machine and in
   every run, whatever the folder is mounted as, so N tasks of a job array cover it exactly once.
-- ``--resume``: an input is done when the output file already has a record for it: the same
-  path with the same size and modification time, or the same content (SHA-256; files are
-  hashed only when a record of the same size exists).
+- ``--resume``: an input is done when the output file's last record for its path is a final
+  verdict made with the same settings, and the file is unchanged (see ``ResumeIndex``).
 """
 
 from __future__ import annotations
@@ -41,7 +40,8 @@ class ScanInput:
 
 
 def walk(args: Iterable[str | os.PathLike], pattern: str | None = None) -> Iterator[ScanInput]:
-    """Files as given; folders searched recursively for videos (by extension, or ``pattern``)."""
+    """Files as given; folders searched recursively for videos (by extension, or ``pattern``).
+    A folder that cannot be read gives an input whose ``error`` names it (never a silent gap)."""
     if pattern is not None and not pattern.strip():
         raise ConfigError("--glob needs a pattern such as '*.mp4' (it was empty)")
     for raw in args:
@@ -50,7 +50,25 @@ def walk(args: Iterable[str | os.PathLike], pattern: str | None = None) -> Itera
             yield ScanInput(os.fspath(raw), p.name or os.fspath(raw))
             continue
         found = False
-        for root, dirs, files in os.walk(p, followlinks=False):
+        unreadable: list[OSError] = []
+        reported: list[OSError] = []
+
+        def failures() -> Iterator[ScanInput]:
+            while unreadable:
+                exc = unreadable.pop(0)
+                reported.append(exc)
+                where = Path(exc.filename) if exc.filename else p
+                try:
+                    key = where.relative_to(p).as_posix()
+                except ValueError:
+                    key = where.name
+                why = exc.strerror or type(exc).__name__
+                yield ScanInput(str(where), key if key != "." else (p.name or str(p)),
+                                f"{where}: cannot read this folder ({why}); its videos were not scanned; "
+                                "fix its permissions and scan it again")
+
+        for root, dirs, files in os.walk(p, followlinks=False, onerror=unreadable.append):
+            yield from failures()
             dirs.sort()
             for name in sorted(files):
                 if _sidecar(name):
@@ -59,7 +77,8 @@ def walk(args: Iterable[str | os.PathLike], pattern: str | None = None) -> Itera
                 if f.match(pattern) if pattern else f.suffix.lower() in VIDEO_EXTENSIONS:
                     found = True
                     yield ScanInput(str(f), f.relative_to(p).as_posix())
-        if not found:
+        yield from failures()
+        if not found and not reported:  # (an unreadable folder says more than "no videos")
             what = f"matching {pattern!r}" if pattern else f"with a video extension ({', '.join(VIDEO_EXTENSIONS[:5])}, ...)"
             yield ScanInput(str(p), p.name or str(p), f"{p}: folder holds no files {what}; use --glob to choose others")
 
@@ -85,63 +104,77 @@ def in_shard(inputs: Iterable[ScanInput], k: int, n: int) -> Iterator[ScanInput]
     return (i for i in inputs if n == 1 or shard_of(i.key, n) == k)
 
 
-class ResumeIndex:
-    """What an output file already holds: (path, size, mtime) and sha256 of every record."""
+FINAL_VERDICTS = ("fake", "real", "no-face")
 
-    def __init__(self, records: Iterable[dict]):
-        self.stats: set[tuple[str, int, int]] = set()
-        self.paths: set[str] = set()  # records without file stats (the input was unreadable)
-        self.hashes: dict[int, set[str]] = {}  # size -> sha256s
+
+def settings_key(record: dict) -> tuple:
+    """What must be equal for a record to stand for a scan with other settings: the checkpoint
+    (its sha256), threshold, aggregation, detector and the sampling settings."""
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    return (model.get("sha256"), record.get("threshold"), record.get("aggregation"), record.get("detector"),
+            json.dumps(record.get("settings"), sort_keys=True))
+
+
+class ResumeIndex:
+    """What ``--resume`` needs of an output file, and nothing more (never whole records): for
+    every path, whether its last record is a final verdict, the file's size, mtime and sha256
+    then, and which settings made it.
+
+    An input is done when its path's last record is final (``fake``, ``real``, ``no-face``; an
+    ``error`` is tried again), was made with the same settings (``settings_key``), and the file
+    is unchanged: same size and mtime, or same content (sha256; hashed only when the size is
+    the same). Every path gets its own record: a copy of a done file under another name is
+    scanned."""
+
+    def __init__(self, records: Iterable[dict] = ()):
+        self._keys: dict[tuple, int] = {}  # settings -> small id (most files hold one)
+        self.last: dict[str, tuple] = {}  # path -> (final, size, mtime_ns, sha256, settings id)
         self.count = 0
         for r in records:
-            path, f = r.get("path"), r.get("file")
-            if not isinstance(path, str):
-                continue
-            self.count += 1
-            if isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("mtime_ns"), int):
-                self.stats.add((os.path.normpath(path), f["size"], f["mtime_ns"]))
-                if isinstance(r.get("sha256"), str):
-                    self.hashes.setdefault(f["size"], set()).add(r["sha256"])
-            else:
-                self.paths.add(os.path.normpath(path))
+            self.add(r)
 
-    def done(self, inp: ScanInput) -> bool:
+    def add(self, r: dict) -> None:
+        path = r.get("path")
+        if not isinstance(path, str):
+            return
+        self.count += 1
+        f = r.get("file") if isinstance(r.get("file"), dict) else {}
+        size, mtime = f.get("size"), f.get("mtime_ns")
+        sha = r.get("sha256") if isinstance(r.get("sha256"), str) else None
+        key = self._keys.setdefault(settings_key(r), len(self._keys))
+        self.last[os.path.normpath(path)] = (r.get("verdict") in FINAL_VERDICTS,
+                                             size if isinstance(size, int) else None,
+                                             mtime if isinstance(mtime, int) else None, sha, key)
+
+    def other_settings(self, key: tuple) -> int:
+        """Paths whose last record is final but was made with settings other than ``key``."""
+        want = self._keys.get(key)
+        return sum(1 for e in self.last.values() if e[0] and e[4] != want)
+
+    def retried(self) -> int:
+        """Paths whose last record is an error (they are scanned again)."""
+        return sum(1 for e in self.last.values() if not e[0])
+
+    def done(self, inp: ScanInput, key: tuple) -> bool:
         from .output import printable
 
-        path = printable(os.path.normpath(inp.path))  # as records hold it (non-UTF-8 bytes escaped)
+        entry = self.last.get(printable(os.path.normpath(inp.path)))  # as records hold it
+        if entry is None or not entry[0] or self._keys.get(key) != entry[4]:
+            return False
         try:
             st = os.stat(inp.path)
         except OSError:
-            return path in self.paths  # still unreadable: its error record stands
-        if (path, st.st_size, st.st_mtime_ns) in self.stats:
+            return False  # gone or unreadable now: scanned again, and its error recorded
+        if (st.st_size, st.st_mtime_ns) == (entry[1], entry[2]):
             return True
-        same_size = self.hashes.get(st.st_size)
-        if same_size:
+        if entry[3] and st.st_size == entry[1]:  # touched, maybe unchanged
             from .hashing import sha256_file
 
             try:
-                return sha256_file(inp.path) in same_size
+                return sha256_file(inp.path) == entry[3]
             except OSError:
                 return False
         return False
 
-    def pending(self, inputs: Iterable[ScanInput]) -> Iterator[ScanInput]:
-        return (i for i in inputs if not self.done(i))
-
-
-def read_records(path: Path) -> tuple[list[dict], int]:
-    """The complete records of a JSON Lines file and the byte length they occupy: a torn last
-    line (a crash while writing it) lies beyond that length."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
-    records = []
-    for line in data[:end].splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a damaged line in the middle: ignored (its input is scanned again)
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records, end
+    def pending(self, inputs: Iterable[ScanInput], key: tuple) -> Iterator[ScanInput]:
+        return (i for i in inputs if not self.done(i, key))

@@ -6,6 +6,7 @@ progress bars off so that scripts see nothing but their JSON.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -79,48 +80,119 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+RECORD_PREFIX = b'{"schema": "deepscan.scan/'  # how every record line of an --output file begins
+
+
+def _begins_record(data: bytes) -> bool:
+    """``data`` is the start of a record line (or all that a crash left of one)."""
+    return data.startswith(RECORD_PREFIX) or RECORD_PREFIX.startswith(data)
+
+
+def _is_record(obj) -> bool:
+    return isinstance(obj, dict) and str(obj.get("schema", "")).startswith("deepscan.scan/")
+
+
 class JsonlFile:
     """``--output FILE``: JSON Lines appended one complete line at a time (one write call per
     record on an O_APPEND descriptor, so a crash leaves at most one torn line, at the end).
-    Opening it drops such a torn line first; ``records`` holds the complete ones (for --resume)."""
 
-    def __init__(self, path: str | os.PathLike, *, read: bool):
+    A regular file is read first, as a stream (``on_record`` gets each complete record, for
+    --resume): it must be empty or hold this tool's records, else it is refused before anything
+    is scanned (a video, a text file: never touched). A torn last line is cut; a complete last
+    line without its newline is kept, and the newline added before the next record. Pipes,
+    FIFOs, character devices and anything under /dev or /proc (``/dev/stdout``, ``>(gzip)``)
+    are streams: appended to, never read, truncated or sought; a FIFO that no process reads is
+    refused at once rather than waited on forever."""
+
+    def __init__(self, path: str | os.PathLike, *, on_record=None):
+        import stat
         from pathlib import Path
 
-        from .inputs import read_records
-
         self.path = Path(path)
-        self.records: list[dict] = []
-        self.dropped = 0
+        self.dropped = 0  # bytes of a torn last line that were cut
+        self.damaged = 0  # lines in the middle that are not records (ignored)
+        self._newline = False  # the last record lacks its newline: add it before appending
+        self.stream = False
+        shown = printable(str(self.path))
         try:
-            if self.path.is_dir():
-                raise OutputError(f"--output {self.path} is a folder; give a file name")
-            if self.path.is_file():  # only a regular file is read (not /dev/full, a FIFO...)
-                records, end = read_records(self.path)
-                size = self.path.stat().st_size
-                if end < size:
-                    with open(self.path, "r+b") as f:
-                        f.truncate(end)
-                    self.dropped = size - end
-                if read:
-                    self.records = records
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise OutputError(f"--output {shown} is a folder; give a file name")
+            device_path = str(self.path).startswith(("/dev/", "/proc/"))
+            if st is not None and (device_path or not stat.S_ISREG(st.st_mode)):
+                self.stream = True
+                flags = os.O_WRONLY | os.O_APPEND | (os.O_NONBLOCK if stat.S_ISFIFO(st.st_mode) else 0)
+                try:
+                    self.fd = os.open(self.path, flags)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        raise OutputError(f"--output {shown} is a FIFO that no process reads; start its reader "
+                                          "first, or give a file") from None
+                    raise
+                os.set_blocking(self.fd, True)
+                return
+            if st is not None and st.st_size:
+                self._read(on_record, shown)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise OutputError(f"--output {self.path}: cannot open it ({exc.strerror}); choose a writable file") from None
+            raise OutputError(f"--output {shown}: cannot open it ({exc.strerror}); choose a writable file") from None
+
+    def _read(self, on_record, shown: str) -> None:
+        refuse = OutputError(f"--output {shown}: exists and does not hold deepscan records; nothing was changed; "
+                             "give a new file name (or the output file of an earlier scan)")
+        seen = False
+        end = 0  # byte length of the complete lines
+        with open(self.path, "rb") as f:
+            if not _begins_record(f.read(len(RECORD_PREFIX))):
+                raise refuse  # checked before reading lines: a 40 GB video has no newline to stop at
+            f.seek(0)
+            for line in f:
+                complete = line.endswith(b"\n")
+                if not line.strip():
+                    end += len(line) if complete else 0
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    rec = None
+                if not _is_record(rec):
+                    if not seen and not (not complete and _begins_record(line)):
+                        raise refuse  # the first line is not ours: not our file
+                    if complete:
+                        self.damaged += 1  # a damaged line in the middle: ignored (its input is scanned again)
+                        end += len(line)
+                    continue  # a torn last line: cut below
+                seen = True
+                if on_record is not None:
+                    on_record(rec)
+                end += len(line)
+                self._newline = not complete
+        size = self.path.stat().st_size
+        if end < size:
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+            self.dropped = size - end
 
     def write(self, record: dict) -> None:
         line = (json_line(record) + "\n").encode("utf-8")
-        start = os.lseek(self.fd, 0, os.SEEK_END)
+        if self._newline:
+            line = b"\n" + line
+        start = None if self.stream else os.lseek(self.fd, 0, os.SEEK_END)
         try:
             view = memoryview(line)
             while view:
                 view = view[os.write(self.fd, view):]
+            self._newline = False
         except OSError as exc:
-            try:
-                os.ftruncate(self.fd, start)  # never leave a half-written record behind
-            except OSError:
-                pass
-            raise OutputError(f"--output {self.path}: writing failed ({exc.strerror}); "
+            if start is not None:
+                try:
+                    os.ftruncate(self.fd, start)  # never leave a half-written record behind
+                except OSError:
+                    pass
+            raise OutputError(f"--output {printable(str(self.path))}: writing failed ({exc.strerror}); "
                               "the records before this one are complete") from None
 
     def close(self) -> None:

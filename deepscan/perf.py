@@ -175,6 +175,7 @@ def preparation_throughput(videos: list[Path], spec, prep, counts: list[int], sa
     for n in counts:
         say(f"preparation: {n} worker(s)")
         with PreparePool(n, prep, spec.build, slots_per_worker=16) as pool:
+            pool.begin_run()
             todo = list(enumerate(map(str, videos)))
             clips = done = 0
             t = time.perf_counter()

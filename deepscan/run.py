@@ -82,7 +82,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     from .config import VARIANTS
     from .faces import resolve_detector
     from .hashing import sha256_file
-    from .output import JsonlFile, ScanSink, printable, progress, warn_untrained
+    from .output import ScanSink, printable, progress, warn_untrained
     from .weights import load_manifest
 
     if req.variant is not None and req.variant not in VARIANTS:
@@ -94,7 +94,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     manifest = load_manifest()
     ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
     spec = resolve_detector(req.detector, manifest=manifest, say=say)
-    file = JsonlFile(req.output, read=req.resume) if req.output is not None else None
+    file, done = _open_output(req)
     workers = scan_mod.default_workers(devices) if req.workers is None else req.workers
     # Workers build their own detector, on one onnxruntime thread each (many workers, many
     # cores), and start now, while the model loads.
@@ -106,7 +106,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
         if info.untrained:
             warn_untrained(str(ckpt))
         model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt))
-        inputs = _plan(req, file, say)
+        inputs = _plan(req, file, done, _resume_key(req, model_rec, spec.name), say)
         runners = [scan_mod.Runner(model, devices[0], dtype, use_compile=req.compile,
                                    batch_size=req.settings.batch_size, say=say)]
         runners += [runners[0].replica(d) for d in devices[1:]]
@@ -131,18 +131,53 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
             file.close()
 
 
-def _plan(req: ScanRequest, file, say):
-    """The inputs of ``req``: walked lazily, sharded, and without those ``file`` has (--resume)."""
-    from .inputs import ResumeIndex, in_shard, walk
+def _open_output(req: ScanRequest):
+    """The --output file (checked before anything is scanned) and, with --resume, the index of
+    what it holds."""
+    from .inputs import ResumeIndex
+    from .output import JsonlFile, printable
+
+    if req.output is None:
+        return None, None
+    for p in req.paths:
+        try:
+            if os.path.isfile(p) and os.path.exists(req.output) and os.path.samefile(p, req.output):
+                raise ConfigError(f"--output {printable(str(req.output))} is one of the inputs; give another file")
+        except OSError:
+            pass
+    done = ResumeIndex() if req.resume else None
+    return JsonlFile(req.output, on_record=done.add if done is not None else None), done
+
+
+def _resume_key(req: ScanRequest, model_rec: dict, detector: str) -> tuple:
+    from .inputs import settings_key
+
+    s = req.settings
+    return settings_key({"model": model_rec, "threshold": s.threshold, "aggregation": s.aggregation,
+                         "detector": detector, "settings": s.record()})
+
+
+def _plan(req: ScanRequest, file, done, key: tuple, say):
+    """The inputs of ``req``: walked lazily, sharded, and without those ``done`` has (--resume)."""
+    from .inputs import in_shard, walk
     from .output import printable
 
+    out = printable(str(req.output))
     if file is not None and file.dropped:
-        say(f"note: dropped a torn last line ({file.dropped} bytes) from {printable(str(req.output))}")
+        say(f"note: dropped a torn last line ({file.dropped} bytes) from {out}")
+    if file is not None and file.damaged:
+        say(f"note: {file.damaged} damaged line(s) in {out} ignored")
     inputs = in_shard(walk(req.paths, req.glob), *req.shard)
-    if req.resume:
-        done = ResumeIndex(file.records)
-        say(f"resuming: {done.count} record(s) in {printable(str(req.output))}; inputs that have one are skipped")
-        inputs = done.pending(inputs)
+    if done is not None:
+        say(f"resuming: {done.count} record(s) of {len(done.last)} path(s) in {out}; inputs whose last record is a "
+            "final verdict are skipped")
+        if done.retried():
+            say(f"resuming: {done.retried()} path(s) whose last record is an error are scanned again")
+        other = done.other_settings(key)
+        if other:
+            say(f"resuming: {other} path(s) were scanned with other settings (checkpoint, threshold, aggregation, "
+                f"detector, --clips or --min-face) and are scanned again; readers take the last record per path")
+        inputs = done.pending(inputs, key)
     return inputs
 
 
@@ -151,7 +186,7 @@ def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
     from . import cluster
     from .faces import resolve_detector
     from .hashing import sha256_file
-    from .output import JsonlFile, ScanSink, printable, progress, warn_untrained
+    from .output import ScanSink, printable, progress, warn_untrained
     from .scan import model_record
     from .weights import load_manifest
 
@@ -163,13 +198,13 @@ def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
     spec = dataclasses.replace(spec, threads=1, providers=None)  # each actor picks its own providers
     model_rec = model_record(info, ckpt_sha or sha256_file(ckpt))
     resources = cluster.connect(req.ray)
-    file = JsonlFile(req.output, read=req.resume) if req.output is not None else None
+    file, done = _open_output(req)
     sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
                     on_error=lambda e: say(f"deepscan: {printable(e)}"))
     outcome = ScanOutcome(sink, info, Path(ckpt), spec.name)
     say(f"ray: {int(resources.get('CPU', 0))} CPU(s), {int(resources.get('GPU', 0))} GPU(s) in the cluster")
     try:
-        inputs = _plan(req, file, say)
+        inputs = _plan(req, file, done, _resume_key(req, model_rec, spec.name), say)
         with progress(None, "scanning", enabled=not req.json_out) as advance:
             with _until_stopped(outcome):
                 for record in cluster.scan(inputs, ckpt, req.settings, spec, model=model_rec, device=req.device,

@@ -62,8 +62,13 @@ class ScanSettings:
             raise ConfigError(f"--aggregate must be one of {', '.join(AGGREGATIONS)}")
         if self.clips < 1 or self.batch_size < 1:
             raise ConfigError("--clips and --batch-size must be >= 1")
-        if self.timeout_s <= 0:
-            raise ConfigError("--timeout must be > 0 seconds")
+        if not self.timeout_s > 0:  # (NaN too)
+            raise ConfigError(f"--timeout must be a number of seconds > 0, not {self.timeout_s}")
+
+    def record(self) -> dict:
+        """The settings every record carries besides threshold and aggregation (what --resume
+        compares, with the checkpoint and the detector)."""
+        return {"clips": self.clips, "min_face": self.min_face}
 
     def prep(self, cfg, max_side: int | None = None) -> PrepSettings:
         from .video import MAX_SIDE
@@ -289,12 +294,12 @@ def model_record(info: CheckpointInfo, checkpoint_sha: str) -> dict:
             "untrained": info.untrained}
 
 
-def error_record(path: str, error: str, *, threshold: float, aggregation: str, model: dict, detector: str) -> dict:
+def error_record(path: str, error: str, *, settings: ScanSettings, model: dict, detector: str) -> dict:
     """The record of an input that never reached preparation (e.g. a folder without videos)."""
     return {"schema": SCHEMA, "path": path, "sha256": None, "file": None, "verdict": "error", "score": None,
-            "threshold": threshold, "aggregation": aggregation, "error": error, "model": model,
-            "detector": detector, "video": None, "sampling": {}, "tracks": [], "warnings": [], "timings": {},
-            "heatmaps": None}
+            "threshold": settings.threshold, "aggregation": settings.aggregation, "error": error, "model": model,
+            "detector": detector, "settings": settings.record(), "video": None, "sampling": {}, "tracks": [],
+            "warnings": [], "timings": {}, "heatmaps": None}
 
 
 def exit_code(verdicts: Counter | Iterable[str]) -> int:
@@ -313,6 +318,13 @@ class _Batch:
     entries: list  # (index, ClipMeta) per clip
     images: np.ndarray
     frames: np.ndarray
+    run: int = 0  # the run it belongs to: results of an ended run are dropped
+
+
+# A part-filled batch leaves once its oldest clip has waited this long (or at once when a model
+# lane is idle, or when no more clips can come): a dynamic batcher's deadline, which needs no
+# knowledge of how the clips are produced.
+BATCH_WAIT_S = 0.25
 
 
 MAX_CPU_LANES = 8  # each lane holds a step's activations (~120 MB a clip at full size, fp32)
@@ -420,20 +432,27 @@ def release_free_memory() -> None:
 
 
 class _Waker:
-    """A pipe the scorer threads write a byte to, so the scanning thread wakes from its wait."""
+    """A pipe the scorer threads write a byte to, so the scanning thread wakes from its wait.
+    Closed under a lock: a slow lane that finishes after the scan never writes into a closed
+    descriptor (whose number may belong to another file by then)."""
 
     def __init__(self):
         self.r, self.w = os.pipe()
         os.set_blocking(self.w, False)
+        self._lock = threading.Lock()
+        self._closed = False
 
     def fileno(self) -> int:
         return self.r
 
     def __call__(self) -> None:
-        try:
-            os.write(self.w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # already awake (pipe full) or closing
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self.w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # already awake (pipe full)
 
     def clear(self) -> None:
         try:
@@ -444,11 +463,15 @@ class _Waker:
             pass
 
     def close(self) -> None:
-        for fd in (self.r, self.w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self.r, self.w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 # ---------------------------------------------------------------------------- the scanner
@@ -529,22 +552,23 @@ class Scanner:
     def run(self, inputs: Iterable[ScanInput], on_record: Callable[[dict, Row], None]) -> Counter:
         """Scan ``inputs`` (any iterable, consumed lazily), calling ``on_record(record, row)``
         for each in input order. Returns the count of each verdict. On KeyboardInterrupt (or any
-        exception) the records already complete are still emitted, in order, before it propagates."""
-        st = _RunState(iter(enumerate(inputs)), on_record)
-        try:
-            self._loop(st)
-        finally:
-            self._flush_complete(st)
+        exception) the records already complete are still emitted, in order, before it propagates;
+        nothing of a run that failed reaches the next one."""
+        with _Run(self, iter(enumerate(inputs)), on_record) as st:
+            try:
+                self._loop(st)
+            finally:
+                self._flush_complete(st)
         return st.verdicts
 
-    def _loop(self, st: "_RunState") -> None:
+    def _loop(self, st: "_Run") -> None:
         pool = self.pool
         while True:
             self._dispatch(st)
             if st.exhausted and not st.videos and not st.ready:
                 return
-            self._form_batches(st)
-            events, woke = pool.poll(0.5 if not st.videos else 0.2, extra=[self._waker])
+            wait = self._form_batches(st)
+            events, woke = pool.poll(wait if st.videos else 0.5, extra=[self._waker])
             if woke:
                 self._waker.clear()
             for ev in events:
@@ -554,10 +578,11 @@ class Scanner:
                     item = self._results.get_nowait()
                 except queue.Empty:
                     break
-                self._on_scores(st, *item)
+                if item[0].run == st.id:  # an ended run's batch: its inputs are gone
+                    self._on_scores(st, *item)
             self._emit(st)
 
-    def _dispatch(self, st: "_RunState") -> None:
+    def _dispatch(self, st: "_Run") -> None:
         while not st.exhausted and self.pool.capacity() > 0 and st.next_index < st.next_emit + self.window:
             try:
                 index, inp = next(st.inputs)
@@ -573,8 +598,8 @@ class Scanner:
             else:
                 self.pool.submit(index, inp.path)
 
-    def _on_event(self, st: "_RunState", ev) -> None:
-        kind, index = ev[0], ev[1]
+    def _on_event(self, st: "_Run", ev) -> None:
+        kind, index = ev[0], ev[1][1]  # ev[1]: the job, (run, index); the pool passes only this run's
         vs = st.videos.get(index)
         if vs is None:
             if kind == "clip":
@@ -584,7 +609,7 @@ class Scanner:
             vs.head = ev[2]
         elif kind == "clip":
             vs.left += 1
-            st.pending.append((index, ev[2], ev[3]))
+            st.pending.append((index, ev[2], ev[3], time.monotonic()))
         elif kind == "done":
             vs.tail = ev[2]
             vs.error = vs.tail.get("error")
@@ -596,33 +621,35 @@ class Scanner:
             self._drop_pending(st, index)
             self._maybe_complete(st, vs)
 
-    def _drop_pending(self, st: "_RunState", index: int) -> None:
+    def _drop_pending(self, st: "_Run", index: int) -> None:
         keep, drop = [], []
         for p in st.pending:
             (drop if p[0] == index else keep).append(p)
         if drop:
             st.pending = keep
             st.videos[index].left -= len(drop)
-            self.pool.free([slot for _, slot, _ in drop])
+            self.pool.free([p[1] for p in drop])
 
-    def _form_batches(self, st: "_RunState") -> None:
+    def _form_batches(self, st: "_Run") -> float:
+        """Send batches to the model lanes: full ones, and a part-filled one when a lane is idle,
+        when its oldest clip has waited BATCH_WAIT_S, or when no more clips can come. Returns how
+        long the caller may wait before the next part-filled batch is due."""
         b = self.batch_size
         while st.pending and not self._jobs.full():
-            full = len(st.pending) >= b
-            # A partial batch when nothing more can arrive (or every worker waits for slots); on a
-            # GPU also whenever a device is idle: it costs little there and saves waiting.
-            partial = self.pool.outstanding() == 0 or self.pool.starved() or (
-                self.gpu and self._jobs.empty() and any(not s.working for s in self._scorers))
-            if not (full or partial):
-                return
+            if len(st.pending) < b:
+                waited = time.monotonic() - st.pending[0][3]
+                idle = self._jobs.empty() and any(not s.working for s in self._scorers)
+                if not (idle or waited >= BATCH_WAIT_S or self.pool.outstanding(st.id) == 0):
+                    return min(0.2, max(0.0, BATCH_WAIT_S - waited))
             chunk, st.pending = st.pending[:b], st.pending[b:]
-            views = [self.pool.view(slot) for _, slot, _ in chunk]
+            views = [self.pool.view(p[1]) for p in chunk]
             images = np.stack([v[0] for v in views])
             frames = np.stack([v[1] for v in views])
-            self.pool.free([slot for _, slot, _ in chunk])
-            self._jobs.put(_Batch([(i, meta) for i, _, meta in chunk], images, frames))
+            self.pool.free([p[1] for p in chunk])
+            self._jobs.put(_Batch([(p[0], p[2]) for p in chunk], images, frames, st.id))
+        return 0.2
 
-    def _on_scores(self, st: "_RunState", batch: _Batch, probs, maps, seconds: float) -> None:
+    def _on_scores(self, st: "_Run", batch: _Batch, probs, maps, seconds: float) -> None:
         if isinstance(probs, BaseException):
             exc = probs
             raise DeepscanError(f"the model failed on {len(batch.entries)} face clip(s) "
@@ -659,11 +686,11 @@ class Scanner:
         for index in touched:
             self._maybe_complete(st, st.videos[index])
 
-    def _maybe_complete(self, st: "_RunState", vs: VideoState) -> None:
+    def _maybe_complete(self, st: "_Run", vs: VideoState) -> None:
         if vs.tail is not None and vs.left == 0:
             self._complete(st, vs)
 
-    def _complete(self, st: "_RunState", vs: VideoState) -> None:
+    def _complete(self, st: "_Run", vs: VideoState) -> None:
         """Turn a finished video into its record and row; drop everything per frame."""
         del st.videos[vs.index]
         record, row = self._record(vs)
@@ -709,6 +736,7 @@ class Scanner:
             "error": vs.error,
             "model": self.model,
             "detector": self.detector_name,
+            "settings": s.record(),
             "video": vs.head.get("video"),
             "sampling": tail.get("sampling", {}),
             "tracks": [
@@ -729,31 +757,54 @@ class Scanner:
                   round(timings["total_s"], 2), note)
         return record, row
 
-    def _emit(self, st: "_RunState") -> None:
+    def _emit(self, st: "_Run") -> None:
         while st.next_emit in st.ready:
             record, row = st.ready.pop(st.next_emit)
             st.next_emit += 1
             st.on_record(record, row)
 
-    def _flush_complete(self, st: "_RunState") -> None:
+    def _flush_complete(self, st: "_Run") -> None:
         """After an interruption: emit every complete record still waiting, in input order."""
         for index in sorted(st.ready):
             record, row = st.ready.pop(index)
             st.on_record(record, row)
 
 
-@dataclass
-class _RunState:
-    inputs: object
-    on_record: Callable[[dict, Row], None]
-    exhausted: bool = False
-    next_index: int = 0
-    next_emit: int = 0
-    seq: int = 0
-    videos: dict = field(default_factory=dict)  # index -> VideoState in flight
-    ready: dict = field(default_factory=dict)  # index -> (record, row) waiting for earlier ones
-    pending: list = field(default_factory=list)  # (index, slot, ClipMeta) not yet batched
-    verdicts: Counter = field(default_factory=Counter)
+class _Run:
+    """One run of a Scanner: the state of its inputs in flight, with an id stamped on every job
+    and batch. Leaving it (normally or on an error) gives back what it holds: the slots of its
+    pending clips, its jobs in the workers (cancelled), its batches not yet started. Results of
+    its batches that are being scored carry its id, and the next run drops them."""
+
+    def __init__(self, scanner: "Scanner", inputs, on_record: Callable[[dict, Row], None]):
+        self.scanner, self.inputs, self.on_record = scanner, inputs, on_record
+        self.exhausted = False
+        self.next_index = self.next_emit = self.seq = 0
+        self.videos: dict = {}  # index -> VideoState in flight
+        self.ready: dict = {}  # index -> (record, row) waiting for earlier ones
+        self.pending: list = []  # (index, slot, ClipMeta, arrival) not yet batched
+        self.verdicts: Counter = Counter()
+        self.id = 0
+
+    def __enter__(self) -> "_Run":
+        self.id = self.scanner.pool.begin_run()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sc = self.scanner
+        try:
+            sc.pool.free([p[1] for p in self.pending])
+            self.pending = []
+            sc.pool.end_run(self.id)
+        finally:
+            while True:  # batches of this run not yet started
+                try:
+                    batch = sc._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if batch is None:  # a stop request (close): keep it
+                    sc._jobs.put_nowait(None)
+                    break
 
 
 def scan(inputs: Iterable[ScanInput | tuple[str, str | None]], runner: Runner | list[Runner], detector,

@@ -5,8 +5,18 @@ hands every face clip to the scanning process through a slot of one shared-memor
 worker writes the crops into its own slot and sends only the slot number and a small metadata
 tuple through its pipe. The scanning process copies the slot into a model batch and gives the
 slot back. Nothing per clip is pickled, and memory is bounded by workers x slots, never by the
-number of inputs. A worker that has used all its slots rests until three quarters are free
-again, so it works in bursts of whole batches rather than clip by clip.
+number of inputs.
+
+One owner for each piece of state (the lesson of a first version, where worker, pool and
+scanner each kept part of it and one dead worker could end a scan): the pool in the scanning
+process alone knows which jobs each worker holds and which of its slots are out; a worker only
+uses the slots granted to it and waits when it has none. Every message to a worker goes through
+``PreparePool._send``, which takes a broken pipe for that worker's death. Jobs carry the id of
+the run they belong to, so nothing of a failed run reaches the next one.
+
+Nothing outlives the scan: workers ask Linux for SIGKILL when their parent (the fork server,
+which ends with the scanning process) dies, and the slots live in an anonymous memfd that the
+kernel frees with the last process holding it, however the processes end.
 
 Workers never import torch (a CUDA build costs ~0.5 GB per process): numpy, Pillow, dlib or
 onnxruntime (CPU provider, one thread), ffmpeg in subprocesses. They start from a fork server
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import multiprocessing as mp
 import os
 import signal
@@ -48,7 +59,6 @@ from .hashing import sha256_file
 from .video import MAX_SIDE, DecodeReport, check_readable, plan_clips, probe, sample_clips
 
 JOBS_PER_WORKER = 2  # the input being prepared and the next one, so a worker never waits for the driver
-REST_FRACTION = 0.75  # a worker out of slots rests until this fraction of them is free again
 DEEP_EVERY = 8  # the expensive small-face search runs on the first clip and every 8th (see faces.DlibDetector)
 FULL_EVERY = 4  # between whole-frame searches, faces being followed are looked for around where they were
 
@@ -89,10 +99,10 @@ class ClipMeta:
     box: tuple[float, float, float, float]  # detector box in decoded-frame pixels
 
 
-def prepare_video(index: int, path: str, detector, settings: PrepSettings) -> Iterator:
+def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterator:
     """Decode, detect, track and crop one video, yielding its events in order:
     ``("start", index, head)``, then one ``FaceClip`` per face and sampled clip, then
-    ``("done", index, tail)``. A failure becomes ``tail["error"]``; it is never raised."""
+    ``("done", index, tail)`` (``index``: any tag of the job, e.g. the pool's (run, index)). A failure becomes ``tail["error"]``; it is never raised."""
     head: dict = {"sha256": None, "video": None, "file": None, "box_scale": 1.0}
     tail: dict = {"error": None, "sampling": {}, "warnings": [], "timings": {}, "face_clips": 0}
     started = False
@@ -160,10 +170,15 @@ class _Stop(Exception):
 
 def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.ndarray, np.ndarray]],
                  make_detector, settings: PrepSettings) -> None:
-    """Serve jobs from ``conn`` until told to stop or the other end goes away."""
-    jobs: deque = deque()
+    """Serve jobs from ``conn`` until told to stop or the other end goes away.
+
+    The worker keeps no rule of its own about slots: it uses the slots granted to it (all of its
+    own at start, then each one the scanning process hands back) and waits when it has none.
+    ``("cancel", run)`` drops the queued jobs of that run and ends the current one early (its
+    ``done`` event still comes, so the pool knows the worker has moved on)."""
+    jobs: deque = deque()  # (job, path); a job is (run, index)
     free: set[int] = set(slots)
-    rest_until = max(1, int(len(slots) * REST_FRACTION))
+    cancelled: set = set()  # runs whose jobs are to be dropped
     try:
         detector = make_detector()
     except Exception as exc:  # noqa: BLE001 - reported to the scanning process, which stops
@@ -178,8 +193,12 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
             msg = conn.recv()
             if msg[0] == "job":
                 jobs.append(msg[1:])
-            elif msg[0] == "free":
+            elif msg[0] == "grant":
                 free.update(msg[1])
+            elif msg[0] == "cancel":
+                cancelled.add(msg[1])
+                for item in [j for j in jobs if j[0][0] == msg[1]]:
+                    jobs.remove(item)
             elif msg[0] == "stop":
                 raise _Stop
 
@@ -188,21 +207,28 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
             if not jobs:
                 pump(block=True)
                 continue
-            index, path = jobs.popleft()
-            for ev in prepare_video(index, path, detector, settings):
+            job, path = jobs.popleft()
+            events = prepare_video(job, path, detector, settings)
+            for ev in events:
+                if job[0] in cancelled:
+                    break
                 if isinstance(ev, tuple):
                     conn.send(ev)
                 else:
-                    if not free:  # out of slots: rest until most are back (bursts, see module doc)
-                        while len(free) < rest_until:
-                            pump(block=True)
+                    while not free and job[0] not in cancelled:
+                        pump(block=True)  # every slot holds a clip: wait for the scanning process
+                    if job[0] in cancelled:
+                        break
                     slot = free.pop()
                     image, frames = slot_view(slot)
                     image[...] = ev.image
                     frames[...] = ev.frames
-                    conn.send(("clip", index, slot, ClipMeta(ev.track_id, ev.clip_index, ev.frame_indices[0],
-                                                             ev.times[0], ev.box)))
+                    conn.send(("clip", job, slot, ClipMeta(ev.track_id, ev.clip_index, ev.frame_indices[0],
+                                                           ev.times[0], ev.box)))
                 pump(block=False)
+            if job[0] in cancelled:
+                events.close()  # stops its ffmpeg
+                conn.send(("done", job, {"error": "cancelled", "cancelled": True}))
     except (_Stop, EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
         pass
     finally:
@@ -221,21 +247,92 @@ def _slot_viewer(buf, settings: PrepSettings):
     return view
 
 
-def _process_main(conn, shm_name: str, slots: list[int], make_detector, settings: PrepSettings) -> None:
-    """Entry point of a worker process."""
+class SharedBlock:
+    """The slots' memory, shared with the worker processes and named nowhere.
+
+    On Linux an anonymous memfd: it has no name in /dev/shm, so whatever kills the scan's
+    processes (a cgroup OOM kill of the whole group included) the kernel frees it with the last
+    process that maps it. Workers receive the descriptor itself when they start (pickled as a
+    ``DupFd``, which multiprocessing passes to the fork server), so a replacement started late
+    attaches like the first ones. Elsewhere a named ``SharedMemory`` block, unlinked by
+    ``close`` (or by multiprocessing's resource tracker if the scan dies)."""
+
+    def __init__(self, size: int):
+        self.size = max(1, size)
+        self.fd, self.shm = -1, None
+        if hasattr(os, "memfd_create"):
+            self.fd = os.memfd_create("deepscan-slots", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, self.size)
+                self.buf = mmap.mmap(self.fd, self.size)
+            except BaseException:
+                os.close(self.fd)
+                raise
+        else:  # pragma: no cover - macOS
+            self.shm = shared_memory.SharedMemory(create=True, size=self.size)
+            self.buf = self.shm.buf
+
+    def __reduce__(self):
+        if self.shm is not None:  # pragma: no cover - macOS
+            return _attach_named, (self.shm.name,)
+        from multiprocessing import reduction
+
+        return _attach_fd, (reduction.DupFd(self.fd), self.size)
+
+    def close(self) -> None:
+        if self.shm is not None:  # pragma: no cover - macOS
+            self.shm.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.shm.unlink()
+            return
+        with contextlib.suppress(BufferError):
+            self.buf.close()  # a view still exported (a batch being copied) keeps the mapping
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _attach_fd(dup, size: int):
+    fd = dup.detach()
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)  # the mapping holds the memory
+
+
+def _attach_named(name: str):  # pragma: no cover - macOS
+    shm = shared_memory.SharedMemory(name=name)
+    _attached.append(shm)  # kept open for the life of the worker
+    return shm.buf
+
+
+_attached: list = []
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the fork server, which ends with the
+    scanning process) dies, so that no worker outlives a killed scan."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the parent died before the request: nobody will end us
+        os._exit(1)
+
+
+def _process_main(conn, block, slots: list[int], make_detector, settings: PrepSettings) -> None:
+    """Entry point of a worker process; ``block`` arrives attached (see ``SharedBlock``)."""
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scanning process decides when workers stop
     try:
         os.setpgrp()  # ... and Ctrl-C in a terminal reaches neither us nor our ffmpeg processes
     except OSError:
         pass
-    # Attaching registers the block with the resource tracker again (Python < 3.13); that tracker
-    # is the scanning process's own (shared through the fork server), so the block is still
-    # unlinked exactly once: by the scanning process, or by the tracker if that process dies.
-    shm = shared_memory.SharedMemory(name=shm_name)
-    try:
-        _worker_loop(conn, slots, _slot_viewer(shm.buf, settings), make_detector, settings)
-    finally:
-        shm.close()
+    _worker_loop(conn, slots, _slot_viewer(block, settings), make_detector, settings)
 
 
 # ---------------------------------------------------------------------------- the pool
@@ -286,20 +383,24 @@ class _Worker:
     slots: list[int]
     conn: object = None
     proc: object = None  # a Process, or a Thread with workers=0
-    jobs: deque = field(default_factory=deque)  # (index, path) sent and not yet done, in order
+    jobs: deque = field(default_factory=deque)  # (job, path) sent and not yet done, in order
     out: set = field(default_factory=set)  # slots holding clips the scanning process has not freed
     last_progress: float = 0.0
     stalled: bool = False  # killed for making no progress
+    broken: bool = False  # a message to it could not be sent: it is dead or dying
     events: int = 0  # events received from the current process (0 at death: it died at start)
 
 
 class PreparePool:
     """Worker processes (or one thread) preparing videos; see the module docstring.
 
-    ``submit`` an input, then read ``poll``'s events: ``("start", i, head)``,
-    ``("clip", i, slot, ClipMeta)``, ``("done", i, tail)``, and ``("lost", i, reason)`` when the
-    worker holding input i died or stalled (a replacement has taken over by then). ``view(slot)``
-    gives a slot's arrays; ``free(slots)`` hands them back once copied."""
+    The pool owns the bookkeeping: which jobs each worker holds and which of its slots hold clips.
+    A scan works in runs (``begin_run`` ... ``end_run``); a job is ``(run, index)``. ``submit``
+    an input, then read ``poll``'s events, all of the current run: ``("start", job, head)``,
+    ``("clip", job, slot, ClipMeta)``, ``("done", job, tail)``, and ``("lost", job, reason)``
+    when the worker holding it died or stalled (a replacement has taken over by then). Events of
+    an ended run are dropped here (their slots go straight back). ``view(slot)`` gives a slot's
+    arrays; ``free(slots)`` grants them back to their worker once copied."""
 
     def __init__(self, workers: int, settings: PrepSettings, make_detector, *, slots_per_worker: int = 16,
                  stall_s: float = 600.0, ctx=None):
@@ -309,12 +410,15 @@ class PreparePool:
         self.slots_per_worker, self.stall_s = max(1, slots_per_worker), stall_s
         self.ctx = None if self.threaded else (ctx or default_context())
         total = count * self.slots_per_worker * settings.slot_bytes
-        self.shm = shared_memory.SharedMemory(create=True, size=max(1, total))
-        self._view = _slot_viewer(self.shm.buf, settings)
+        # A thread shares this process's memory: plain memory, never unmapped while it may write.
+        self.block = np.zeros(max(1, total), np.uint8) if self.threaded else SharedBlock(total)
+        self._view = _slot_viewer(self.block if self.threaded else self.block.buf, settings)
         self.workers = [_Worker(p, list(range(p * self.slots_per_worker, (p + 1) * self.slots_per_worker)))
                         for p in range(count)]
         self.replaced = 0
-        self.failed_starts = 0
+        self.failed_starts = 0  # deaths before a first event, in a row (reset by any worker's event)
+        self.run = 0  # the current run; 0: none
+        self._runs = 0
         self._closed = False
         try:
             for w in self.workers:
@@ -330,50 +434,55 @@ class PreparePool:
             ours, theirs = mp.Pipe()
             w.proc = threading.Thread(target=_worker_loop, name=f"deepscan-prepare-{w.position}", daemon=True,
                                       args=(theirs, free, self._view, self.make_detector, self.settings))
+            w.proc.start()
         else:
             ours, theirs = self.ctx.Pipe()
             w.proc = self.ctx.Process(target=_process_main, name=f"deepscan-prepare-{w.position}", daemon=True,
-                                      args=(theirs, self.shm.name, free, self.make_detector, self.settings))
-        w.conn, w.events = ours, 0
-        if self.threaded:
-            w.proc.start()
-        else:
+                                      args=(theirs, self.block, free, self.make_detector, self.settings))
             with _main_module_hidden():
                 w.proc.start()
-        if not self.threaded:
             theirs.close()
+        w.conn, w.events, w.broken = ours, 0, False
         w.last_progress = time.monotonic()
         for job in w.jobs:  # a replacement takes over the inputs queued for its predecessor
-            w.conn.send(("job", *job))
+            self._send(w, ("job", *job))
+
+    def _send(self, w: _Worker, msg) -> bool:
+        """The one way a message reaches a worker. A pipe that fails means the worker is dead or
+        dying: it is marked, and the next ``poll`` reports its input and replaces it."""
+        try:
+            w.conn.send(msg)
+            return True
+        except (OSError, ValueError):  # BrokenPipeError, ConnectionResetError; ValueError: closed
+            w.broken = True
+            return False
 
     def close(self) -> None:
-        """Stop every worker (killing what does not stop at once) and release the shared memory."""
+        """Stop every worker (killing what does not stop at once) and release the shared memory.
+        The kills run whatever interrupts the wait (a second Ctrl-C): no worker outlives this."""
         if self._closed:
             return
         self._closed = True
         try:
             for w in self.workers:
                 if w.conn is not None:
-                    try:
-                        w.conn.send(("stop",))
-                    except OSError:
-                        pass
+                    self._send(w, ("stop",))
             deadline = time.monotonic() + 2.0
             for w in self.workers:
-                started = w.proc is not None and (self.threaded or w.proc.pid is not None)
-                if started:
+                if w.proc is not None and (self.threaded or w.proc.pid is not None):
                     w.proc.join(max(0.0, deadline - time.monotonic()))
-                    if not self.threaded and w.proc.is_alive():
-                        self._kill(w)
+        finally:
+            for w in self.workers:
+                if not self.threaded and w.proc is not None and w.proc.pid is not None and w.proc.is_alive():
+                    self._kill(w)
+                    with contextlib.suppress(BaseException):
                         w.proc.join(2.0)
                 if w.conn is not None:
-                    w.conn.close()
-        finally:
-            self.shm.close()
-            try:
-                self.shm.unlink()
-            except FileNotFoundError:
-                pass
+                    with contextlib.suppress(OSError):
+                        w.conn.close()
+            if not self.threaded:
+                self.block.close()
+            # (a preparation thread still busy keeps writing into self.block, which it holds)
 
     def __enter__(self) -> "PreparePool":
         return self
@@ -392,26 +501,56 @@ class PreparePool:
             except OSError:
                 pass
 
+    # ---- runs
+    def begin_run(self) -> int:
+        """Start a run: its jobs, and only its, are reported from now on."""
+        self._runs += 1
+        self.run = self._runs
+        return self.run
+
+    def end_run(self, run: int) -> None:
+        """End ``run``: workers drop its queued jobs and stop the one they prepare; whatever of it
+        still arrives is dropped (and its slots granted back) by ``poll``."""
+        if self.run == run:
+            self.run = 0
+        for w in self.workers:
+            stale = [j for j in w.jobs if j[0][0] == run]
+            if not stale:
+                continue
+            current = w.jobs[0] if w.jobs and w.jobs[0][0][0] == run else None
+            for j in stale:
+                if j is not current:
+                    w.jobs.remove(j)  # never started, or dropped by the worker: no event will come
+            self._send(w, ("cancel", run))
+
     # ---- work
     def capacity(self) -> int:
-        return sum(JOBS_PER_WORKER - len(w.jobs) for w in self.workers)
+        return sum(JOBS_PER_WORKER - len(w.jobs) for w in self.workers if not w.broken)
 
-    def outstanding(self) -> int:
-        return sum(len(w.jobs) for w in self.workers)
+    def outstanding(self, run: int | None = None) -> int:
+        """Jobs sent and not yet done (of ``run`` only, when given)."""
+        return sum(1 for w in self.workers for j in w.jobs if run is None or j[0][0] == run)
 
-    def submit(self, index: int, path: str) -> None:
-        w = min(self.workers, key=lambda w: len(w.jobs))
+    def submit(self, index: int, path: str) -> tuple[int, int]:
+        """Send input ``index`` of the current run to the least busy worker; returns its job."""
+        if not self.run:
+            raise RuntimeError("submit outside a run: call begin_run() first")
+        live = [w for w in self.workers if not w.broken]
+        w = min(live or self.workers, key=lambda w: len(w.jobs))
         if len(w.jobs) >= JOBS_PER_WORKER:
             raise RuntimeError("no capacity: check capacity() first")
         if not w.jobs:
             w.last_progress = time.monotonic()
-        w.jobs.append((index, path))
-        w.conn.send(("job", index, path))
+        job = (self.run, index)
+        w.jobs.append((job, path))
+        self._send(w, ("job", job, path))  # a dead worker: poll reports the job lost
+        return job
 
     def view(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         return self._view(slot)
 
     def free(self, slots) -> None:
+        """Grant ``slots`` back to their workers (at once: a worker that has none waits)."""
         by_worker: dict[int, list[int]] = {}
         for s in slots:
             by_worker.setdefault(s // self.slots_per_worker, []).append(s)
@@ -419,36 +558,35 @@ class PreparePool:
             w = self.workers[p]
             w.out.difference_update(ss)
             w.last_progress = time.monotonic()  # a worker that waited for slots has not stalled
-            try:
-                w.conn.send(("free", ss))
-            except OSError:
-                pass  # it died; its replacement starts with every slot that is not out
-
-    def starved(self) -> bool:
-        """True when no worker can make progress without slots being freed (or has no input)."""
-        return all(not w.jobs or len(w.out) >= len(w.slots) for w in self.workers)
+            self._send(w, ("grant", ss))  # a dead one: its replacement starts with every slot not out
 
     def poll(self, timeout: float | None, extra=()) -> tuple[list, list]:
         """Wait up to ``timeout`` s for worker events or any of ``extra`` (waitable objects);
-        returns (events, the ``extra`` objects that are ready)."""
+        returns (events of the current run, the ``extra`` objects that are ready)."""
         waitables = {w.conn: w for w in self.workers}
         if not self.threaded:
             waitables.update({w.proc.sentinel: w for w in self.workers})
-        ready = connection.wait([*waitables, *extra], timeout)
+        broken = [w for w in self.workers if w.broken]
+        ready = connection.wait([*waitables, *extra], 0 if broken else timeout)
         events: list = []
         dead: list[_Worker] = []
         for r in ready:
             w = waitables.get(r)
             if w is None:
                 continue
-            if r is w.conn:
+            self._drain(w, events, dead)  # whatever a dead worker sent before dying comes first
+            if r is not w.conn and w not in dead:
+                dead.append(w)
+        for w in broken:
+            if w not in dead:
                 self._drain(w, events, dead)
-            elif w not in dead:
-                self._drain(w, events, dead)  # whatever it sent before dying comes first
+                if not self.threaded:
+                    self._kill(w)
                 if w not in dead:
                     dead.append(w)
         now = time.monotonic()
         for w in self.workers:
+            # stalled: it holds an input and slots to work with, and nothing came for stall_s
             if (w.jobs and not self.threaded and w not in dead and len(w.out) < len(w.slots)
                     and now - w.last_progress > self.stall_s):
                 self._kill(w)
@@ -466,14 +604,23 @@ class PreparePool:
             while w.conn.poll():
                 ev = w.conn.recv()
                 w.last_progress = time.monotonic()
+                if w.events == 0:
+                    self.failed_starts = 0  # a worker that works: earlier deaths were not a pattern
                 w.events += 1
                 if ev[0] == "fatal":
                     raise DeepscanError(ev[1])
+                job = ev[1]
                 if ev[0] == "clip":
                     w.out.add(ev[2])
                 elif ev[0] == "done":
-                    if w.jobs and w.jobs[0][0] == ev[1]:
-                        w.jobs.popleft()
+                    for item in w.jobs:
+                        if item[0] == job:
+                            w.jobs.remove(item)
+                            break
+                if job[0] != self.run or not self.run:  # an ended run's: dropped, its slot granted back
+                    if ev[0] == "clip":
+                        self.free([ev[2]])
+                    continue
                 events.append(ev)
         except (EOFError, OSError):
             if w not in dead:
@@ -490,9 +637,10 @@ class PreparePool:
                                     "install of dlib/onnxruntime?); try --workers 0 to see the error")
         w.proc.join(1.0)
         code = w.proc.exitcode
-        stalled = getattr(w, "stalled", False)
-        w.stalled = False
-        if code is not None and code < 0:
+        stalled, w.stalled = w.stalled, False
+        if code is None:
+            how = "its pipe broke"
+        elif code < 0:
             try:
                 how = f"killed by {signal.Signals(-code).name}"
             except ValueError:
@@ -501,18 +649,19 @@ class PreparePool:
             how = f"exit code {code}"
         events = []
         if w.jobs:
-            index, path = w.jobs.popleft()
+            job, path = w.jobs.popleft()
             if stalled:
                 reason = (f"{path}: no progress for {self.stall_s:.0f} s while preparing it (a pathological or "
                           "blocking file?); skipped; raise --timeout if it is just very long")
             else:
                 reason = (f"{path}: the preparation worker died while reading it ({how}; a crash in a decoder "
                           "or detector, or out of memory); skipped")
-            events.append(("lost", index, reason))
-        try:
+            if job[0] == self.run and self.run:
+                events.append(("lost", job, reason))
+        # queued jobs of an ended run are not replayed
+        w.jobs = deque(j for j in w.jobs if j[0][0] == self.run)
+        with contextlib.suppress(OSError):
             w.conn.close()
-        except OSError:
-            pass
         self.replaced += 1
         self._start(w)
         return events

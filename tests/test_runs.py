@@ -1,6 +1,7 @@
 """Long runs as a user drives them: --output and --resume after a crash, signals, shards."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deepscan.inputs import ResumeIndex, ScanInput, in_shard, parse_shard, read_records, shard_of, walk
+from deepscan.inputs import ResumeIndex, ScanInput, in_shard, parse_shard, settings_key, shard_of, walk
 from deepscan.errors import ConfigError
 
 FAST = ["--clips", "2", "--detector", "dlib", "--batch-size", "2", "--no-hash"]
@@ -119,23 +120,29 @@ def test_shard_runs_cover_the_folder_exactly_once(folder, tiny_ckpt, tmp_path):
     assert not seen[0] & seen[1] and seen[0] | seen[1] == {str(p) for p in folder.rglob("*.mp4")}
 
 
-def test_resume_index_matches_by_stat_or_content(tmp_path):
+def test_resume_index_matches_path_settings_and_stat_or_content(tmp_path):
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     a.write_bytes(b"video a")
     b.write_bytes(b"video b")
     st = a.stat()
     from deepscan.hashing import sha256_file
 
-    index = ResumeIndex([{"path": str(a), "sha256": sha256_file(a), "file": {"size": st.st_size,
-                                                                             "mtime_ns": st.st_mtime_ns}}])
-    assert index.done(ScanInput(str(a), "a.mp4"))
-    assert not index.done(ScanInput(str(b), "b.mp4"))  # same size, other content
-    moved = tmp_path / "renamed.mp4"
-    a.rename(moved)
-    assert index.done(ScanInput(str(moved), "renamed.mp4"))  # same content under another name
-    (tmp_path / "torn.jsonl").write_bytes(b'{"path": "x"}\n{"path": "y"}\n{"pa')
-    records, end = read_records(tmp_path / "torn.jsonl")
-    assert [r["path"] for r in records] == ["x", "y"] and end == 28
+    rec = {"path": str(a), "sha256": sha256_file(a), "verdict": "real", "model": {"sha256": "m"}, "threshold": 0.5,
+           "aggregation": "mean", "detector": "dlib", "settings": {"clips": 32, "min_face": 24},
+           "file": {"size": st.st_size, "mtime_ns": st.st_mtime_ns}}
+    key = settings_key(rec)
+    index = ResumeIndex([rec])
+    assert index.done(ScanInput(str(a), "a.mp4"), key)
+    assert not index.done(ScanInput(str(b), "b.mp4"), key)  # another path
+    assert not index.done(ScanInput(str(a), "a.mp4"), settings_key({**rec, "threshold": 0.6}))
+    assert not index.done(ScanInput(str(a), "a.mp4"), settings_key({**rec, "model": {"sha256": "other"}}))
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes: still done
+    assert index.done(ScanInput(str(a), "a.mp4"), key)
+    shutil.copy(a, tmp_path / "copy.mp4")  # the same bytes under another name get their own record
+    assert not index.done(ScanInput(str(tmp_path / "copy.mp4"), "copy.mp4"), key)
+    index.add({**rec, "verdict": "error"})  # the last record of a path counts: an error is retried
+    assert not index.done(ScanInput(str(a), "a.mp4"), key) and index.retried() == 1
+    assert index.other_settings(settings_key({**rec, "detector": "scrfd"})) == 0
 
 
 def test_first_result_of_a_tree_comes_before_the_walk_ends(tmp_path):
