@@ -154,6 +154,12 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
     for key in ("provenance", "preprocessing"):
         if not isinstance(meta.get(key, {}), dict):
             raise WeightsError(f"{path}: damaged deepscan metadata, field {key!r} must be an object")
+    pre = meta.get("preprocessing", {})
+    want = preprocessing_for(cfg)
+    for key in ("image_size", "lda_size", "clip_len"):  # what cropping needs; they must match the model
+        if not isinstance(pre.get(key), int) or isinstance(pre.get(key), bool) or pre[key] != want[key]:
+            raise WeightsError(f"{path}: damaged deepscan metadata, field 'preprocessing' needs {key} = "
+                               f"{want[key]} (the model's), not {pre.get(key)!r}")
     return CheckpointInfo(
         config=cfg,
         untrained=bool(meta.get("untrained", True)),

@@ -15,7 +15,7 @@ import typer
 
 from . import __version__
 from .errors import ConfigError, DeepscanError, WeightsError
-from .output import debug_enabled, emit_json, json_line, notice, printable, stdout_console
+from .output import debug_enabled, emit_json, json_line, notice, printable, shown, stdout_console
 
 app = typer.Typer(
     name="deepscan",
@@ -47,6 +47,10 @@ def friendly(fn):
             notice(f"deepscan: error: {exc}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
+            import signal
+
+            # everything complete is written by now: a further Ctrl-C must not cut the exit short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             code = 143 if isinstance(exc, Terminated) else 130
             notice("deepscan: terminated" if code == 143 else "deepscan: interrupted")
             raise typer.Exit(code) from None
@@ -98,6 +102,24 @@ def writable_file(path: Path, option: str) -> Path:
     return path
 
 
+def existing_file(path: Path, option: str) -> Path:
+    """A file the command reads: it must exist and be a regular file (not a folder, a FIFO that
+    would block, or a device such as /dev/zero that never ends)."""
+    import stat
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise WeightsError(f"{option} {path}: not found; pass an existing .safetensors file") from None
+    except OSError as exc:
+        raise WeightsError(f"{option} {path}: cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise WeightsError(f"{option} {path}: is a folder; pass a .safetensors file")
+    if not stat.S_ISREG(st.st_mode):
+        raise WeightsError(f"{option} {path}: not a regular file (a FIFO or a device); pass a .safetensors file")
+    return path
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM: handled like Ctrl-C (stop taking inputs, keep what is complete), exit 143."""
 
@@ -137,8 +159,8 @@ def scan(
 
     from .inputs import parse_shard
 
-    if weights is not None and not weights.is_file():  # before loading torch: a typo fails in a blink
-        raise WeightsError(f"{weights}: checkpoint not found; pass an existing .safetensors file")
+    if weights is not None:  # before loading torch: a typo fails in a blink
+        existing_file(weights, "--weights")
     from .run import ScanRequest, run_scan
     from .scan import ScanSettings, default_batch_size, exit_code
 
@@ -160,7 +182,7 @@ def scan(
         writable_folder(heatmaps, "--heatmaps")
     request = ScanRequest(paths=tuple(paths), weights=weights, variant=variant, settings=settings, device=device,
                           precision=precision, workers=workers, detector=detector, glob=glob,
-                          shard=parse_shard(shard) if shard else (1, 1), output=output, resume=resume,
+                          shard=parse_shard(shard) if shard is not None else (1, 1), output=output, resume=resume,
                           heatmaps=heatmaps, compile=compile_model, json_out=json_out, ray=ray)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
@@ -171,10 +193,6 @@ def scan(
         from .report import results_table
 
         stdout_console().print(results_table(outcome.sink.rows, outcome.info, outcome.detector, threshold, aggregate))
-    if outcome.info.untrained:
-        from .output import warn_untrained
-
-        warn_untrained(str(outcome.checkpoint))
     if outcome.interrupted is not None:
         raise outcome.interrupted
     raise typer.Exit(exit_code(outcome.sink.verdicts))
@@ -290,9 +308,18 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last finished epoch.")] = False,
 ) -> None:
     """Train a detector with the paper's protocol (section V-A); run under torchrun for several GPUs."""
+    import dataclasses
+
     from .prepare import load_cache
     from .train import TrainConfig, train as run_train
 
+    # the options are checked before any video is prepared
+    cfg = TrainConfig(out=str(out), variant=variant, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
+                      momentum=momentum, weight_decay=weight_decay, seed=seed, workers=workers, balance=not no_balance,
+                      augment=not no_augment, self_blend=self_blend, vit_init=vit_init, num_maps=num_maps,
+                      num_frames=num_frames, recalibration=recalibration, image_size=image_size, lda_size=lda_size,
+                      max_steps_per_epoch=max_steps, device=device,
+                      data={"root": str(data), "compression": compression, "methods": methods})
     writable_folder(out, "--out")
     rank = int(os.environ.get("RANK", "0"))
     kind, items = _dataset(data, layout, compression, methods, splits, seed)
@@ -311,12 +338,7 @@ def train(
         torch.distributed.barrier()  # the other ranks wait for rank 0's prepare
     train_v = load_cache(cache, [i for i in items if i.split == "train"])
     val_v = load_cache(cache, [i for i in items if i.split == "val"])
-    cfg = TrainConfig(out=str(out), variant=variant, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
-                      momentum=momentum, weight_decay=weight_decay, seed=seed, workers=workers, balance=not no_balance,
-                      augment=not no_augment, self_blend=self_blend, vit_init=vit_init, num_maps=num_maps,
-                      num_frames=num_frames, recalibration=recalibration, image_size=image_size, lda_size=lda_size,
-                      max_steps_per_epoch=max_steps, device=device,
-                      data={"root": str(data), "layout": kind, "compression": compression, "methods": methods})
+    cfg = dataclasses.replace(cfg, data={**cfg.data, "layout": kind})
     result = run_train(cfg, train_v, val_v, resume=resume,
                        log=lambda r: notice(json_line(r)) if rank == 0 else None)
     if rank == 0:
@@ -346,6 +368,7 @@ def evaluate(
     from .prepare import load_cache
     from .train import evaluate as run_eval
 
+    existing_file(weights, "--weights")
     if plots is not None:
         writable_folder(plots, "--plots")
     if scores is not None:
@@ -359,6 +382,9 @@ def evaluate(
     cache = _prepare(items, data, cache, clips, detector, pre["image_size"], pre["lda_size"],
                      max(pre["clip_len"], info.config.num_frames), quiet=json_out)
     videos = load_cache(cache, items)
+    if not videos:
+        raise ConfigError(f"{data}: none of the {len(items)} video(s) of the {split!r} split has a usable face clip "
+                          "(see the prepare summary above); nothing to evaluate")
     result = run_eval(str(weights), videos, device)
     result.update({"data": str(data), "layout": kind, "split": split, "compression": compression})
     per_video = result.pop("scores")
@@ -404,6 +430,8 @@ def bench(
     """Parameters and GMACs of every variant beside the paper's Table VII; with --throughput, speed and memory."""
     from .costs import PAPER_COSTS, measure_all
 
+    if batch_size < 0 or clips < 1 or (workers is not None and workers < 0):
+        raise ConfigError("bench: --batch-size must be >= 0 (0: the default), --clips >= 1 and --workers >= 0")
     if workdir is not None:
         writable_folder(workdir, "--workdir")
     costs = measure_all(image_size=image_size, lda_size=lda_size)
@@ -523,12 +551,12 @@ def weights_list(json_out: Annotated[bool, typer.Option("--json", help="Print JS
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"Weights manifest ({printable(manifest.source)})"), title_justify="left")
+    table = Table(title=Text(f"Weights manifest ({shown(manifest.source)})"), title_justify="left")
     for col in ("name", "kind", "variant", "cached", "size", "license", "metrics"):
         table.add_column(col, overflow="fold")
     for r in rows:
         metrics = ", ".join(f"{k} {v}" for k, v in (r["metrics"] or {}).items()) or "-"
-        table.add_row(*(Text(str(x)) for x in (r["name"], r["kind"], r["variant"] or "-", "yes" if r["cached"] else "no",
+        table.add_row(*(Text(shown(str(x))) for x in (r["name"], r["kind"], r["variant"] or "-", "yes" if r["cached"] else "no",
                                                f"{r['size'] / 1e6:.1f} MB", r["license"], metrics)))
     stdout_console().print(table)
     if not manifest.models():
@@ -550,7 +578,7 @@ def weights_download(
         raise typer.BadParameter("name one or more entries, or pass --all")
     entries = manifest.entries if all_ else [manifest.get(n) for n in names]
     for e in entries:
-        print(fetch(e, force=force, say=notice))
+        print(shown(str(fetch(e, force=force, say=notice))))
 
 
 @weights_app.command("verify")
@@ -564,14 +592,14 @@ def weights_verify() -> None:
     for e in load_manifest().entries:
         path = cached(e)
         if path is None:
-            print(f"{e.name}: not cached")
+            print(shown(f"{e.name}: not cached"))
             continue
         try:
             verify(path, e, fresh=False)
-            print(f"{e.name}: ok ({path})")
+            print(shown(f"{e.name}: ok ({path})"))
         except WeightsError as exc:
             bad += 1
-            print(f"{e.name}: CORRUPT - {exc}")
+            print(shown(f"{e.name}: CORRUPT - {exc}"))
     if bad:
         raise typer.Exit(2)
 
@@ -604,12 +632,40 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(0, "scan")
     elif argv and argv[0].startswith("-") and argv[0] not in KNOWN_COMMANDS:
         argv.insert(0, "scan")  # e.g. `deepscan --json video.mp4`
+    _check_address_space()
     try:
         app(args=argv, prog_name="deepscan")
     except SystemExit as exc:
         if exc.code in (130, 143):
             _exit_now(exc.code)
         raise
+    except KeyboardInterrupt as exc:  # a second Ctrl-C while the first one was being handled
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        code = 143 if isinstance(exc, Terminated) else 130
+        notice("deepscan: terminated" if code == 143 else "deepscan: interrupted")
+        _exit_now(code)
+        raise SystemExit(code) from None
+
+
+MIN_ADDRESS_SPACE = 6 << 30  # torch's CUDA build reserves ~4.5 GB of virtual memory as it loads
+
+
+def _check_address_space() -> None:
+    """Under a low ``ulimit -v`` torch dies while loading, in C++ (``std::bad_alloc``, an abort
+    with no Python error): say so in one line before importing it."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and soft < MIN_ADDRESS_SPACE:
+        notice(f"deepscan: error: the address-space limit (ulimit -v) is {soft / 2**30:.1f} GB; deepscan needs "
+               f"{MIN_ADDRESS_SPACE / 2**30:.0f} GB of virtual memory (torch reserves it as it loads, most of it "
+               "never used); raise it with `ulimit -v unlimited` or `ulimit -v 8000000`")
+        raise SystemExit(2)
 
 
 def _exit_now(code: int) -> None:

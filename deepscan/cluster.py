@@ -45,6 +45,8 @@ def connect(address: str, *, num_cpus: float | None = None) -> dict:
     cluster the environment points to (RAY_ADDRESS or a running ``ray start``), anything else is
     a cluster address. Returns the cluster's resources."""
     ray = _ray()
+    if not ray.is_initialized() and address not in ("local", "auto"):
+        _reachable(address)
     if not ray.is_initialized():
         quiet = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                      configure_logging=True)
@@ -64,6 +66,26 @@ def connect(address: str, *, num_cpus: float | None = None) -> dict:
     ctx.enable_progress_bars = False  # deepscan prints its own progress; stdout stays results only
     ctx.max_errored_blocks = -1  # a batch that fails twice costs its inputs, not the job (see run_scan)
     return dict(ray.cluster_resources())
+
+
+REACH_TIMEOUT_S = 10.0  # an address where nothing answers fails within this time (Ray itself waits forever)
+
+
+def _reachable(address: str) -> None:
+    """Fail fast, in one line, when nothing listens at a cluster address (``host:port`` or
+    ``ray://host:port``): ``ray.init`` would retry for ever, printing its C++ log."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--ray {address}: give local, auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"--ray {address}: nothing answers there ({why}, within {REACH_TIMEOUT_S:.0f} s); start "
+                          "the cluster (`ray start --head`) or check the address") from None
 
 
 @contextlib.contextmanager

@@ -52,6 +52,21 @@ def _videos(folder: Path) -> list[Path]:
                   and p.is_file()) if folder.is_dir() else []
 
 
+def _split_pairs(f: Path) -> list[tuple[str, str]]:
+    """The id pairs of an official FF++ split file: a JSON list of two-element lists."""
+    hint = "it should be the official FaceForensics++ split file: a JSON list of [id, id] pairs"
+    try:
+        data = json.loads(f.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{f}: not valid JSON ({str(exc).splitlines()[0][:80]}); {hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"{f}: cannot be read ({exc.strerror})") from None
+    if not isinstance(data, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, (str, int)) for x in p) for p in data):
+        raise ConfigError(f"{f}: unexpected content; {hint}")
+    return [(str(a), str(b)) for a, b in data]
+
+
 def load_ffpp(root: Path, compression: str = "c23", methods=FFPP_METHODS, splits_dir: Path | None = None) -> list[VideoItem]:
     split_of: dict[str, str] = {}
     sdir = splits_dir or root
@@ -62,8 +77,7 @@ def load_ffpp(root: Path, compression: str = "c23", methods=FFPP_METHODS, splits
                 f"{f}: missing FaceForensics++ split file; the official train/val/test.json come with the "
                 "FaceForensics++ repository (dataset/splits/); put them in the data root or pass --splits DIR"
             )
-        for pair in json.loads(f.read_text()):
-            a, b = (str(x) for x in pair)
+        for a, b in _split_pairs(f):
             split_of[a] = split_of[b] = split
             split_of[f"{a}_{b}"] = split_of[f"{b}_{a}"] = split
     items = []
@@ -84,10 +98,17 @@ def load_celebdf(root: Path, val_fraction: float = 0.1, seed: int = 0) -> list[V
     listing = root / "List_of_testing_videos.txt"
     test = {}
     if listing.is_file():
-        for line in listing.read_text().splitlines():
+        try:
+            text = listing.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{listing}: not UTF-8 text (byte {exc.start}); it should list '<label> <relative "
+                              "path>' lines as Celeb-DF v2 ships it") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                label, rel = line.split(maxsplit=1)
-                test[rel.strip()] = 0 if label == "1" else 1  # Celeb-DF: 1 = real
+                parts = line.split(maxsplit=1)
+                if len(parts) != 2 or parts[0] not in ("0", "1"):
+                    raise ConfigError(f"{listing}: line {n} is not '<0 or 1> <relative path>'; fix or remove it")
+                test[parts[1].strip()] = 0 if parts[0] == "1" else 1  # Celeb-DF: 1 = real
     items = []
     others = []
     for folder, label in (("Celeb-real", 0), ("YouTube-real", 0), ("Celeb-synthesis", 1)):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import unicodedata
 from collections import Counter
 from contextlib import contextmanager
 
@@ -59,8 +60,8 @@ def emit_json(obj) -> None:
 
 
 def notice(message: str) -> None:
-    """A one-line remark for people, on stderr."""
-    stderr_console().print(message, markup=False, highlight=False, soft_wrap=True)
+    """A one-line remark for people, on stderr (file names in it shown escaped: ``shown``)."""
+    stderr_console().print(shown(message), markup=False, highlight=False, soft_wrap=True)
 
 
 def warn_untrained(where: str) -> None:
@@ -68,7 +69,7 @@ def warn_untrained(where: str) -> None:
 
     # Text, not markup: a file name may hold square brackets ("clip [1080p].mp4")
     stderr_console().print(
-        Text(f"WARNING: {printable(where)} is an UNTRAINED checkpoint: its scores are random and mean nothing.",
+        Text(f"WARNING: {shown(where)} is an UNTRAINED checkpoint: its scores are random and mean nothing.",
              style="bold red"),
         highlight=False, soft_wrap=True,
     )
@@ -90,6 +91,32 @@ def _begins_record(data: bytes) -> bool:
 
 def _is_record(obj) -> bool:
     return isinstance(obj, dict) and str(obj.get("schema", "")).startswith("deepscan.scan/")
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_HIDDEN = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")  # controls, format (bidi, zero-width), separators...
+
+
+def shown(text: str) -> str:
+    """``text`` as it may reach a person's terminal: every character a terminal would act on
+    rather than show (escape sequences, bell, newline, bidi overrides, zero-width characters,
+    line separators) becomes visible text (``\\x1b``, ``\\n``, ``\\u202e``), as do the bytes of
+    non-UTF-8 names. A file name can then neither erase a row, clear the screen, set the
+    title, spoof its own name nor split a one-line error. JSON output is not shown: it keeps
+    the real names (JSON escapes controls itself)."""
+    text = printable(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or unicodedata.category(ch) not in _HIDDEN:
+            out.append(ch)  # (isprintable() is also False for harmless spaces such as U+00A0)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
 
 
 class JsonlFile:

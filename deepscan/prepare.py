@@ -13,6 +13,7 @@ leftovers. Per clip the largest face is kept (the data sets show one subject per
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -43,15 +44,27 @@ class PrepareSettings:
     min_face: int = faces_mod.MIN_FACE
 
 
+CACHE_LAYOUT = 2  # 2: entry names end with a hash of the key (1 merged keys that differ in punctuation)
+
+
 def entry_name(key: str) -> str:
-    return re.sub(r"[^\w.-]+", "__", key)
+    """A video's cache folder: a readable prefix of its key and a hash of the whole key, so that
+    keys that differ only in characters a file name cannot hold ("a b" and "a&b") never share a
+    folder, and a key of any length gives a name far below the file system's 255-byte limit."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    readable = re.sub(r"[^\w.-]+", "_", key, flags=re.ASCII).strip("._")[:80]
+    return f"{readable}-{digest}" if readable else digest
 
 
 def _check_settings(cache: Path, settings: PrepareSettings) -> None:
     path = cache / "cache.json"
-    want = asdict(settings)
+    want = {**asdict(settings), "layout": CACHE_LAYOUT}
     if path.is_file():
-        have = json.loads(path.read_text())
+        try:
+            have = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise ConfigError(f"{path}: damaged (not JSON); delete the --cache folder {cache} (it is rebuilt) or "
+                              "use another") from None
         if have != want:
             raise ConfigError(f"{cache}: made with other settings ({have}); use another --cache folder")
     else:
@@ -227,9 +240,14 @@ def load_cache(cache: str | Path, items: list[VideoItem]) -> list[CachedVideo]:
         meta_path = cache / entry_name(item.key) / "meta.json"
         if not meta_path.is_file():
             continue
-        meta = json.loads(meta_path.read_text())
-        if meta["clips"]:
-            out.append(CachedVideo(item.key, item.label, item.split, item.method, meta["clips"], str(meta_path.parent)))
+        try:
+            meta = json.loads(meta_path.read_text())
+            clips = int(meta["clips"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise ConfigError(f"{meta_path}: damaged; delete the folder {meta_path.parent} and run again "
+                              "(that video is prepared again)") from None
+        if clips:
+            out.append(CachedVideo(item.key, item.label, item.split, item.method, clips, str(meta_path.parent)))
     return out
 
 

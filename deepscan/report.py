@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from .output import printable
+from .output import shown
 
 _STYLE = {"fake": "bold red", "real": "green", "no-face": "yellow", "error": "magenta"}
 
@@ -18,14 +18,14 @@ def results_table(rows, info, detector: str, threshold: float, aggregation: str 
         title += f", track score = {aggregation} of frames (paper: mean)"
     if info.untrained:
         title += "  [UNTRAINED CHECKPOINT: scores are meaningless]"
-    table = Table(title=Text(title), title_justify="left")
+    table = Table(title=Text(shown(title)), title_justify="left")
     for col, just in (("video", "left"), ("verdict", "left"), ("score", "right"), ("faces", "right"),
                       ("frames", "right"), ("seconds", "right"), ("note", "left")):
         table.add_column(col, justify=just, overflow="fold")
     for r in rows:
         score = "" if r.score is None else f"{r.score:.3f}"
-        table.add_row(Text(printable(r.path)), Text(r.verdict, style=_STYLE[r.verdict]), score, str(r.faces),
-                      str(r.frames), f"{r.seconds:.1f}", Text(printable(r.note)))
+        table.add_row(Text(shown(r.path)), Text(r.verdict, style=_STYLE[r.verdict]), score, str(r.faces),
+                      str(r.frames), f"{r.seconds:.1f}", Text(shown(r.note)))
     return table
 
 
@@ -49,7 +49,7 @@ def eval_table(result: dict) -> Table:
     title = f"{result['variant']} on {result['layout']} {result['split']} ({result['checkpoint']})"
     if result.get("untrained"):
         title += "  [UNTRAINED CHECKPOINT]"
-    table = Table(title=Text(title), title_justify="left")
+    table = Table(title=Text(shown(title)), title_justify="left")
     for col in ("subset", "level", "n", "ACC", "AUC", "AP", "EER", "paper ACC", "paper AUC"):
         table.add_column(col, justify="left" if col in ("subset", "level") else "right")
     key = (result["layout"], result.get("compression") if result["layout"] == "ffpp" else None)
@@ -60,6 +60,6 @@ def eval_table(result: dict) -> Table:
         for level in ("frame", "video"):
             s = met[level]
             p = paper.get(level) or (None, None)
-            table.add_row(Text(name), level, str(s["n"]), _pct(s["acc"]), _pct(s["auc"]), _pct(s["ap"]), _pct(s["eer"]),
+            table.add_row(Text(shown(name)), level, str(s["n"]), _pct(s["acc"]), _pct(s["auc"]), _pct(s["ap"]), _pct(s["eer"]),
                           "-" if p[0] is None else f"{p[0]:.2f}", "-" if p[1] is None else f"{p[1]:.2f}")
     return table

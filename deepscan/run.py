@@ -43,6 +43,7 @@ class ScanOutcome:
     checkpoint: Path
     detector: str
     interrupted: KeyboardInterrupt | None = None
+    workers: int | None = None  # preparation workers started (None on Ray)
 
 
 @contextlib.contextmanager
@@ -95,7 +96,8 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
     spec = resolve_detector(req.detector, manifest=manifest, say=say)
     file, done = _open_output(req)
-    workers = scan_mod.default_workers(devices) if req.workers is None else req.workers
+    workers = _cap_workers(req, scan_mod.default_workers(devices) if req.workers is None else req.workers, info,
+                           gpu=devices[0].type == "cuda", say=say)
     # Workers build their own detector, on one onnxruntime thread each (many workers, many
     # cores), and start now, while the model loads.
     worker_spec = dataclasses.replace(spec, threads=1) if workers else spec
@@ -112,7 +114,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
         runners += [runners[0].replica(d) for d in devices[1:]]
         sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
                         on_error=lambda e: say(f"deepscan: {printable(e)}"))
-        outcome = ScanOutcome(sink, info, Path(ckpt), spec.name)
+        outcome = ScanOutcome(sink, info, Path(ckpt), spec.name, workers=workers)
         known = len(req.paths) if req.shard[1] == 1 and not req.resume and not any(map(os.path.isdir, req.paths)) \
             else None
         with scan_mod.Scanner(runners, worker_spec.build, spec.name, req.settings, model=model_rec,
@@ -129,6 +131,28 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
         pool.close()
         if file is not None:
             file.close()
+
+
+def _cap_workers(req: ScanRequest, workers: int, info, *, gpu: bool, say) -> int:
+    """No more workers than inputs (when the arguments are all files) and than memory allows: each
+    worker holds its slots of shared memory (~60 MB at the model's crop sizes on CPU) and a
+    process of its own (~150 MB)."""
+    if workers <= 1:
+        return workers
+    if req.paths and not any(os.path.isdir(p) for p in req.paths):
+        workers = min(workers, len(req.paths))
+    from .scan import slots_for
+    from .workers import available_memory
+
+    per_worker = slots_for(req.settings, workers, gpu) * req.settings.prep(info.config).slot_bytes + (150 << 20)
+    avail = available_memory()
+    if avail:
+        fit = max(1, int(avail * 0.5 // per_worker))
+        if fit < workers:
+            say(f"note: {fit} preparation worker(s) instead of {workers}: each needs ~{per_worker >> 20} MB and "
+                f"{avail >> 20} MB of memory is available")
+            workers = fit
+    return workers
 
 
 def _open_output(req: ScanRequest):

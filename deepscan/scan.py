@@ -62,6 +62,8 @@ class ScanSettings:
             raise ConfigError(f"--aggregate must be one of {', '.join(AGGREGATIONS)}")
         if self.clips < 1 or self.batch_size < 1:
             raise ConfigError("--clips and --batch-size must be >= 1")
+        if self.min_face < 1:
+            raise ConfigError(f"--min-face must be at least 1 pixel, not {self.min_face}")
         if not self.timeout_s > 0:  # (NaN too)
             raise ConfigError(f"--timeout must be a number of seconds > 0, not {self.timeout_s}")
 
@@ -281,6 +283,14 @@ class VideoState:
     top: list = field(default_factory=list)  # heap of (score, seq, FrameScore) kept for heatmaps
 
 
+def _video_with_frames(video: dict | None, frames: int | None) -> dict | None:
+    """The record's ``video``, with ``frames`` the length the sampling used (decoding may have
+    found the header's estimate wrong and counted again)."""
+    if video is None or not frames:
+        return video
+    return {**video, "frames": frames}
+
+
 def aggregate(scores: list[float], how: str) -> float:
     if how == "median":
         return float(np.median(scores))
@@ -475,14 +485,18 @@ class _Waker:
 
 
 # ---------------------------------------------------------------------------- the scanner
+def slots_for(settings: ScanSettings, workers: int, gpu: bool, devices: int = 1) -> int:
+    """Slots per worker: enough in all for two batches per device; on CPU a deep buffer, so that
+    a worker works ahead while the slower model catches up."""
+    per = -(-2 * settings.batch_size * devices // max(1, workers))
+    return max(16, per) if gpu else max(64, per)
+
+
 def start_pool(settings: ScanSettings, cfg, make_detector, workers: int, *, devices: int = 1, gpu: bool = False,
                slots_per_worker: int = 0, max_side: int | None = None) -> PreparePool:
     """Preparation workers for scans with ``settings`` and a model of config ``cfg``."""
     if not slots_per_worker:
-        # Enough slots in all for two batches per device; on CPU a deep buffer lets a worker work
-        # in long bursts and rest long.
-        per = -(-2 * settings.batch_size * devices // max(1, workers))
-        slots_per_worker = max(16, per) if gpu else max(64, per)
+        slots_per_worker = slots_for(settings, workers, gpu, devices)
     return PreparePool(workers, settings.prep(cfg, max_side), make_detector, slots_per_worker=slots_per_worker,
                        stall_s=settings.timeout_s)
 
@@ -737,7 +751,7 @@ class Scanner:
             "model": self.model,
             "detector": self.detector_name,
             "settings": s.record(),
-            "video": vs.head.get("video"),
+            "video": _video_with_frames(vs.head.get("video"), tail.get("video_frames")),
             "sampling": tail.get("sampling", {}),
             "tracks": [
                 {"id": tid, "score": round(track_scores[tid], 6),

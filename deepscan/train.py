@@ -67,6 +67,25 @@ class TrainConfig:
     device: str = "auto"
     data: dict = field(default_factory=dict)  # where the clips came from (provenance only)
 
+    def __post_init__(self):
+        def need(ok: bool, option: str, what: str, value) -> None:
+            if not ok:
+                raise ConfigError(f"{option} must be {what}, not {value}")
+
+        need(self.epochs >= 1, "--epochs", "at least 1", self.epochs)
+        need(self.batch_size >= 2, "--batch-size", "at least 2 (batch norm needs two clips)", self.batch_size)
+        need(math.isfinite(self.lr) and self.lr > 0, "--lr", "a number > 0", self.lr)
+        need(self.lr_step >= 1, "--lr-step", "at least 1 epoch", self.lr_step)
+        need(math.isfinite(self.momentum) and 0 <= self.momentum < 1, "--momentum", "in [0, 1)", self.momentum)
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", "a number >= 0",
+             self.weight_decay)
+        need(self.workers >= 0, "--workers", ">= 0", self.workers)
+        need(math.isfinite(self.self_blend) and 0 <= self.self_blend <= 1, "--self-blend", "in [0, 1]",
+             self.self_blend)
+        need(self.max_steps_per_epoch >= 0, "--max-steps", ">= 0", self.max_steps_per_epoch)
+        need(self.num_maps >= 1 and self.num_frames >= 1, "--maps and --frames-per-clip", "at least 1",
+             (self.num_maps, self.num_frames))
+
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
     """Step schedule of paper V-A: lr x gamma^(epoch // step)."""

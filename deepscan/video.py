@@ -32,6 +32,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class VideoInfo:
     native_height: int = 0
     frames_exact: bool = False
     video_streams: int = 1
+    damage: str = ""  # what ffmpeg said reading the packets (a truncated or damaged file), if anything
 
     @property
     def url(self) -> str:
@@ -101,6 +103,7 @@ _STREAM = re.compile(r"^\s*Stream #0:\d+.*?: Video: (\w+).*?, (\d{1,5})x(\d{1,5}
 _SAR = re.compile(r"SAR (\d+):(\d+)")
 _FPS = re.compile(r"([\d.]+)(k?) (fps|tbr)")
 _ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
+_REPEATED = re.compile(r"Last message repeated \d+ times")  # ffmpeg's note about the line before: no message
 
 
 def input_url(path: str | os.PathLike) -> str:
@@ -109,7 +112,7 @@ def input_url(path: str | os.PathLike) -> str:
 
 
 def _first_error_line(stderr: str) -> str:
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not _REPEATED.search(ln)]
     for ln in reversed(lines):
         if "At least one output file" not in ln and not ln.startswith(("Input #", "Stream", "Metadata", "Duration")):
             return ln.split("] ", 1)[-1]
@@ -159,18 +162,19 @@ def probe(path: str | os.PathLike, max_side: int | None = None, count: bool | No
         raise MediaError(f"{path}: a still image, not a video; deepscan scans videos")
     streams = _video_streams(err)
     moving = [i for i, st in enumerate(streams) if not st["cover"]]
+    if not re.search(r"^\s*Stream #", err, re.M):
+        raise MediaError(f"{path}: holds no stream at all (an empty recording or a damaged container); nothing to scan")
     if not moving:
         raise MediaError(f"{path}: has no video stream (audio-only or not a video); pass a video file")
     # the largest picture (ffmpeg's own choice for an output), the default one among equals
     index = max(moving, key=lambda i: (streams[i]["w"] * streams[i]["h"], streams[i]["default"], -i))
     st = streams[index]
-    fps = 0.0
-    for value, kilo, _ in _FPS.findall(st["line"]):
-        fps = float(value) * (1000 if kilo else 1)
-        if fps > 0:
-            break
-    if not (0 < fps < 1000):
-        fps = 25.0  # unknown rate (some streams only give tbn): a common default, times approximate
+    rates = {label: float(value) * (1000 if kilo else 1) for value, kilo, label in _FPS.findall(st["line"])}
+    fps = rates.get("fps", 0.0)
+    if not 0 < fps < 1e6:  # the frame rate as stated (high-speed cameras record at 1000 fps and more)
+        fps = rates.get("tbr", 0.0)
+        if not 0 < fps < 1000:  # a tbr of 1000 or more is a time base, not a rate
+            fps = 25.0  # unknown rate (some streams only give tbn): a common default, times approximate
     dur = _DURATION.search(err)
     duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else 0.0
     rotation = int(round(float(st["rotation"].group(1)))) % 360 if st["rotation"] else 0
@@ -188,15 +192,38 @@ def probe(path: str | os.PathLike, max_side: int | None = None, count: bool | No
     num_frames = int(round(duration * fps)) if duration > 0 else 0
     info = VideoInfo(path, out_w, out_h, fps, duration, num_frames, rotation, st["codec"], dw, dh, stream=index,
                      sar=sar, native_width=native[0], native_height=native[1], video_streams=len(streams))
+    damage = _damage(proc.stderr.split("\nOutput #0", 1)[1] if "\nOutput #0" in proc.stderr else "")
+    if damage:
+        info = dataclasses.replace(info, damage=damage)
     counted = _progress_frames(proc.stdout) if index == 0 else None
     copied_s = _progress_seconds(proc.stdout)
-    if counted is not None and copied_s is not None and copied_s < COUNT_BELOW_S - 1 and count is not False:
-        return info.with_frames(counted)  # the whole stream was counted
+    if (counted is not None and copied_s is not None and copied_s < COUNT_BELOW_S - 1 and count is not False
+            and not (damage and num_frames > counted)):  # a damaged file may decode further than it copies
+        return info.with_frames(_displayed(counted, num_frames))  # the whole stream was counted
     if count or duration <= 0 or (count is None and index != 0 and duration < COUNT_BELOW_S):
         counted = count_frames(info)
         if counted is not None:
             info = info.with_frames(counted)
     return info
+
+
+def _damage(text: str) -> str:
+    """The first thing ffmpeg's demuxer or decoder complained about while reading the packets
+    ("partial file", "File ended prematurely"...), or ""."""
+    for line in text.splitlines():
+        if ("@ 0x" in line and not line.startswith("[out#") and not _REPEATED.search(line)
+                and not line.lstrip().startswith(("Stream", "Metadata"))):
+            return line.split("] ", 1)[-1].strip()
+    return ""
+
+
+def _displayed(counted: int, header: int) -> int:
+    """Frames a stream displays, from its packets (``counted``) and its header's duration x fps:
+    an edit list (cut points set in the container) hides a few packets at the start, so a count
+    a little above the header's length (98 packets, 95 frames shown) is the header's."""
+    if header > 0 and header < counted <= header + max(3, header // 20):
+        return header
+    return counted
 
 
 def _progress_frames(text: str) -> int | None:
@@ -212,12 +239,18 @@ def _progress_seconds(text: str) -> float | None:
 def count_frames(info: VideoInfo) -> int | None:
     """The number of frames of the chosen stream, from its packets (read, not decoded: about as
     fast as reading the file). None if ffmpeg cannot say."""
+    return count_packets(info)[0]
+
+
+def count_packets(info: VideoInfo) -> tuple[int | None, float | None]:
+    """(frames, seconds) of the chosen stream's packets: how many, and the time the last one ends."""
     proc = subprocess.run(
         [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", info.url, "-map", f"0:v:{info.stream}",
          "-c", "copy", "-f", "null", "-", "-progress", "pipe:1", "-nostats"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=600,
     )
-    return _progress_frames(proc.stdout)
+    frames = _progress_frames(proc.stdout)
+    return (None if frames is None else _displayed(frames, info.num_frames)), _progress_seconds(proc.stdout)
 
 
 def plan_clips(num_frames: int, clips: int, clip_len: int) -> list[int]:
@@ -255,11 +288,16 @@ def choose_strategy(info: VideoInfo, num_clips: int, clip_len: int = 3) -> str:
 
 
 def _scale_filter(info: VideoInfo) -> list[str]:
+    """Frames at the probed output size, whatever the stream does: an explicit scale even when no
+    scaling is needed. With ``-reinit_filter 0`` (REINIT) a stream whose picture size changes
+    mid-file keeps one filter graph, so its frame counter (``select``'s n) runs on and its frames
+    come out at one size; ffmpeg's default rebuilds the graph at the change, and n restarts at 0."""
     native = (info.native_width or info.source_width, info.native_height or info.source_height)
-    if (info.width, info.height) == native:
-        return []
     flags = "area" if info.width * info.height < native[0] * native[1] else "bicubic"
     return [f"scale={info.width}:{info.height}:flags={flags}", "setsar=1"]
+
+
+REINIT = ("-reinit_filter", "0")  # an input option: see _scale_filter
 
 
 def _read_frames(proc: subprocess.Popen, info: VideoInfo, limit: int) -> Iterator[np.ndarray]:
@@ -321,10 +359,23 @@ def select_expression(wanted: list[int]) -> str:
     return tree(0, len(runs)) if runs else "0"
 
 
+class PassEnd(str):
+    """ffmpeg's error messages at the end of a pass, with the picture sizes it decoded."""
+
+    sizes: tuple = ()
+    times: tuple = ()  # (first time, time of the first frame of another size) when the size changed
+
+
+_LEVEL = re.compile(r"^(\[[^\]]*\] )?\[(\w+)\] (.*)$")  # "[context @ 0x..] [level] message" (-loglevel level+...)
+_SHOWINFO = re.compile(r"Parsed_showinfo.*?pts_time:\s*([-\d.]+).*?\bs:(\d+)x(\d+)")
+
+
 def _select_pass(info: VideoInfo, wanted: list[int]) -> Iterator[tuple[int, np.ndarray] | str]:
     """One pass over the video: yields (frame index, frame) for the wanted indices as they decode,
-    then ffmpeg's stderr (a str). Frames are not kept here: memory stays at a clip's worth."""
-    vf = ",".join([f"select='{select_expression(wanted)}'"] + _scale_filter(info))
+    then ffmpeg's error messages (a ``PassEnd``). Frames are not kept here: memory stays at a
+    clip's worth. ``showinfo`` reports each selected frame's decoded size (ffmpeg logs at level
+    info, each line tagged with its level): a size change mid-stream becomes a warning."""
+    vf = ",".join([f"select='{select_expression(wanted)}'", "showinfo=checksum=0"] + _scale_filter(info))
     script = None
     if len(vf) > EXPR_INLINE:  # thousands of frames: too long for one argument
         fd, script = tempfile.mkstemp(prefix="deepscan-select-", suffix=".txt")
@@ -333,10 +384,27 @@ def _select_pass(info: VideoInfo, wanted: list[int]) -> Iterator[tuple[int, np.n
         graph = ["-/vf", script]
     else:
         graph = ["-vf", vf]
-    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *ONE_THREAD, "-i", info.url,
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "level+info", *ONE_THREAD, *REINIT, "-i", info.url,
             "-map", f"0:v:{info.stream}", "-an", "-sn", *graph, "-fps_mode", "passthrough",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
     proc = _run(args)
+    errors: list[str] = []
+    sizes: list[tuple[int, int, float]] = []
+
+    def drain() -> None:  # a thread: one info line per selected frame must never fill the pipe
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            tagged = _LEVEL.match(line)
+            if tagged and tagged.group(2) in ("error", "fatal", "panic"):
+                errors.append((tagged.group(1) or "") + tagged.group(3))  # as -loglevel error prints it
+                del errors[:-50]
+            else:
+                m = _SHOWINFO.search(line)
+                if m and (not sizes or sizes[-1][:2] != (int(m.group(2)), int(m.group(3)))):
+                    sizes.append((int(m.group(2)), int(m.group(3)), float(m.group(1))))
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
         for index, frame in zip(wanted, _read_frames(proc, info, len(wanted))):
             yield index, frame
@@ -346,7 +414,17 @@ def _select_pass(info: VideoInfo, wanted: list[int]) -> Iterator[tuple[int, np.n
             proc.kill()
         if script:
             os.unlink(script)
-    yield _finish(proc)
+    try:
+        proc.stdout.close()
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    reader.join(5)
+    end = PassEnd("\n".join(errors))
+    end.sizes = tuple((w, h) for w, h, _ in sizes)
+    if len(sizes) > 1:
+        end.times = (sizes[0][2], sizes[1][2])
+    yield end
 
 
 def _seek_time(info: VideoInfo, start: int) -> str:
@@ -356,12 +434,9 @@ def _seek_time(info: VideoInfo, start: int) -> str:
 
 def _seek_clip(info: VideoInfo, start: int, clip_len: int) -> tuple[list[np.ndarray], str]:
     """One clip by one seek in its own ffmpeg process (the fallback of ``_seek_chunk``)."""
-    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *ONE_THREAD, "-ss", _seek_time(info, start),
-            "-i", info.url, "-map", f"0:v:{info.stream}", "-an", "-sn", "-frames:v", str(clip_len),
-            "-fps_mode", "passthrough"]
-    vf = _scale_filter(info)
-    if vf:
-        args += ["-vf", ",".join(vf)]
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *ONE_THREAD, *REINIT,
+            "-ss", _seek_time(info, start), "-i", info.url, "-map", f"0:v:{info.stream}", "-an", "-sn",
+            "-frames:v", str(clip_len), "-fps_mode", "passthrough", "-vf", ",".join(_scale_filter(info))]
     args += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
     proc = _run(args)
     frames = list(_read_frames(proc, info, clip_len))
@@ -375,7 +450,7 @@ def _seek_chunk(info: VideoInfo, starts: list[int], clip_len: int) -> list[tuple
     chunk does not decode whole (e.g. a truncated file), so that every clip that can decode does."""
     args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-filter_complex_threads", "1"]
     for s in starts:
-        args += ["-threads", "1", "-ss", _seek_time(info, s), "-i", info.url]
+        args += ["-threads", "1", *REINIT, "-ss", _seek_time(info, s), "-i", info.url]
     scale = "".join("," + f for f in _scale_filter(info))
     graph = ";".join(f"[{k}:v:{info.stream}]trim=end_frame={clip_len},setpts=PTS-STARTPTS{scale}[v{k}]"
                      for k in range(len(starts)))
@@ -417,12 +492,21 @@ def sample_clips(info: VideoInfo, clips: int, clip_len: int, strategy: str = "au
     first: Clip | None = None
     if strategy == "seek" and not info.frames_exact and len(starts) > 1:
         frames, _ = _seek_clip(info, starts[-1], clip_len)
-        if len(frames) < clip_len:  # the video ends before the container: count and plan again
-            counted = count_frames(info)
+        if len(frames) < clip_len:  # the video ends before the container says: count and plan again
+            counted, ends_s = count_packets(info)
             if counted is not None and counted < info.num_frames:
                 info = info.with_frames(counted)
                 starts = plan_clips(counted, clips, clip_len)
                 strategy = choose_strategy(info, len(starts), clip_len)
+                if ends_s is not None and ends_s < 0.9 * info.duration - 1:
+                    report.warnings.append(f"the video stream ends at {ends_s:.1f} s of the {info.duration:.1f} s its "
+                                           "header gives: the file may be truncated; the verdict covers what is there")
+                elif counted < 0.5 * round(info.duration * info.fps):
+                    # frames far sparser than the stated rate (variable frame rate): a frame's index
+                    # is no measure of its time, so frames are selected by index, not seeked by time
+                    strategy = "select"
+                    report.warnings.append(f"variable frame rate: {counted} frames in {info.duration:.0f} s, far "
+                                           f"fewer than {info.fps:g} fps; frame times are approximate")
         else:
             first = _clip(info, len(starts) - 1, starts[-1], frames)
     report.frames = info.num_frames
@@ -431,11 +515,19 @@ def sample_clips(info: VideoInfo, clips: int, clip_len: int, strategy: str = "au
                                f"{info.num_frames} frame(s)")
     if first is None:
         yield from read_clips(info, starts, clip_len, strategy, report)
+        _damage_warning(info, report)
         return
     # the last clip is decoded already: the others, then it
     yield from read_clips(info, starts[:-1], clip_len, strategy, report, _planned=len(starts), _extra=1)
     report.decoded += 1
     yield first
+    _damage_warning(info, report)
+
+
+def _damage_warning(info: VideoInfo, report: "DecodeReport") -> None:
+    if info.damage and report.warning is None:  # every planned clip decoded, but the file is damaged
+        report.warnings.append(f"ffmpeg found the file damaged or truncated ({info.damage}); the verdict covers "
+                               "what decodes")
 
 
 def read_clips(info: VideoInfo, starts: list[int], clip_len: int, strategy: str = "auto",
@@ -453,6 +545,12 @@ def read_clips(info: VideoInfo, starts: list[int], clip_len: int, strategy: str 
     for item in stream(info, starts, clip_len) if starts else ():
         if isinstance(item, str):
             last_err = item
+            times = getattr(item, "times", ())
+            if times:
+                a, b = item.sizes[0], item.sizes[1]
+                report.warnings.append(f"the picture size changes mid-stream ({a[0]}x{a[1]}, then {b[0]}x{b[1]} by "
+                                       f"{times[1]:.2f} s): every frame is scaled to {info.width}x{info.height}, "
+                                       "so faces after the change may be stretched")
         else:
             report.decoded += 1
             yield item

@@ -110,9 +110,9 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
         p = check_readable(path)
         st = p.stat()
         head["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        info = probe(path, settings.max_side)  # before hashing: a huge file that is no video is not read whole
         if settings.hash_files:
             head["sha256"] = sha256_file(path)
-        info = probe(path, settings.max_side)
         head["box_scale"] = info.source_width / info.width
         head["video"] = {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
                          "duration_s": round(info.duration, 3), "frames": info.num_frames, "rotation": info.rotation,
@@ -146,6 +146,7 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
         tail["face_clips"] = count
         tail["sampling"] = {"clips": report.planned, "n": clip_len, "decoded_clips": report.decoded,
                             "frames": report.decoded * clip_len, "face_clips": count, "strategy": report.strategy}
+        tail["video_frames"] = report.frames  # the length the plan used (counted again if the header was wrong)
         tail["warnings"] += report.warnings
         if report.warning:
             tail["warnings"].append(report.warning)
@@ -342,6 +343,18 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (Linux's MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def default_context():
