@@ -141,7 +141,7 @@ def scan(
     heatmaps: Annotated[Optional[Path], typer.Option("--heatmaps", help="Write attention heatmap PNGs per video into this folder.")] = None,
     threshold: Annotated[float, typer.Option(help="Score at or above which a video is called fake.")] = 0.5,
     clips: Annotated[int, typer.Option("--clips", "--frames", help="Clips sampled per video, spread evenly.")] = 32,
-    detector: Annotated[str, typer.Option(help="Face detector: auto, scrfd or dlib.")] = "auto",
+    detector: Annotated[str, typer.Option(help="Face detector: auto, scrfd, dlib or blazeface (MediaPipe BlazeFace, batched; see README).")] = "auto",
     device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda (every GPU), cuda:N or a list cuda:0,cuda:2.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option(help="Face clips per model batch, mixed across videos (default: 8 on CPU, 64 on CUDA).")] = None,
@@ -206,7 +206,7 @@ MethodsOpt = Annotated[str, typer.Option(help="FF++ manipulation methods, comma-
 SplitsOpt = Annotated[Optional[Path], typer.Option(help="Folder with FF++ train.json/val.json/test.json (default: data root).")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="Face-clip cache folder (default: DATA/.deepscan-cache).")]
 ClipsOpt = Annotated[int, typer.Option("--clips", help="Evenly spaced clips per video.")]
-DetectorOpt = Annotated[str, typer.Option(help="Face detector: auto, scrfd or dlib.")]
+DetectorOpt = Annotated[str, typer.Option(help="Face detector: auto, scrfd, dlib or blazeface (MediaPipe BlazeFace, batched; see README).")]
 
 
 def _dataset(data, layout, compression, methods, splits, seed=0):

@@ -195,6 +195,83 @@ class ScrfdDetector:
         return out
 
 
+BLAZE_MIN_FACE = 20  # px in BlazeFace's 192 px input: the smallest face it finds reliably (a 3x3 grid of faces: 9/9 at 16 and 20 px, 2/9 at 13)
+
+
+class BlazeFaceDetector:
+    """BlazeFace (full range) on onnxruntime, from its ONNX export (``blazeface.onnx_path``): the
+    whole frame letterboxed to 192 px finds faces down to ~1/10 of its longest side; the
+    surroundings (3x) of faces seen in earlier clips find them again however small; overlapping
+    tiles find small new faces (``deep``). Views of one stage go through the network in one
+    batch. Boxes in frame pixels, six keypoints per face (eyes, nose, mouth, ears)."""
+
+    name = "blazeface"
+
+    def __init__(self, model_path: str, threshold: float = 0.5, nms: float = 0.3, threads: int = 0,
+                 providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        from .blazeface import VARIANTS
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_path), sess_options=options,
+                                            providers=list(providers or ["CPUExecutionProvider"]))
+        self.size = VARIANTS["full"].size
+        self.threshold, self.nms = threshold, nms
+
+    @staticmethod
+    def around(h: int, w: int, boxes) -> list[tuple[int, int, int]]:
+        """Square views 3x the size of each box, inside the frame where it fits."""
+        out = []
+        for box in boxes:
+            side = int(3 * max(box[2] - box[0], box[3] - box[1], 1))
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            x = int(min(max(0, cx - side / 2), max(0, w - side)))
+            y = int(min(max(0, cy - side / 2), max(0, h - side)))
+            out.append((x, y, side))
+        return list(dict.fromkeys(out))
+
+    def __call__(self, frame: np.ndarray, hints=(), *, follow=(), deep: bool = False, min_face: int = MIN_FACE,
+                 full: bool = True, **_) -> list[Detection]:
+        """Faces in ``frame``, in stages like DlibDetector's, each stage one batch: around the
+        faces being followed (``full=False``); the whole frame; around earlier faces (``hints``);
+        with ``deep``, tiles small enough that a ``min_face`` face is BLAZE_MIN_FACE px in the
+        input. A stage runs only if the ones before found nothing."""
+        from .blazeface import tiles
+
+        h, w = frame.shape[:2]
+        if follow and not full:
+            found = self.run(frame, self.around(h, w, follow))
+            if len(found) >= len(follow):
+                return found
+        found = self.run(frame, [(0, 0, max(h, w))])
+        if found:
+            return found
+        found = self.run(frame, self.around(h, w, hints)) if hints else []
+        if found or not deep:
+            return found
+        return self.run(frame, tiles(h, w, max(self.size, round(max(min_face, 1) * self.size / BLAZE_MIN_FACE))))
+
+    def run(self, frame: np.ndarray, views: list[tuple[int, int, int]]) -> list[Detection]:
+        """Faces in square ``views`` (x, y, side) of ``frame``, searched in one batch."""
+        from .blazeface import letterbox
+
+        if not views:
+            return []
+        batch = np.stack([letterbox(frame[y:y + s, x:x + s], self.size)[0] for x, y, s in views])
+        boxes, keypoints, scores = self.session.run(None, {"images": batch})
+        out = []
+        for (x, y, s), b, k, sc in zip(views, boxes, keypoints, scores):
+            factor = max(frame[y:y + s, x:x + s].shape[:2])  # the letterbox square's side in frame pixels
+            for j in np.where(sc >= self.threshold)[0]:
+                box = tuple(float(v) for v in (b[j] * factor + np.array([x, y, x, y])))
+                lm = tuple((float(px * factor + x), float(py * factor + y)) for px, py in k[j])
+                out.append(Detection(box, float(sc[j]), lm))
+        return nms_detections(out, self.nms)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
     order = np.argsort(-scores)
     keep = []
@@ -244,7 +321,7 @@ def onnx_providers() -> list[str]:
 class DetectorSpec:
     """How to build a detector: picklable, so that preparation workers build their own."""
 
-    name: str  # "dlib" | "scrfd"
+    name: str  # "dlib" | "scrfd" | "blazeface"
     model_path: str | None = None  # SCRFD's verified ONNX file
     det_size: int = DET_SIZE
     providers: tuple[str, ...] | None = None  # onnxruntime providers (None: CUDA when torch sees a GPU)
@@ -253,16 +330,22 @@ class DetectorSpec:
     def build(self):
         if self.name == "dlib":
             return DlibDetector(self.det_size)
+        if self.name == "blazeface":
+            return BlazeFaceDetector(str(self.model_path), threads=self.threads)
         return ScrfdDetector(str(self.model_path), self.det_size, providers=self.providers, threads=self.threads)
 
 
 def resolve_detector(name: str = "auto", *, manifest=None, say=None, det_size: int = DET_SIZE) -> DetectorSpec:
     """Which detector ``name`` means here; ``auto`` falls back to dlib, saying so, when SCRFD is
     not at hand (not cached and the Hub unreachable, or its file unusable)."""
-    if name not in ("auto", "scrfd", "dlib"):
-        raise ConfigError(f"unknown detector {name!r}; choose auto, scrfd or dlib")
+    if name not in ("auto", "scrfd", "dlib", "blazeface"):
+        raise ConfigError(f"unknown detector {name!r}; choose auto, scrfd, dlib or blazeface")
     if name == "dlib":
         return DetectorSpec("dlib", det_size=det_size)
+    if name == "blazeface":
+        from .blazeface import onnx_path
+
+        return DetectorSpec("blazeface", str(onnx_path("full")), det_size)
     from . import weights
 
     manifest = manifest or weights.load_manifest()

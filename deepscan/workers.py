@@ -220,7 +220,10 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
                         pump(block=True)  # every slot holds a clip: wait for the scanning process
                     if job[0] in cancelled:
                         break
-                    slot = free.pop()
+                    # the lowest free slot: the slots in use stay the first few, so the memory a scan
+                    # touches follows the clips in flight, not the length of the scan
+                    slot = min(free)
+                    free.discard(slot)
                     image, frames = slot_view(slot)
                     image[...] = ev.image
                     frames[...] = ev.frames
