@@ -405,6 +405,7 @@ class _Worker:
     stalled: bool = False  # killed for making no progress
     broken: bool = False  # a message to it could not be sent: it is dead or dying
     events: int = 0  # events received from the current process (0 at death: it died at start)
+    started: object = None  # the last job whose "start" event arrived: the input it is reading
 
 
 class PreparePool:
@@ -434,6 +435,7 @@ class PreparePool:
         self.replaced = 0
         self.failed_starts = 0  # deaths before a first event, in a row (reset by any worker's event)
         self.run = 0  # the current run; 0: none
+        self._retried: set = set()  # jobs of this run handed to a replacement once, never begun
         self._runs = 0
         self._closed = False
         try:
@@ -458,7 +460,7 @@ class PreparePool:
             with _main_module_hidden():
                 w.proc.start()
             theirs.close()
-        w.conn, w.events, w.broken = ours, 0, False
+        w.conn, w.events, w.broken, w.started = ours, 0, False, None
         w.last_progress = time.monotonic()
         for job in w.jobs:  # a replacement takes over the inputs queued for its predecessor
             self._send(w, ("job", *job))
@@ -522,6 +524,7 @@ class PreparePool:
         """Start a run: its jobs, and only its, are reported from now on."""
         self._runs += 1
         self.run = self._runs
+        self._retried = set()
         return self.run
 
     def end_run(self, run: int) -> None:
@@ -543,9 +546,9 @@ class PreparePool:
     def capacity(self) -> int:
         return sum(JOBS_PER_WORKER - len(w.jobs) for w in self.workers if not w.broken)
 
-    def outstanding(self, run: int | None = None) -> int:
-        """Jobs sent and not yet done (of ``run`` only, when given)."""
-        return sum(1 for w in self.workers for j in w.jobs if run is None or j[0][0] == run)
+    def outstanding(self, run: int) -> int:
+        """Jobs of ``run`` sent and not yet done."""
+        return sum(1 for w in self.workers for j in w.jobs if j[0][0] == run)
 
     def submit(self, index: int, path: str) -> tuple[int, int]:
         """Send input ``index`` of the current run to the least busy worker; returns its job."""
@@ -626,7 +629,9 @@ class PreparePool:
                 if ev[0] == "fatal":
                     raise DeepscanError(ev[1])
                 job = ev[1]
-                if ev[0] == "clip":
+                if ev[0] == "start":
+                    w.started = job
+                elif ev[0] == "clip":
                     w.out.add(ev[2])
                 elif ev[0] == "done":
                     for item in w.jobs:
@@ -664,7 +669,11 @@ class PreparePool:
         else:
             how = f"exit code {code}"
         events = []
-        if w.jobs:
+        if w.jobs and not stalled and w.started != w.jobs[0][0] and w.jobs[0][0] not in self._retried:
+            # it died before it began this input (e.g. killed while it waited, or while probing):
+            # the input is not to blame, and the replacement takes it, once
+            self._retried.add(w.jobs[0][0])
+        elif w.jobs:
             job, path = w.jobs.popleft()
             if stalled:
                 reason = (f"{path}: no progress for {self.stall_s:.0f} s while preparing it (a pathological or "
