@@ -186,12 +186,15 @@ class JsonlFile:
                 except ValueError:
                     rec = None
                 if not _is_record(rec):
-                    if not seen and not (not complete and _begins_record(line)):
+                    if not complete:
+                        if not seen and not _begins_record(line):
+                            raise refuse  # a single line, not ours
+                        continue  # a torn last line: cut below
+                    if not seen:
                         raise refuse  # the first line is not ours: not our file
-                    if complete:
-                        self.damaged += 1  # a damaged line in the middle: ignored (its input is scanned again)
-                        end += len(line)
-                    continue  # a torn last line: cut below
+                    self.damaged += 1  # a damaged line in the middle: ignored (its input is scanned again)
+                    end += len(line)
+                    continue
                 seen = True
                 if on_record is not None:
                     on_record(rec)

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -623,7 +623,7 @@ class Scanner:
             vs.head = ev[2]
         elif kind == "clip":
             vs.left += 1
-            st.pending.append((index, ev[2], ev[3], time.monotonic()))
+            st.pending.append(_Pending(index, ev[2], ev[3], time.monotonic()))
         elif kind == "done":
             vs.tail = ev[2]
             vs.error = vs.tail.get("error")
@@ -638,11 +638,11 @@ class Scanner:
     def _drop_pending(self, st: "_Run", index: int) -> None:
         keep, drop = [], []
         for p in st.pending:
-            (drop if p[0] == index else keep).append(p)
+            (drop if p.index == index else keep).append(p)
         if drop:
             st.pending = keep
             st.videos[index].left -= len(drop)
-            self.pool.free([p[1] for p in drop])
+            self.pool.free([p.slot for p in drop])
 
     def _form_batches(self, st: "_Run") -> float:
         """Send batches to the model lanes: full ones, and a part-filled one when a lane is idle,
@@ -651,16 +651,16 @@ class Scanner:
         b = self.batch_size
         while st.pending and not self._jobs.full():
             if len(st.pending) < b:
-                waited = time.monotonic() - st.pending[0][3]
+                waited = time.monotonic() - st.pending[0].arrival
                 idle = self._jobs.empty() and any(not s.working for s in self._scorers)
                 if not (idle or waited >= BATCH_WAIT_S or self.pool.outstanding(st.id) == 0):
                     return min(0.2, max(0.0, BATCH_WAIT_S - waited))
             chunk, st.pending = st.pending[:b], st.pending[b:]
-            views = [self.pool.view(p[1]) for p in chunk]
+            views = [self.pool.view(p.slot) for p in chunk]
             images = np.stack([v[0] for v in views])
             frames = np.stack([v[1] for v in views])
-            self.pool.free([p[1] for p in chunk])
-            self._jobs.put(_Batch([(p[0], p[2]) for p in chunk], images, frames, st.id))
+            self.pool.free([p.slot for p in chunk])
+            self._jobs.put(_Batch([(p.index, p.meta) for p in chunk], images, frames, st.id))
         return 0.2
 
     def _on_scores(self, st: "_Run", batch: _Batch, probs, maps, seconds: float) -> None:
@@ -784,6 +784,15 @@ class Scanner:
             st.on_record(record, row)
 
 
+class _Pending(NamedTuple):
+    """A face clip waiting in its slot for a batch."""
+
+    index: int  # the input's
+    slot: int
+    meta: object  # workers.ClipMeta
+    arrival: float  # time.monotonic() when it arrived: the batching deadline counts from the oldest
+
+
 class _Run:
     """One run of a Scanner: the state of its inputs in flight, with an id stamped on every job
     and batch. Leaving it (normally or on an error) gives back what it holds: the slots of its
@@ -796,7 +805,7 @@ class _Run:
         self.next_index = self.next_emit = self.seq = 0
         self.videos: dict = {}  # index -> VideoState in flight
         self.ready: dict = {}  # index -> (record, row) waiting for earlier ones
-        self.pending: list = []  # (index, slot, ClipMeta, arrival) not yet batched
+        self.pending: list[_Pending] = []  # clips not yet batched, in arrival order
         self.verdicts: Counter = Counter()
         self.id = 0
 
@@ -807,7 +816,7 @@ class _Run:
     def __exit__(self, *exc) -> None:
         sc = self.scanner
         try:
-            sc.pool.free([p[1] for p in self.pending])
+            sc.pool.free([p.slot for p in self.pending])
             self.pending = []
             sc.pool.end_run(self.id)
         finally:

@@ -78,7 +78,7 @@ class TfliteGraph(nn.Module):
                 consts[outs[0]] = consts[ins[0]].astype(np.float32)
                 continue
             self.ops.append((kind, ins, outs, self._options(op, kind), self._weights(kind, ins, consts)))
-        self.consts = {t: v for t, v in consts.items()}
+        self.consts = consts  # shapes and paddings read by the operators (and any constant operand)
 
     def _options(self, op, kind: str) -> dict:
         tfl = self._tflite

@@ -197,7 +197,6 @@ def test_weights_that_are_not_files_say_what_they_are(media_dir, tmp_path, what,
 
 @pytest.mark.timeout(120)
 def test_an_unreachable_ray_address_fails_in_bounded_time(media_dir, tiny_ckpt):
-    pytest.importorskip("ray")
     t = time.monotonic()
     r = run(media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--ray", "127.0.0.1:1", *FAST)
     assert time.monotonic() - t < 90
