@@ -2,7 +2,9 @@
 process under a time limit and leaves what it measured so far, so a stage that hangs or fails costs
 only itself. Writes ``gpu-result.json`` (and the stages' logs, one file) to --out.
 
-Stages, in order of importance: env (versions, GPU, providers), model (clips/s per variant and
+Stages, in order of importance: env (versions, GPU, providers), nvdec (the driver's libnvcuvid,
+PyNvVideoCodec, a 720p decode: frames/s alone and in threads, colours against ffmpeg), blazeface
+(the batched detector on CUDA: frames/s at batch 64 and 256, boxes against the CPU's), model (clips/s per variant and
 precision, a batch sweep, cudnn.benchmark), tests (the CUDA-marked tests), prep (preparation
 workers 1..cores, model off), folder (a folder scan on the GPU against the model alone, with the
 per-stage breakdown of one video), train (a full-size training run with AMP and loader workers on a
@@ -24,11 +26,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {  # name: the most seconds it may take; in order of importance
-    "env": 60, "model": 120, "tests": 120, "train": 150, "prep": 90, "folder": 90, "compile": 150,
+    "env": 60, "nvdec": 90, "blazeface": 60, "model": 120, "tests": 120, "train": 150, "prep": 90, "folder": 90,
+    "compile": 150,
     # follow-ups, run by name (--stages): steady-state training, wider preparation, workers vs cores
     "train_steady": 120, "prep_wide": 100, "folder_workers": 90, "folder_profile": 120,
 }
-DEFAULT = "env,model,tests,train,prep,folder,compile"
+# 2026-12-01: what the device-preparation issue needs first: is NVDEC there, BlazeFace on CUDA,
+# the CUDA tests, preparation and a folder scan with BlazeFace beside dlib; the model again last
+DEFAULT = "env,nvdec,blazeface,tests,prep,folder,model"
 BATCH = 128
 CLIPS = 32
 # --smoke: the same stages on the CPU at toy sizes, to find a script's mistakes before device time
@@ -79,6 +84,135 @@ def stage_env(part: dict, work: Path) -> None:
     import dlib  # the offline detector must import there
 
     part["dlib"] = getattr(dlib, "__version__", "?")
+
+
+def stage_nvdec(part: dict, work: Path) -> None:
+    """NVDEC, step by step, each step recorded before the next: the driver's libnvcuvid.so.1,
+    PyNvVideoCodec's import, one 720p H.264 decode (all frames; the 96 frames a 32-clip scan
+    reads, by index), decoders in threads over copies, and the RGB it gives against ffmpeg's."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvcuvid.so.1")
+        part["libnvcuvid"] = "found"
+    except OSError as exc:
+        part["libnvcuvid"] = f"missing ({exc})"
+    _save(part, work, "nvdec")
+    import numpy as np
+    import torch
+
+    import PyNvVideoCodec as nvc
+
+    from deepscan.video import plan_clips, probe, read_clips
+
+    part["pynvvideocodec"] = getattr(nvc, "__version__", "?")
+    _save(part, work, "nvdec")
+    src, _, folder = _videos(work, 16)
+
+    def decoder(path):
+        return nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True, output_color_type=nvc.OutputColorType.RGB)
+
+    t = time.perf_counter()
+    dec = decoder(src)
+    part["open_s"] = round(time.perf_counter() - t, 3)
+    n = len(dec)
+    for name, idx in (("all", list(range(n))), ("scan_96", sorted({s + k for s in plan_clips(n, 32, 3) for k in range(3)}))):
+        dec = decoder(src)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        frames = [torch.from_dlpack(f) for f in dec.get_batch_frames_by_index(idx)]
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        part[f"{name}_frames_per_s"] = round(len(idx) / dt, 1)
+        part[f"{name}_frame"] = [list(frames[0].shape), str(frames[0].dtype), str(frames[0].device)]
+        print(json.dumps(part), flush=True)
+        _save(part, work, "nvdec")
+    info = probe(src)
+    diffs = []
+    for clip in read_clips(info, [0, n // 3, 2 * n // 3], 1):
+        i = clip.frame_indices[0]
+        nv = torch.from_dlpack(decoder(src).get_batch_frames_by_index([i])[0]).cpu().numpy().reshape(clip.frames[0].shape)
+        d = np.abs(nv.astype(np.int16) - clip.frames[0].astype(np.int16))
+        diffs.append({"frame": i, "mean_abs": round(float(d.mean()), 3), "p99_abs": float(np.percentile(d, 99)),
+                      "max_abs": int(d.max())})
+    part["colour_vs_ffmpeg"] = diffs
+    _save(part, work, "nvdec")
+    from concurrent.futures import ThreadPoolExecutor
+
+    def whole(path):
+        d = decoder(path)
+        return len([torch.from_dlpack(f) for f in d.get_batch_frames_by_index(list(range(len(d))))])
+
+    rows = part.setdefault("threads", [])
+    for threads in (1, 4, 8, 16):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            count = sum(pool.map(whole, folder[:max(threads, 8)]))
+        torch.cuda.synchronize()
+        rows.append({"threads": threads, "videos": max(threads, 8), "frames_per_s": round(count / (time.perf_counter() - t), 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        _save(part, work, "nvdec")
+
+
+def stage_blazeface(part: dict, work: Path) -> None:
+    """BlazeFace (full range) batched on the device: letterbox (F.interpolate) and network on 720p
+    frames at batch 64 and 256, and its boxes against the CPU ONNX form's on the same frames."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from deepscan.blazeface import build
+    from deepscan.faces import resolve_detector
+    from deepscan.video import plan_clips, probe, read_clips
+
+    dev = _dev()
+    src, _, _ = _videos(work, 1)
+    info = probe(src)
+    frames = np.stack([c.frames[0] for c in read_clips(info, plan_clips(info.num_frames, 64, 1), 1)])
+    model = build("full").to(dev).eval()
+    size = model.size
+    h, w = frames.shape[1:3]
+    nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
+
+    def detect(batch_u8):
+        x = batch_u8.permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        x = F.pad(x, (0, size - nw, 0, size - nh)).permute(0, 2, 3, 1)
+        return model(x)
+
+    on_dev = torch.from_numpy(frames).to(dev)
+    with torch.inference_mode():
+        for batch in (64, 256):
+            x = on_dev.repeat((batch + 63) // 64, 1, 1, 1)[:batch]
+            detect(x)
+            _sync()
+            t, n = time.perf_counter(), 0
+            while time.perf_counter() - t < 3:
+                detect(x)
+                n += batch
+            _sync()
+            part.setdefault("rows", []).append({"batch": batch, "frames_per_s": round(n / (time.perf_counter() - t), 1),
+                                                "frame": f"{w}x{h}", "precision": "fp32"})
+            print(json.dumps(part["rows"][-1]), flush=True)
+            _save(part, work, "blazeface")
+        boxes, _, scores = detect(on_dev)
+        model_dev = model
+        model = model.cpu()  # the same letterbox and network on the CPU: the device's own rounding
+        ref_boxes, _, _ = detect(torch.from_numpy(frames))
+        model = model_dev.to(dev)
+    part["box_max_abs_px_vs_cpu_same_letterbox"] = round(float(
+        (boxes.cpu() - ref_boxes).abs().max() * max(h, w)), 3)
+    cpu = resolve_detector("blazeface").build()  # the workers' form: PIL letterbox, onnxruntime
+    diffs = []
+    for i, f in enumerate(frames):
+        j = int(scores[i].argmax())
+        mine = (boxes[i, j].cpu().numpy() * max(h, w)).tolist()
+        ref = cpu.run(f, [(0, 0, max(h, w))])
+        if ref:
+            diffs.append(max(abs(a - b) for a, b in zip(mine, ref[0].box)))
+    part["box_max_abs_px_vs_workers"] = round(max(diffs), 2) if diffs else None
+    part["frames_compared"] = len(diffs)
 
 
 def stage_tests(part: dict, work: Path) -> None:
@@ -133,11 +267,13 @@ def _videos(work: Path, count: int):
     return src, weights, make_folder(src, work / f"folder{count}", count)
 
 
-def _prep_rows(part: dict, work: Path, name: str, videos: int, counts) -> None:
+def _prep_rows(part: dict, work: Path, name: str, videos: int, counts, detector: str = "dlib") -> None:
     """Preparation clips/s (model off) over ``videos`` generated videos, for each worker count in
     ``counts(cores)``."""
     from deepscan.config import config_for_variant
-    from deepscan.faces import DetectorSpec
+    from dataclasses import replace
+
+    from deepscan.faces import resolve_detector
     from deepscan.perf import preparation_throughput
     from deepscan.scan import ScanSettings, cpu_count
 
@@ -145,15 +281,19 @@ def _prep_rows(part: dict, work: Path, name: str, videos: int, counts) -> None:
     prep = ScanSettings(clips=CLIPS, hash_files=False).prep(config_for_variant("spatial-temporal"))
     cores = cpu_count()
     rows = part.setdefault("rows", [])
+    spec = replace(resolve_detector(detector), threads=1)
+    first = None
     for n in sorted(counts(cores) & set(range(1, cores + 1))):
-        rows += preparation_throughput(folder, DetectorSpec("dlib"), prep, [n], say=lambda m: None)
-        rows[-1]["x_one_worker"] = round(rows[-1]["clips_per_s"] / rows[0]["clips_per_s"], 2)
+        rows += preparation_throughput(folder, spec, prep, [n], say=lambda m: None)
+        first = first or rows[-1]["clips_per_s"]
+        rows[-1]["x_one_worker"] = round(rows[-1]["clips_per_s"] / first, 2)
         print(json.dumps(rows[-1]), flush=True)
         _save(part, work, name)
 
 
 def stage_prep(part: dict, work: Path) -> None:
-    _prep_rows(part, work, "prep", 16, lambda cores: {1, 2, 4, 8, cores - 1, cores})
+    _prep_rows(part, work, "prep", 16, lambda cores: {1, 2, 4, 8, cores - 1, cores}, "blazeface")
+    _prep_rows(part, work, "prep", 16, lambda cores: {1, cores}, "dlib")
 
 
 def _runner():
@@ -170,13 +310,14 @@ def _runner():
 
 
 def stage_folder(part: dict, work: Path) -> None:
-    from deepscan.faces import DetectorSpec
+    from deepscan.faces import resolve_detector
     from deepscan.perf import end_to_end, folder_throughput
     from deepscan.scan import default_workers
 
     src, weights, folder = _videos(work, 4 if SMOKE else 64)
     runner = _runner()
-    spec = DetectorSpec("dlib")
+    spec = resolve_detector("blazeface")
+    part["detector"] = spec.name
     # one video, one worker: where the time of a clip goes (decode, detect + crop, model)
     part["one_video"] = end_to_end(src, runner, spec, CLIPS, BATCH, 1)
     print(json.dumps(part["one_video"]), flush=True)
@@ -497,7 +638,7 @@ def shape(result: dict) -> dict:
                           "preparation": st.get("prep", {}).get("rows", []), "folder": folder,
                           "compile": st.get("compile")},
            "training": {k: v for k, v in st.get("train", {}).items()},
-           "tests": st.get("tests"), "env": env,
+           "tests": st.get("tests"), "env": env, "nvdec": st.get("nvdec"), "blazeface": st.get("blazeface"),
            "follow_ups": {k: st[k] for k in ("train_steady", "prep_wide", "folder_workers", "folder_profile") if k in st},
            "stages": {k: {"ok": v.get("ok"), "seconds": v.get("seconds"), "error": v.get("error")}
                       for k, v in st.items()}}
@@ -511,7 +652,8 @@ def summary(r: dict) -> str:
         lines.append(f"  model {m['variant']:16s} {m['precision']:10s} b{m['batch']:<4d} {m['clips_per_s']:9.1f} clips/s"
                      + (" cudnn.benchmark" if m.get("cudnn_benchmark") else ""))
     for p in t["preparation"]:
-        lines.append(f"  prep {p['workers']:2d} workers {p['clips_per_s']:8.1f} clips/s  x{p.get('x_one_worker')}")
+        lines.append(f"  prep {p.get('detector', 'dlib'):9s} {p['workers']:2d} workers {p['clips_per_s']:8.1f} clips/s  "
+                     f"x{p.get('x_one_worker')}")
     f = t["folder"]
     if "end_to_end_clips_per_s" in f:
         lines.append(f"  folder {f['videos']} videos {f['workers']} workers: {f['end_to_end_clips_per_s']} clips/s "
@@ -532,6 +674,9 @@ def summary(r: dict) -> str:
     for k, v in r["follow_ups"].items():
         for row in v.get("rows", []):
             lines.append(f"  {k}: {json.dumps(row)[:300]}")
+    for k in ("nvdec", "blazeface"):
+        if r.get(k):
+            lines.append(f"  {k}: {json.dumps(r[k])[:600]}")
     for k, v in r["stages"].items():
         if not v["ok"]:
             lines.append(f"  stage {k} FAILED: {(v['error'] or '')[:200]}")

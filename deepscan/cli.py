@@ -220,7 +220,7 @@ def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, nu
              workers: int | None = None):
     from .faces import resolve_detector
     from .output import progress
-    from .prepare import PrepareSettings, is_done, prepare
+    from .prepare import PrepareSettings, is_done, prepare, recorded_detector
     from .workers import cpu_count
 
     cache = writable_folder(cache or data / ".deepscan-cache", "--cache")
@@ -229,6 +229,9 @@ def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, nu
         raise ConfigError(f"--workers {workers}: give 0 (this process only) or more")
     todo = [i for i in items if not is_done(cache, i)]
     if todo:
+        made_with = recorded_detector(cache)
+        if detector == "auto" and made_with:  # a cache goes on with the detector it was begun with
+            detector = made_with
         spec = resolve_detector(detector, say=notice)
         with progress(len(items), "preparing face clips", enabled=not quiet) as advance:
             if ray:
@@ -496,19 +499,19 @@ def bench(
         console.print(e2e)
         for d in perf["detectors"]:
             if d["available"]:
-                console.print(f"detector {d['detector']}: {d['frames_per_s']} frames/s on {d['frame_size']} "
-                              f"(faces found in {d['frames_with_face']})", highlight=False)
+                console.print(f"detector {d['detector']}, batch {d.get('batch', 1)}: {d['frames_per_s']} frames/s on "
+                              f"{d['frame_size']}, one thread (faces found in {d['frames_with_face']})", highlight=False)
             else:
                 console.print(f"detector {d['detector']}: not available ({d['reason']})", highlight=False, markup=False)
         mem = perf["memory"]
         console.print(f"10 min / 10 s end-to-end time: {perf['long_over_short']:.2f}x; peak RSS scanning a 1-hour "
                       f"1080p video: {mem['peak_rss_mb']:.0f} MB ({mem['seconds']:.1f} s)", highlight=False)
-        prep = Table(title=f"Preparation alone (model off), {perf['detector']} faces, 16 x 720p videos, "
-                           f"{perf['cores']} cores")
-        for col in ("workers", "clips/s", "x 1 worker"):
-            prep.add_column(col, justify="right")
+        prep = Table(title=f"Preparation alone (model off), 16 x 720p videos, {perf['cores']} cores")
+        for col in ("detector", "workers", "clips/s", f"x 1 {perf['detector']} worker"):
+            prep.add_column(col, justify="left" if col == "detector" else "right")
         for row in perf["preparation"]:
-            prep.add_row(str(row["workers"]), f"{row['clips_per_s']:.1f}", f"{row['x_one_worker']:.2f}")
+            prep.add_row(row.get("detector", perf["detector"]), str(row["workers"]), f"{row['clips_per_s']:.1f}",
+                         f"{row['x_one_worker']:.2f}")
         console.print(prep)
         f = perf["folder"]
         console.print(f"folder of {f['videos']} videos end to end ({f['workers']} worker(s), batch {f['batch']}): "

@@ -262,7 +262,7 @@ def prepare(items: list, cache: str | os.PathLike, detector, settings, advance=N
     from .prepare import begin, is_done
 
     cache = Path(cache)
-    begin(cache, settings)
+    begin(cache, settings, detector.name)
     counts = {"done_before": 0, "prepared": 0, "no_face": 0, "errors": 0}
     todo = []
     for item in items:

@@ -56,20 +56,47 @@ def entry_name(key: str) -> str:
     return f"{readable}-{digest}" if readable else digest
 
 
-def _check_settings(cache: Path, settings: PrepareSettings) -> None:
+def _read_settings(cache: Path) -> dict | None:
+    path = cache / "cache.json"
+    if not path.is_file():
+        return None
+    try:
+        have = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        have = None
+    if not isinstance(have, dict):
+        raise ConfigError(f"{path}: damaged (not JSON); delete the --cache folder {cache} (it is rebuilt) or "
+                          "use another") from None
+    return have
+
+
+def recorded_detector(cache: Path) -> str | None:
+    """The face detector a cache was made with (None: a new cache, or one made before deepscan
+    recorded it)."""
+    have = _read_settings(cache)
+    return have.get("detector") if have else None
+
+
+def _check_settings(cache: Path, settings: PrepareSettings, detector: str | None = None) -> None:
+    """A cache holds crops of one kind: its settings, layout and face detector are recorded when
+    it is made, and a run with others is refused (a cache from before detectors were recorded
+    takes the detector of its next run)."""
     path = cache / "cache.json"
     want = {**asdict(settings), "layout": CACHE_LAYOUT}
-    if path.is_file():
-        try:
-            have = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise ConfigError(f"{path}: damaged (not JSON); delete the --cache folder {cache} (it is rebuilt) or "
-                              "use another") from None
-        if have != want:
+    have = _read_settings(cache)
+    if have is not None:
+        made_with = have.get("detector")
+        if detector and made_with and made_with != detector:
+            raise ConfigError(f"{cache}: made with the {made_with} face detector, not {detector}; pass "
+                              f"--detector {made_with}, or use another --cache folder")
+        if {k: v for k, v in have.items() if k != "detector"} != want:
             raise ConfigError(f"{cache}: made with other settings ({have}); use another --cache folder")
-    else:
-        cache.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(want, indent=1))
+        if made_with or not detector:
+            return
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".cache.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**want, **({"detector": detector} if detector else {})}, indent=1))
+    os.replace(tmp, path)
 
 
 def is_done(cache: Path, item: VideoItem) -> bool:
@@ -118,9 +145,10 @@ def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSetti
     return meta
 
 
-def begin(cache: Path, settings: PrepareSettings) -> None:
-    """Check (or record) the cache's settings and remove what a killed run left half-written."""
-    _check_settings(cache, settings)
+def begin(cache: Path, settings: PrepareSettings, detector: str | None = None) -> None:
+    """Check (or record) the cache's settings and detector, and remove what a killed run left
+    half-written."""
+    _check_settings(cache, settings, detector)
     for leftover in cache.glob(".*.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
@@ -131,7 +159,7 @@ def prepare(items: list[VideoItem], cache: str | Path, detector, settings: Prepa
     failed. With ``workers`` > 0, ``detector`` is a ``faces.DetectorSpec`` and that many
     processes prepare videos side by side."""
     cache = Path(cache)
-    begin(cache, settings)
+    begin(cache, settings, detector.name)
     counts = {"done_before": 0, "prepared": 0, "no_face": 0, "errors": 0}
     todo = []
     for item in items:

@@ -77,7 +77,12 @@ class TfliteGraph(nn.Module):
             if kind == "DEQUANTIZE":  # fp16 weights stored once, used as fp32
                 consts[outs[0]] = consts[ins[0]].astype(np.float32)
                 continue
-            self.ops.append((kind, ins, outs, self._options(op, kind), self._weights(kind, ins, consts)))
+            options = self._options(op, kind)
+            if "padding" in options:  # the input's height and width, fixed by the graph: padding is static
+                options["in_hw"] = tuple(int(v) for v in graph.Tensors(ins[0]).ShapeAsNumpy()[1:3])
+            if kind == "RESHAPE":  # the graph's static result shape (no -1 left to infer)
+                options["out_shape"] = [int(v) for v in graph.Tensors(outs[0]).ShapeAsNumpy()]
+            self.ops.append((kind, ins, outs, options, self._weights(kind, ins, consts)))
         self.consts = consts  # shapes and paddings read by the operators (and any constant operand)
 
     def _options(self, op, kind: str) -> dict:
@@ -86,8 +91,11 @@ class TfliteGraph(nn.Module):
         if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
             o = (tfl.Conv2DOptions if kind == "CONV_2D" else tfl.DepthwiseConv2DOptions)()
             o.Init(table.Bytes, table.Pos)
-            return {"stride": (o.StrideH(), o.StrideW()), "padding": o.Padding(),
-                    "dilation": (o.DilationHFactor(), o.DilationWFactor()), "act": o.FusedActivationFunction()}
+            out = {"stride": (o.StrideH(), o.StrideW()), "padding": o.Padding(),
+                   "dilation": (o.DilationHFactor(), o.DilationWFactor()), "act": o.FusedActivationFunction()}
+            if kind == "DEPTHWISE_CONV_2D":
+                out["multiplier"] = max(1, o.DepthMultiplier())
+            return out
         if kind == "MAX_POOL_2D":
             o = tfl.Pool2DOptions()
             o.Init(table.Bytes, table.Pos)
@@ -128,14 +136,16 @@ class TfliteGraph(nn.Module):
         return (k, k + 1 if b is not None else None)
 
     @staticmethod
-    def _same(x: torch.Tensor, kernel, stride, dilation=(1, 1), value: float = 0.0) -> torch.Tensor:
-        top, bottom = _tf_same_pad(x.shape[2], kernel[0], stride[0], dilation[0])
-        left, right = _tf_same_pad(x.shape[3], kernel[1], stride[1], dilation[1])
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom), value=value)
-        return x
+    def _same(in_hw, kernel, stride, dilation=(1, 1)) -> tuple[int, int, int, int]:
+        """SAME padding (left, right, top, bottom) for the op's input size, computed from the
+        graph's static shapes (plain ints: an ONNX export holds constants, not shape arithmetic)."""
+        top, bottom = _tf_same_pad(in_hw[0], kernel[0], stride[0], dilation[0])
+        left, right = _tf_same_pad(in_hw[1], kernel[1], stride[1], dilation[1])
+        return left, right, top, bottom
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not torch.jit.is_tracing() and tuple(x.shape[1:3]) != self.input_shape[1:3]:
+            raise ValueError(f"input of {tuple(x.shape[1:3])} px; this graph takes {self.input_shape[1:3]}")
         values: dict[int, torch.Tensor] = {self.input: x.permute(0, 3, 1, 2)}  # NHWC in, NCHW inside
         nchw = {self.input}  # 4-D tensors held in NCHW (the others are in TFLite's own layout)
 
@@ -152,14 +162,18 @@ class TfliteGraph(nn.Module):
             if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
                 weight = self.params[w[0]]
                 bias = self.params[w[1]] if w[1] is not None else None
-                k = weight.shape[2:]
-                if o["padding"] == _SAME:
-                    a = self._same(a, k, o["stride"], o["dilation"])
-                y = F.conv2d(a, weight, bias, stride=o["stride"], dilation=o["dilation"],
-                             groups=1 if kind == "CONV_2D" else a.shape[1])
+                pad = (self._same(o["in_hw"], tuple(weight.shape[2:]), o["stride"], o["dilation"])
+                       if o["padding"] == _SAME else (0, 0, 0, 0))
+                inside = (0, 0)
+                if pad[0] == pad[1] and pad[2] == pad[3]:  # symmetric: the convolution pads by itself
+                    inside, pad = (pad[2], pad[0]), (0, 0, 0, 0)
+                if any(pad):
+                    a = F.pad(a, pad)
+                y = F.conv2d(a, weight, bias, stride=o["stride"], padding=inside, dilation=o["dilation"],
+                             groups=1 if kind == "CONV_2D" else weight.shape[0] // o["multiplier"])
             elif kind == "MAX_POOL_2D":
-                if o["padding"] == _SAME:
-                    a = self._same(a, o["kernel"], o["stride"], value=float("-inf"))
+                if o["padding"] == _SAME and any(pad := self._same(o["in_hw"], o["kernel"], o["stride"])):
+                    a = F.pad(a, pad, value=float("-inf"))
                 y = F.max_pool2d(a, o["kernel"], o["stride"])
             elif kind == "RELU":
                 y = F.relu(a)
@@ -180,11 +194,7 @@ class TfliteGraph(nn.Module):
             elif kind == "RESHAPE":
                 if ins[0] in nchw:
                     a = a.permute(0, 2, 3, 1)  # back to NHWC: the new shape is in its terms
-                if len(ins) > 1 and ins[1] >= 0:
-                    shape = [int(v) for v in self.consts[ins[1]].reshape(-1)]
-                else:
-                    shape = o["shape"]  # (a KeyError here: a reshape without a shape, refused below)
-                y = a.reshape(a.shape[0], *shape[1:])  # the batch stays first, whatever the graph was made with
+                y = a.reshape(-1, *o["out_shape"][1:])  # the batch stays first, whatever the graph was made with
             elif kind == "CONCATENATION":
                 parts = [get(t) for t in ins]
                 axis = o["axis"]

