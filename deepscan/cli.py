@@ -102,6 +102,21 @@ def writable_file(path: Path, option: str) -> Path:
     return path
 
 
+def report_target(path: Path, option: str) -> Path:
+    """An HTML file to (over)write: its folder must exist and take files; an existing non-HTML
+    file is never overwritten (a typo must not cost a file)."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name such as report.html")
+    if path.exists() and path.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"{option} {path}: exists and is not an .html file; give a new name ending in .html")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path}: the folder {folder} does not exist; create it or give another path")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{option} {path}: cannot write into {folder}; give a writable path")
+    return path
+
+
 def existing_file(path: Path, option: str) -> Path:
     """A file the command reads: it must exist and be a regular file (not a folder, a FIFO that
     would block, or a device such as /dev/zero that never ends)."""
@@ -152,6 +167,8 @@ def scan(
     min_face: Annotated[int, typer.Option(help="Ignore faces smaller than this many pixels.")] = 24,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the sha256 of each input file.")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model first (15-40 s once; pays on long runs).")] = False,
+    backend: Annotated[str, typer.Option(help="Model runtime: auto (OpenVINO on CPU when installed, else torch), torch or openvino (CPU).")] = "auto",
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write one self-contained HTML page of the results (timelines, thumbnails) when the scan ends.")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Scan on Ray: local (start one here), auto (the cluster of this environment) or ADDRESS; needs deepscan[ray].")] = None,
 ) -> None:
     """Scan videos for deepfaked faces: a verdict per video (exit 0 none fake, 1 fake found, 2 errors)."""
@@ -180,10 +197,13 @@ def scan(
         raise ConfigError("--glob needs a pattern such as '*.mp4' (it was empty)")
     if heatmaps is not None:
         writable_folder(heatmaps, "--heatmaps")
+    if report is not None:
+        report_target(report, "--report")
     request = ScanRequest(paths=tuple(paths), weights=weights, variant=variant, settings=settings, device=device,
                           precision=precision, workers=workers, detector=detector, glob=glob,
                           shard=parse_shard(shard) if shard is not None else (1, 1), output=output, resume=resume,
-                          heatmaps=heatmaps, compile=compile_model, json_out=json_out, ray=ray)
+                          heatmaps=heatmaps, compile=compile_model, backend=backend, report=report,
+                          json_out=json_out, ray=ray)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         outcome = run_scan(request, say=notice)
@@ -193,6 +213,11 @@ def scan(
         from .report import results_table
 
         stdout_console().print(results_table(outcome.sink.rows, outcome.info, outcome.detector, threshold, aggregate))
+    if report is not None:
+        from .html_report import write_report
+
+        notes = ["the scan was interrupted: the page shows the inputs finished before"] if outcome.interrupted else []
+        notice(f"report: {printable(str(write_report(outcome.sink.items, report, notes=notes)))}")
     if outcome.interrupted is not None:
         raise outcome.interrupted
     raise typer.Exit(exit_code(outcome.sink.verdicts))
@@ -429,6 +454,7 @@ def bench(
     workdir: Annotated[Optional[Path], typer.Option(help="Where to keep the generated benchmark videos.")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="Also measure the spatial-temporal fast path under torch.compile.")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Preparation workers for the end-to-end runs (default: as a scan picks).")] = None,
+    backend: Annotated[str, typer.Option(help="Model runtime of the end-to-end runs: auto, torch or openvino (torch and OpenVINO are measured side by side either way).")] = "auto",
 ) -> None:
     """Parameters and GMACs of every variant beside the paper's Table VII; with --throughput, speed and memory."""
     from .costs import PAPER_COSTS, measure_all
@@ -447,7 +473,7 @@ def bench(
         precisions = ["fp32-nchw", "auto"] + (["fp16"] if dev.type == "cuda" else [])
         perf = run_all(dev, [v.strip() for v in variants.split(",") if v.strip()], precisions,
                        batch_size or (128 if dev.type == "cuda" else 8), clips, workdir, say=notice,
-                       use_compile=compile_model, workers=workers)
+                       use_compile=compile_model, workers=workers, backend=backend)
     if json_out:
         emit_json({"costs": [c.to_json() for c in costs], **({"throughput": perf} if perf else {})})
         return
@@ -488,6 +514,15 @@ def bench(
             x = perf["speedup_over_fp32_nchw"].get(f"{m['variant']}/{m['precision']}")
             speed.add_row(m["variant"], m["precision"], str(m["batch"]), f"{m['clips_per_s']:.1f}", f"{x:.2f}" if x else "1.00")
         console.print(speed)
+        if perf.get("backends"):
+            lanes = Table(title="Model alone through the scan's CPU lanes: torch and OpenVINO, interleaved")
+            for col in ("backend", "precision", "batch", "lanes", "clips/s", "start s (cold / warm)"):
+                lanes.add_column(col, justify="left" if col in ("backend", "precision") else "right")
+            for m in perf["backends"]:
+                start = f"{m['cold_start_s']:.1f} / {m['warm_start_s']:.1f}" if "cold_start_s" in m else "-"
+                lanes.add_row(m["backend"], m["precision"], str(m["batch"]), str(m["lanes"]), f"{m['clips_per_s']:.2f}",
+                              start)
+            console.print(lanes)
         e2e = Table(title=f"End to end, spatial-temporal, {perf['detector']} faces, {clips} clips per video")
         for col in ("video", "strategy", "face clips", "end to end s", "model only s", "ratio", "decode s", "detect+crop s"):
             e2e.add_column(col, justify="left" if col in ("video", "strategy") else "right")
@@ -514,9 +549,38 @@ def bench(
                          f"{row['x_one_worker']:.2f}")
         console.print(prep)
         f = perf["folder"]
-        console.print(f"folder of {f['videos']} videos end to end ({f['workers']} worker(s), batch {f['batch']}): "
+        console.print(f"folder of {f['videos']} videos end to end ({f.get('backend', 'torch')}, {f['workers']} worker(s), "
+                      f"batch {f['batch']}): "
                       f"{f['end_to_end_clips_per_s']:.2f} clips/s, model alone {f['model_only_clips_per_s']:.2f} "
                       f"({f['ratio_to_model_only']:.2f}x); peak RSS {f['peak_rss_mb']:.0f} MB", highlight=False)
+        if perf.get("folder_torch"):
+            t = perf["folder_torch"]
+            console.print(f"the same folder with torch: {t['end_to_end_clips_per_s']:.2f} clips/s end to end "
+                          f"(OpenVINO {t['openvino_over_torch']:.2f}x)", highlight=False)
+
+
+@app.command("report")
+@friendly
+def report_cmd(
+    records: Annotated[list[Path], typer.Argument(help="JSON Lines files written by `deepscan scan --output` (several: a sharded or cluster run).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML page to write.")],
+    thumbs: Annotated[int, typer.Option("--thumbs", help="Cut thumbnails from the N highest-scoring face videos that can be read (0: none).")] = 200,
+) -> None:
+    """One self-contained HTML page from scan records, without the model: verdicts, a score
+    timeline per face, thumbnails cut from the videos where they can be read."""
+    from .html_report import read_records, write_report
+
+    if thumbs < 0:
+        raise ConfigError("--thumbs must be >= 0")
+    for f in records:
+        if not f.is_file():
+            raise ConfigError(f"{f}: not a file; give the JSON Lines files `deepscan scan --output` wrote")
+    report_target(out, "--out")
+    items = read_records(records, say=notice)
+    if not items:
+        raise ConfigError(f"{', '.join(map(str, records))}: no deepscan records in them; give the files `deepscan scan "
+                          "--output` wrote")
+    notice(f"report: {printable(str(write_report(items, out, thumbs_for=thumbs)))} ({len(items)} input(s))")
 
 
 # ---------------------------------------------------------------------------- weights
@@ -621,7 +685,7 @@ def weights_publish(
     emit_json(publish(checkpoint, repo, name=name, private=private))
 
 
-COMMANDS = {"scan", "bench", "weights", "train", "eval", "prepare"}
+COMMANDS = {"scan", "bench", "weights", "train", "eval", "prepare", "report"}
 KNOWN_COMMANDS = COMMANDS | {"--help", "-h", "--version", "--install-completion", "--show-completion"}
 
 

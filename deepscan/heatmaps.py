@@ -79,9 +79,11 @@ def panel(frame, components: list[str]) -> Image.Image:
     return img
 
 
-def write_heatmaps(path: str, verdict: str, score: float, frames: list, out_dir: str | Path) -> str | None:
+def write_heatmaps(path: str, verdict: str, score: float, frames: list, out_dir: str | Path,
+                   timeline: tuple[dict, float] | None = None) -> str | None:
     """Write PNGs of ``frames`` (the most suspicious face clips, with crops and maps, most
-    suspicious first) and a contact sheet into the video's folder under ``out_dir``; return the
+    suspicious first), a contact sheet and, given ``timeline`` = ({track id: [(time s, score)]},
+    threshold), ``timeline.png`` into the video's folder under ``out_dir``; return the
     folder. PNGs left there by an earlier run are removed first. Raises OSError (e.g. a full
     disk) or ValueError (the folder would lie outside ``out_dir``, through a link)."""
     frames = [f for f in frames if f.crop is not None and f.maps]
@@ -110,4 +112,9 @@ def write_heatmaps(path: str, verdict: str, score: float, frames: list, out_dir:
         sheet.paste(p, (0, y))
         y += p.height
     sheet.save(folder / "contact_sheet.png")
+    if timeline is not None:
+        from .plots import timeline_png
+
+        tracks, threshold = timeline
+        timeline_png(folder / "timeline.png", tracks, threshold, f"{name}: {verdict}, score {score:.3f}")
     return str(folder)

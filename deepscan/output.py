@@ -280,9 +280,12 @@ class ScanSink:
     one small row per video for the final table. A closed stdout (broken pipe) stops the scan
     unless a file still takes the records; the exit code stays the one the results earned."""
 
-    def __init__(self, *, json_out: bool, file: "JsonlFile | None", keep_rows: bool, on_error=None):
+    def __init__(self, *, json_out: bool, file: "JsonlFile | None", keep_rows: bool, on_error=None,
+                 keep_items: bool = False):
         self.json_out, self.file, self.keep_rows, self.on_error = json_out, file, keep_rows, on_error
         self.rows: list = []
+        self.keep_items = keep_items  # --report: what the page needs of each record (html_report.compact)
+        self.items: list = []
         self.stdout_closed = False
         self.verdicts: Counter = Counter()
 
@@ -292,6 +295,10 @@ class ScanSink:
             self.file.write(record)
         if self.keep_rows:
             self.rows.append(row)
+        if self.keep_items:
+            from .html_report import compact
+
+            self.items.append(compact(record))
         if record.get("error") and not self.json_out and self.on_error:
             self.on_error(record["error"])
         if self.json_out and not self.stdout_closed:

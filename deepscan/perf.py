@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -69,7 +70,7 @@ def model_throughput(variant: str, precision: str, device: torch.device, batch: 
     name = precision if precision == "fp32-nchw" else str(dtype).split(".")[-1]
     if use_compile and runner.compiled:  # not if compilation failed and it ran eager
         name += "+compile"
-    out = {"variant": variant, "precision": name, "device": str(device), "batch": batch,
+    out = {"variant": variant, "precision": name, "backend": "torch", "device": str(device), "batch": batch,
            "clips_per_s": round(batch * iters / dt, 2)}
     if use_compile:
         out["compiled"] = runner.compiled
@@ -77,6 +78,63 @@ def model_throughput(variant: str, precision: str, device: torch.device, batch: 
     if device.type == "cuda":
         out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
+
+
+def backend_throughput(variant: str, device: torch.device, batch: int, pairs: int = 2, say=print) -> list[dict]:
+    """The model alone through a scan's CPU lanes, torch against OpenVINO at the same variant,
+    precision (the scan's auto) and batch, interleaved in ``pairs``; OpenVINO's cold start
+    (conversion and compilation) and warm start (from its disk cache). Empty off CPU or without
+    OpenVINO."""
+    import copy
+    import shutil
+
+    from .openvino_backend import OpenVinoRunner, cache_root, installed
+    from .scan import Runner, pick_precision, score_in_lanes
+
+    if device.type != "cpu" or not installed():
+        return []
+    cfg = config_for_variant(variant)
+    dtype = pick_precision("auto", device)
+    torch.manual_seed(0)
+    model = LDADetector(cfg).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (batch, cfg.image_size, cfg.image_size, 3), np.uint8)
+    frames = rng.integers(0, 255, (batch, cfg.clip_len, cfg.lda_size, cfg.lda_size, 3), np.uint8)
+    batches = [(images, frames)] * 4
+    key = f"bench-{time.time_ns()}"  # a fresh entry: the first start is a cold one
+    before = set(cache_root().glob("*")) if cache_root().is_dir() else set()
+    say(f"model throughput: {variant}, torch and openvino lanes")
+    try:
+        t = time.perf_counter()
+        ov_runner = OpenVinoRunner(copy.deepcopy(model), dtype, key=key, batch_size=batch)
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        ov_runner = OpenVinoRunner(copy.deepcopy(model), dtype, key=key, batch_size=batch)
+        warm = time.perf_counter() - t
+        runners = {"torch": Runner(copy.deepcopy(model), device, dtype, batch_size=batch), "openvino": ov_runner}
+        for r in runners.values():
+            score_in_lanes([r], batches[:1])  # warm-up
+        rows = []
+        for _ in range(pairs):
+            for name, r in runners.items():
+                t = time.perf_counter()
+                score_in_lanes([r], batches)
+                rows.append({"variant": variant, "precision": str(dtype).split(".")[-1], "backend": name,
+                             "device": "cpu", "batch": batch, "lanes": len(cpu_lanes_of(r)),
+                             "clips_per_s": round(len(batches) * batch / (time.perf_counter() - t), 2)})
+        for row in rows:
+            if row["backend"] == "openvino":
+                row.update(cold_start_s=round(cold, 2), warm_start_s=round(warm, 2))
+        return rows
+    finally:
+        for entry in set(cache_root().glob("*")) - before:  # the bench's own entry only
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def cpu_lanes_of(runner) -> list[int]:
+    from .scan import cpu_lanes
+
+    return cpu_lanes(runner.threads)
 
 
 def model_only(runner, clips: list, batch: int) -> float:
@@ -320,10 +378,11 @@ def scan_peak_rss(video: Path, weights: Path, clips: int, extra: list[str] | Non
 
 
 def run_all(device: torch.device, variants: list[str], precisions: list[str], batch: int, clips: int,
-            workdir: Path | None = None, say=print, use_compile: bool = False, workers: int | None = None) -> dict:
+            workdir: Path | None = None, say=print, use_compile: bool = False, workers: int | None = None,
+            backend: str = "auto") -> dict:
     from .checkpoint import save_checkpoint
     from .faces import resolve_detector
-    from .scan import Runner, ScanSettings, cpu_count, default_workers, model_lanes, pick_precision
+    from .scan import ScanSettings, cpu_count, default_workers, make_runner, model_lanes, pick_precision
 
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cores": cpu_count(), "model": []}
@@ -333,6 +392,7 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
         for p in precisions:
             say(f"model throughput: {v} {p}")
             result["model"].append(model_throughput(v, p, device, batch))
+    result["backends"] = backend_throughput("spatial-temporal", device, batch, say=say)
     if use_compile:
         say("model throughput: spatial-temporal auto, torch.compile")
         result["model"].append(model_throughput("spatial-temporal", "auto", device, batch, use_compile=True))
@@ -345,8 +405,15 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
     torch.manual_seed(0)
     model = LDADetector(cfg)
     weights = save_checkpoint(model, work / "bench-untrained.safetensors", untrained=True)
-    runner = Runner(model, device, pick_precision("auto", device), batch_size=batch)
-    spec = resolve_detector("auto", say=say)
+    from .hashing import sha256_file
+    from .openvino_backend import pick_backend
+
+    result["backend"] = pick_backend(backend, device)
+    runner = make_runner(model, device, pick_precision("auto", device), result["backend"], batch_size=batch,
+                         key=sha256_file(weights))
+    # as a scan runs it: each worker's onnxruntime on one thread (its default of one per core
+    # makes workers fight over the cores: 2 workers ran at 1.04x one in a first measurement)
+    spec = dataclasses.replace(resolve_detector("auto", say=say), threads=1)
     workers = default_workers([device]) if workers is None else workers
     result["detector"], result["workers"] = spec.name, workers
     result["lanes"] = [t for _, t in model_lanes([runner])]  # threads of each model lane of a scan
@@ -368,6 +435,17 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
         result["preparation"].append(dlib_row)
     say(f"folder end to end: {len(folder)} videos, {workers} worker(s)")
     result["folder"] = folder_throughput(folder, runner, spec, weights, clips, batch, workers)
+    result["folder"]["backend"] = result["backend"]
+    if result["backend"] != "torch":  # today's torch path beside it, on the same folder
+        say(f"folder end to end: {len(folder)} videos, torch")
+        import copy
+
+        torch_runner = make_runner(copy.deepcopy(model), device, pick_precision("auto", device), "torch",
+                                   batch_size=batch)  # the same weights (folding them again is harmless)
+        row = folder_throughput(folder, torch_runner, spec, weights, clips, batch, workers, rss=False)
+        result["folder_torch"] = {**row, "backend": "torch",
+                                  "openvino_over_torch": round(result["folder"]["end_to_end_clips_per_s"]
+                                                               / row["end_to_end_clips_per_s"], 2)}
     say("peak RSS: 1-hour 1080p scan")
     result["memory"] = scan_peak_rss(videos["1080p_1h"], weights, clips)
     base = {(m["variant"]): m["clips_per_s"] for m in result["model"] if m["precision"] == "fp32-nchw"}

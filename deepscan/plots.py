@@ -71,3 +71,27 @@ def write_plots(scores: list[dict], out_dir: str | Path, title: str) -> list[Pat
         plt.close(fig)
         written.append(path)
     return written
+
+
+def timeline_png(path: str | Path, tracks: dict, threshold: float, title: str) -> Path:
+    """Score over time, one line per face track, the threshold dashed (``timeline.png`` beside a
+    video's heatmaps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 2.4), dpi=100)
+    for tid, points in sorted(tracks.items()):
+        pts = sorted(points)
+        ax.plot([t for t, _ in pts], [p for _, p in pts], marker="o", markersize=2.5, linewidth=1.2, label=f"face {tid}")
+    ax.axhline(threshold, color="#888", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("P(fake)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -32,6 +32,8 @@ class ScanRequest:
     resume: bool = False
     heatmaps: Path | None = None
     compile: bool = False
+    backend: str = "auto"  # auto | torch | openvino (openvino_backend.pick_backend)
+    report: Path | None = None  # --report FILE.html: the sink keeps what the page needs
     json_out: bool = False
     ray: str | None = None  # a Ray address: local, auto or host:port (see cluster.py)
 
@@ -83,15 +85,19 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     from .config import VARIANTS
     from .faces import resolve_detector
     from .hashing import sha256_file
+    from .openvino_backend import pick_backend
     from .output import ScanSink, printable, progress, warn_untrained
     from .weights import load_manifest
 
     if req.variant is not None and req.variant not in VARIANTS:
         raise ConfigError(f"unknown variant {req.variant!r}; choose one of: {', '.join(VARIANTS)}")
     if req.ray:
+        if req.backend == "openvino":
+            raise ConfigError("--backend openvino is not run on Ray yet (its actors run torch); drop one of them")
         return _run_on_ray(req, say)
     devices = scan_mod.pick_devices(req.device)
     dtype = scan_mod.pick_precision(req.precision, devices[0])
+    backend = pick_backend("torch" if req.compile and req.backend == "auto" else req.backend, devices[0])
     manifest = load_manifest()
     ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
     spec = resolve_detector(req.detector, manifest=manifest, say=say)
@@ -107,13 +113,13 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
         model, info = load_checkpoint(ckpt)
         if info.untrained:
             warn_untrained(str(ckpt))
-        model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt))
+        model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt), backend)
         inputs = _plan(req, file, done, _resume_key(req, model_rec, spec.name), say)
-        runners = [scan_mod.Runner(model, devices[0], dtype, use_compile=req.compile,
-                                   batch_size=req.settings.batch_size, say=say)]
+        runners = [scan_mod.make_runner(model, devices[0], dtype, backend, key=model_rec["sha256"],
+                                        use_compile=req.compile, batch_size=req.settings.batch_size, say=say)]
         runners += [runners[0].replica(d) for d in devices[1:]]
         sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
-                        on_error=lambda e: say(f"deepscan: {printable(e)}"))
+                        on_error=lambda e: say(f"deepscan: {printable(e)}"), keep_items=req.report is not None)
         outcome = ScanOutcome(sink, info, Path(ckpt), spec.name, workers=workers)
         known = len(req.paths) if req.shard[1] == 1 and not req.resume and not any(map(os.path.isdir, req.paths)) \
             else None
@@ -224,7 +230,7 @@ def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
     resources = cluster.connect(req.ray)
     file, done = _open_output(req)
     sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
-                    on_error=lambda e: say(f"deepscan: {printable(e)}"))
+                    on_error=lambda e: say(f"deepscan: {printable(e)}"), keep_items=req.report is not None)
     outcome = ScanOutcome(sink, info, Path(ckpt), spec.name)
     say(f"ray: {int(resources.get('CPU', 0))} CPU(s), {int(resources.get('GPU', 0))} GPU(s) in the cluster")
     try:

@@ -226,6 +226,20 @@ class Runner:
         return Runner(model, device, self.dtype, use_compile=self.compiled, batch_size=self.batch_size, say=self.say)
 
 
+def make_runner(model: LDADetector, device: torch.device, dtype: torch.dtype, backend: str = "torch", *,
+                key: str = "", batch_size: int = 8, use_compile: bool = False, say=None):
+    """The model runner of ``backend`` (``openvino_backend.pick_backend``'s answer): a torch
+    ``Runner``, or an ``OpenVinoRunner`` converted from the model (cached under ``key``, the
+    checkpoint's sha256)."""
+    if backend == "openvino":
+        from .openvino_backend import OpenVinoRunner
+
+        if use_compile:
+            raise ConfigError("--compile is torch.compile: it does not apply to --backend openvino")
+        return OpenVinoRunner(model, dtype, key=key, batch_size=batch_size, say=say)
+    return Runner(model, device, dtype, use_compile=use_compile, batch_size=batch_size, say=say)
+
+
 def _pad(batch: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
 
@@ -299,9 +313,9 @@ def aggregate(scores: list[float], how: str) -> float:
     return float(np.mean(scores))
 
 
-def model_record(info: CheckpointInfo, checkpoint_sha: str) -> dict:
+def model_record(info: CheckpointInfo, checkpoint_sha: str, backend: str = "torch") -> dict:
     return {"variant": info.variant, "checkpoint": Path(info.path).name, "sha256": checkpoint_sha,
-            "untrained": info.untrained}
+            "untrained": info.untrained, "backend": backend}
 
 
 def error_record(path: str, error: str, *, settings: ScanSettings, model: dict, detector: str) -> dict:
@@ -729,7 +743,8 @@ class Scanner:
 
             frames = [f for _, _, f in sorted(vs.top, key=lambda t: (-t[0], t[1]))]
             try:
-                folder = write_heatmaps(vs.path, verdict, score, frames, self.heatmaps)
+                timeline = ({tid: [(f.time_s, f.score) for f in fr] for tid, fr in vs.tracks.items()}, s.threshold)
+                folder = write_heatmaps(vs.path, verdict, score, frames, self.heatmaps, timeline)
             except (OSError, ValueError) as exc:
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 warnings.append(f"heatmaps not written ({why})")
@@ -756,7 +771,8 @@ class Scanner:
             "tracks": [
                 {"id": tid, "score": round(track_scores[tid], 6),
                  "frames": [{"index": f.index, "time_s": f.time_s, "score": round(f.score, 6),
-                             "box": [round(v * box_scale, 1) for v in f.box]} for f in frames]}
+                             "box": [round(v * box_scale, 1) for v in f.box]}
+                            for f in sorted(frames, key=lambda f: f.index)]}  # in time order, whichever lane was first
                 for tid, frames in sorted(vs.tracks.items())
             ],
             "warnings": warnings,

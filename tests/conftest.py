@@ -38,6 +38,8 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("DEEPSCAN_MANIFEST", raising=False)
     monkeypatch.delenv("DEEPSCAN_DEBUG", raising=False)
+    # deepscan's own cache (BlazeFace's ONNX export, OpenVINO models): one per test session
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -372,7 +372,8 @@ def test_stale_heatmaps_are_replaced(media_dir, tiny_ckpt, tmp_path):
     r, (rec,) = scan_json(video, "--weights", tiny_ckpt, "--heatmaps", heat, *FAST)
     assert rec["heatmaps"] == str(stale.parent) and not stale.exists()
     names = {p.name for p in stale.parent.iterdir()}
-    assert "contact_sheet.png" in names and len(names) == 3  # the sheet and this run's two face clips
+    # the sheet, the timeline and this run's two face clips
+    assert {"contact_sheet.png", "timeline.png"} <= names and len(names) == 4
 
 
 def test_manifest_strings_with_brackets_are_printed_as_text(tmp_path):

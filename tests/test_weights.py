@@ -149,7 +149,8 @@ def test_publish_then_download_round_trip(hub, tmp_path, monkeypatch, media_dir)
     assert result.exit_code in (0, 1), result.output
     rec = json.loads(result.stdout)
     assert rec["model"] == {"variant": "spatial", "checkpoint": "trained.safetensors", "sha256": entry["sha256"],
-                            "untrained": False}
+                            "untrained": False, "backend": rec["model"]["backend"]}
+    assert rec["model"]["backend"] in ("torch", "openvino")
 
 
 def test_untrained_checkpoints_are_not_published(hub, tmp_path):

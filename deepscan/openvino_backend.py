@@ -1,0 +1,227 @@
+"""The model on OpenVINO, for scans on a CPU (``--backend openvino``; ``auto`` picks it on CPU when
+OpenVINO is installed).
+
+The loaded checkpoint (batch norms folded, as the torch runner runs it) is converted once with
+``openvino.convert_model``, with the uint8 crops as inputs (normalisation inside the graph) and
+P(fake) and every attention map as outputs, and kept on disk in deepscan's cache folder under a
+key of the checkpoint's sha256, OpenVINO's version, the precision and the input shapes; OpenVINO's
+own compiled-model cache lives beside it, so a second scan starts in about a second. Precision:
+``--precision`` becomes OpenVINO's inference precision hint (bf16 where the CPU has it).
+
+Cores: one compiled model with as many streams as the scan has CPU model lanes and each lane
+thread holding its own infer request, so the lanes run side by side as the torch lanes do
+(measured against OpenVINO's THROUGHPUT hint with an async queue: the same clips/s).
+
+Telemetry: OpenVINO's converter sends usage events through the ``openvino_telemetry`` package
+unless a consent file says no. deepscan keeps that package out of its process (a ``None`` entry
+in ``sys.modules`` before OpenVINO is imported), so OpenVINO falls back to its built-in stub and
+nothing is sent, whatever the consent file says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import queue
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+EXPORT_VERSION = 1  # in the cache key: a change to the export makes a new entry
+BACKENDS = ("auto", "torch", "openvino")
+INSTALL_HINT = "pip install openvino (or pip install 'deepscan[openvino]')"
+_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def import_openvino():
+    """The ``openvino`` module, its telemetry kept out (see the module docstring)."""
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # importing it now raises ImportError: OpenVINO uses its stub
+    try:
+        import openvino
+    except ImportError:
+        raise ConfigError(f"--backend openvino: OpenVINO is not installed; {INSTALL_HINT}") from None
+    return openvino
+
+
+def installed() -> bool:
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):  # a module entry of None (blocked), or a broken install
+        return False
+
+
+def pick_backend(name: str, device: torch.device) -> str:
+    """``torch`` or ``openvino`` for ``--backend name`` on ``device``."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "openvino" if device.type == "cpu" and installed() else "torch"
+    if name == "openvino":
+        if device.type != "cpu":
+            raise ConfigError(f"--backend openvino runs on the CPU, not {device}; pass --device cpu, or --backend "
+                              "torch on a GPU")
+        import_openvino()
+    return name
+
+
+class _Exported(nn.Module):
+    """uint8 crops in, P(fake) and the attention maps (sorted by name) out."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        cfg = model.config
+        self.model, self.names, self.temporal = model, names, cfg.variant != "xception"
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1) * 255)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+
+    def forward(self, image: torch.Tensor, frames: torch.Tensor | None = None):
+        f = None
+        if self.temporal:
+            b, n, s = frames.shape[0], frames.shape[1], frames.shape[2]
+            f = self._norm(frames.reshape(b * n, s, s, 3)).reshape(b, n, 3, s, s)
+        logits, maps = self.model(self._norm(image), f, return_maps=True)
+        return (torch.softmax(logits.float(), dim=1)[:, 1], *[maps[k] for k in self.names])
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepscan" / "openvino"
+
+
+def _shapes(cfg) -> dict:
+    shapes = {"image": [1, cfg.image_size, cfg.image_size, 3]}
+    if cfg.variant != "xception":
+        shapes["frames"] = [1, cfg.clip_len, cfg.lda_size, cfg.lda_size, 3]
+    return shapes
+
+
+def _convert(model: nn.Module, folder: Path, ov) -> dict:
+    """Convert ``model`` into ``folder`` (model.xml/.bin and meta.json), written whole or not at all."""
+    cfg = model.config
+    shapes = _shapes(cfg)
+    example = tuple(torch.zeros(s, dtype=torch.uint8) for s in shapes.values())
+    names = sorted(k for k in ("spatial", "temporal") if getattr(model, k, None) is not None)
+    wrapper = _Exported(model, names).eval()
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python conditions it freezes
+        converted = ov.convert_model(wrapper, example_input=example)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
+    try:
+        ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
+        meta = {"maps": names, "shapes": shapes, "openvino": ov.__version__, "variant": cfg.variant}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another scan made it meanwhile: use theirs
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+class OpenVinoRunner:
+    """The interface of ``scan.Runner`` (``score``, ``score_batch``, ``__call__``, ``cfg``,
+    ``device``, ``threads``) on an OpenVINO model compiled for this CPU."""
+
+    backend = "openvino"
+    compiled = False  # torch.compile: not here
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, *, key: str, batch_size: int = 8,
+                 threads: int | None = None, lanes: int | None = None, say: Callable[[str], None] | None = None):
+        from .model import fold_batchnorm
+        from .scan import cpu_lanes
+
+        ov = import_openvino()
+        self.cfg = model.config
+        self.device, self.dtype, self.batch_size, self.say = torch.device("cpu"), dtype, batch_size, say
+        self.threads = threads or torch.get_num_threads()
+        self.lanes = lanes or len(cpu_lanes(self.threads))
+        precision = _PRECISION.get(dtype)
+        if precision is None:
+            raise ConfigError(f"--backend openvino: no {dtype} on the CPU; use --precision fp32 or bf16")
+        shapes = _shapes(self.cfg)
+        digest = hashlib.sha256(json.dumps([key, ov.__version__, shapes, EXPORT_VERSION]).encode()).hexdigest()
+        folder = cache_root() / f"{self.cfg.variant}-{digest[:24]}"
+        t = time.perf_counter()
+        self.cold = not (folder / "meta.json").is_file()
+        if self.cold and say:
+            say(f"converting the model for OpenVINO (once per checkpoint, kept in {folder.parent})")
+        try:
+            meta = _convert(fold_batchnorm(model).eval(), folder, ov) if self.cold else \
+                json.loads((folder / "meta.json").read_text())
+            self.map_names = list(meta["maps"])
+            core = ov.Core()
+            core.set_property({"CACHE_DIR": str(folder / f"compiled-{precision}")})
+            self.compiled_model = core.compile_model(str(folder / "model.xml"), "CPU", {
+                "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self.threads,
+                "NUM_STREAMS": self.lanes, "PERFORMANCE_HINT": "THROUGHPUT"})
+        except OSError as exc:
+            raise ConfigError(f"{folder}: cannot keep the OpenVINO model there ({exc.strerror}); set XDG_CACHE_HOME "
+                              "to a writable folder") from None
+        except (ValueError, KeyError, RuntimeError):  # a damaged cache entry: made again
+            if self.cold:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            return self.__init__(model, dtype, key=key, batch_size=batch_size, threads=threads, lanes=lanes, say=say)
+        # One infer request per lane, each warmed here, one after the other: requests that make
+        # their first inference at the same time (two lanes starting together) deadlocked
+        # (OpenVINO 2026.4, 2 cores: both threads waiting in the first input copy, found in a
+        # resumed scan), as reported for other programs on few cores (ultralytics#25923).
+        self._pool: queue.SimpleQueue = queue.SimpleQueue()
+        zeros = [np.zeros(shape, np.uint8) for shape in shapes.values()]
+        for _ in range(self.lanes):
+            req = self.compiled_model.create_infer_request()
+            req.infer(zeros)
+            self._pool.put(req)
+        self.start_s = round(time.perf_counter() - t, 2)
+        self.precision = precision
+
+    def score(self, images: np.ndarray, frames: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """uint8 crops, images (B, S, S, 3) and frames (B, n, s, s, 3) -> P(fake) (B,) and maps,
+        one clip per inference (the graph's batch is 1, as the CPU lanes score)."""
+        req = self._pool.get()  # a lane's own request while it scores; never two threads on one
+        try:
+            return self._score(req, images, frames)
+        finally:
+            self._pool.put(req)
+
+    def _score(self, req, images: np.ndarray, frames: np.ndarray | None):
+        probs, maps = [], {k: [] for k in self.map_names}
+        temporal = self.cfg.variant != "xception"
+        for i in range(len(images)):
+            inputs = [np.ascontiguousarray(images[i:i + 1])]
+            if temporal:
+                inputs.append(np.ascontiguousarray(frames[i:i + 1]))
+            out = req.infer(inputs)
+            values = [out[o] for o in self.compiled_model.outputs]
+            probs.append(values[0])
+            for k, v in zip(self.map_names, values[1:]):
+                maps[k].append(np.asarray(v, np.float32))
+        return (np.concatenate(probs).astype(np.float32),
+                {k: np.concatenate(v) for k, v in maps.items()})
+
+    score_batch = score
+
+    def __call__(self, clips) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return self.score(np.stack([c.image for c in clips]), np.stack([c.frames for c in clips]))
+
+    def replica(self, device: torch.device):
+        raise ConfigError(f"--backend openvino runs on the CPU, not {device}")
