@@ -4,7 +4,8 @@ only itself. Writes ``gpu-result.json`` (and the stages' logs, one file) to --ou
 
 Stages, in order of importance: env (versions, GPU, providers), nvdec (the driver's libnvcuvid,
 PyNvVideoCodec, a 720p decode: frames/s alone and in threads, colours against ffmpeg), blazeface
-(the batched detector on CUDA: frames/s at batch 64 and 256, boxes against the CPU's), model (clips/s per variant and
+(the batched detector on CUDA: frames/s at batch 64 and 256, boxes against the CPU's), device_prep
+(deepscan.device_prep: detection and crops of 64 clips on the device, against PIL's crops), model (clips/s per variant and
 precision, a batch sweep, cudnn.benchmark), tests (the CUDA-marked tests), prep (preparation
 workers 1..cores, model off), folder (a folder scan on the GPU against the model alone, with the
 per-stage breakdown of one video), train (a full-size training run with AMP and loader workers on a
@@ -26,14 +27,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {  # name: the most seconds it may take; in order of importance
-    "env": 60, "nvdec": 90, "blazeface": 60, "model": 120, "tests": 120, "train": 150, "prep": 90, "folder": 90,
+    "env": 60, "nvdec": 90, "blazeface": 60, "device_prep": 60, "model": 120, "tests": 120, "train": 150, "prep": 90, "folder": 90,
     "compile": 150,
     # follow-ups, run by name (--stages): steady-state training, wider preparation, workers vs cores
     "train_steady": 120, "prep_wide": 100, "folder_workers": 90, "folder_profile": 120,
 }
 # 2026-12-01: what the device-preparation issue needs first: is NVDEC there, BlazeFace on CUDA,
 # the CUDA tests, preparation and a folder scan with BlazeFace beside dlib; the model again last
-DEFAULT = "env,nvdec,blazeface,tests,prep,folder,model"
+DEFAULT = "env,nvdec,blazeface,device_prep,tests,prep,folder,model"
 BATCH = 128
 CLIPS = 32
 # --smoke: the same stages on the CPU at toy sizes, to find a script's mistakes before device time
@@ -289,6 +290,51 @@ def _prep_rows(part: dict, work: Path, name: str, videos: int, counts, detector:
         rows[-1]["x_one_worker"] = round(rows[-1]["clips_per_s"] / first, 2)
         print(json.dumps(rows[-1]), flush=True)
         _save(part, work, name)
+
+
+def stage_device_prep(part: dict, work: Path) -> None:
+    """deepscan.device_prep on the device: 64 clips (3 frames of 720p each) already there,
+    detection over their first frames in one batch, then the crops for the model (398 and 224 px):
+    clips/s of each step, and the crops against the workers' PIL crops."""
+    import numpy as np
+    import torch
+
+    from deepscan.device_prep import DevicePreparer
+    from deepscan.faces import crop_box, face_clips, resolve_detector
+    from deepscan.video import plan_clips, probe, read_clips
+
+    dev = _dev()
+    src, _, _ = _videos(work, 1)
+    info = probe(src)
+    clips = list(read_clips(info, plan_clips(info.num_frames, 64, 3), 3))
+    prep = DevicePreparer(dev)
+    on_dev = torch.from_numpy(np.stack([c.frames for c in clips])).to(dev)
+    firsts = [on_dev[i, 0] for i in range(len(clips))]
+    dets = prep.detect(firsts)  # warm-up
+    _sync()
+    t = time.perf_counter()
+    for _ in range(3):
+        dets = prep.detect(firsts)
+    _sync()
+    part["detect_clips_per_s"] = round(3 * len(clips) / (time.perf_counter() - t), 1)
+    squares = [(i, crop_box(d[0].box)) for i, d in enumerate(dets) if d]
+    prep.crops(on_dev, squares[:2], 398, 224)
+    _sync()
+    t = time.perf_counter()
+    images, frames = prep.crops(on_dev, squares, 398, 224)
+    _sync()
+    part["crop_clips_per_s"] = round(len(squares) / (time.perf_counter() - t), 1)
+    part["faces"] = len(squares)
+    print(json.dumps(part), flush=True)
+    _save(part, work, "device_prep")
+    worker = resolve_detector("blazeface").build()
+    i = squares[0][0]
+    d = worker(clips[i].frames[0])
+    if d:
+        (ref,) = face_clips("v", clips[i], d[:1], [0], 398, 224)
+        got_i, got_f = prep.crops(on_dev, [(i, crop_box(d[0].box))], 398, 224)
+        part["crop_max_abs_vs_pil"] = int(max(np.abs(got_i[0].cpu().numpy().astype(int) - ref.image).max(),
+                                              np.abs(got_f[0].cpu().numpy().astype(int) - ref.frames).max()))
 
 
 def stage_prep(part: dict, work: Path) -> None:
@@ -639,6 +685,7 @@ def shape(result: dict) -> dict:
                           "compile": st.get("compile")},
            "training": {k: v for k, v in st.get("train", {}).items()},
            "tests": st.get("tests"), "env": env, "nvdec": st.get("nvdec"), "blazeface": st.get("blazeface"),
+           "device_prep": st.get("device_prep"),
            "follow_ups": {k: st[k] for k in ("train_steady", "prep_wide", "folder_workers", "folder_profile") if k in st},
            "stages": {k: {"ok": v.get("ok"), "seconds": v.get("seconds"), "error": v.get("error")}
                       for k, v in st.items()}}
@@ -674,7 +721,7 @@ def summary(r: dict) -> str:
     for k, v in r["follow_ups"].items():
         for row in v.get("rows", []):
             lines.append(f"  {k}: {json.dumps(row)[:300]}")
-    for k in ("nvdec", "blazeface"):
+    for k in ("nvdec", "blazeface", "device_prep"):
         if r.get(k):
             lines.append(f"  {k}: {json.dumps(r[k])[:600]}")
     for k, v in r["stages"].items():
