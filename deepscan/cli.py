@@ -199,6 +199,8 @@ def scan(
         writable_folder(heatmaps, "--heatmaps")
     if report is not None:
         report_target(report, "--report")
+        if output is not None and report.resolve() == output.resolve():
+            raise ConfigError(f"--report {report}: the same file as --output; give the page another name")
     request = ScanRequest(paths=tuple(paths), weights=weights, variant=variant, settings=settings, device=device,
                           precision=precision, workers=workers, detector=detector, glob=glob,
                           shard=parse_shard(shard) if shard is not None else (1, 1), output=output, resume=resume,

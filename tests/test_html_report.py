@@ -132,6 +132,19 @@ def test_report_of_files_that_are_not_records_is_one_line(tmp_path, content, wor
     assert r.returncode == 2
 
 
+def test_report_targets_that_would_cost_a_file_are_refused(tmp_path, media_dir, tiny_ckpt):
+    from .test_hostile import one_line_error
+
+    video = tmp_path / "a.mp4"
+    shutil.copy(media_dir / "no_face.mp4", video)
+    for target, words in ((video, "not an .html file"), (tmp_path / "missing" / "r.html", "does not exist"),
+                          (tmp_path / "out.html", "the same file as --output")):
+        r = cli(video, "--weights", tiny_ckpt, "--report", target, "--output", tmp_path / "out.html", "--clips", "2")
+        assert r.returncode == 2, (target, r.stderr)
+        one_line_error(r, words)
+    assert video.stat().st_size > 0 and not (tmp_path / "out.html").exists()
+
+
 def synthetic(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     items = []
