@@ -773,7 +773,9 @@ class Scanner:
                  "frames": [{"index": f.index, "time_s": f.time_s, "score": round(f.score, 6),
                              "box": [round(v * box_scale, 1) for v in f.box]}
                             for f in sorted(frames, key=lambda f: f.index)]}  # in time order, whichever lane was first
-                for tid, frames in sorted(vs.tracks.items())
+                # an error keeps no tracks, even when clips of it were scored before its worker died
+                # (those have no track score: taking one crashed the scan, found by killing workers)
+                for tid, frames in sorted(vs.tracks.items()) if tid in track_scores
             ],
             "warnings": warnings,
             "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -783,7 +785,7 @@ class Scanner:
         if error and error.startswith(vs.path + ": "):
             error = error[len(vs.path) + 2:]
         note = error or "; ".join(warnings) or (folder and f"heatmaps: {folder}") or ""
-        row = Row(vs.path, verdict, score, len(vs.tracks), sum(len(f) for f in vs.tracks.values()),
+        row = Row(vs.path, verdict, score, len(track_scores), sum(len(vs.tracks[t]) for t in track_scores),
                   round(timings["total_s"], 2), note)
         return record, row
 

@@ -321,3 +321,17 @@ def test_a_worker_killed_before_its_first_input_costs_nothing(corpus, tiny_ckpt)
     out, err = proc.communicate(timeout=180)
     records = [json.loads(line) for line in out.splitlines()]
     assert len(records) == 8 and all(r["verdict"] in ("fake", "real") for r in records), err
+
+
+def test_an_input_whose_worker_died_after_some_clips_were_scored_is_an_error_without_tracks():
+    """Clips of a video scored, then its worker killed: the record is an error, without tracks
+    (it has no track score). Taking one crashed the whole scan (KeyError), seen once in CI."""
+    from deepscan.scan import FrameScore, Scanner, ScanSettings, VideoState
+
+    scanner = Scanner.__new__(Scanner)  # only what _record reads
+    scanner.settings, scanner.heatmaps, scanner.model, scanner.detector_name = ScanSettings(), None, {}, "dlib"
+    vs = VideoState(0, "v.mp4", 0.0, error="v.mp4: preparation stopped: its worker died (SIGKILL)")
+    vs.tracks[0] = [FrameScore(0, 0.0, 0.7, (1.0, 2.0, 3.0, 4.0))]
+    record, row = scanner._record(vs)
+    assert record["verdict"] == "error" and record["tracks"] == [] and record["score"] is None
+    assert row.faces == 0 and row.frames == 0
