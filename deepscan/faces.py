@@ -378,8 +378,13 @@ def resolve_detector(name: str = "auto", *, manifest=None, say=None, det_size: i
     is said once."""
     if name not in ("auto", "scrfd", "dlib", "blazeface"):
         raise ConfigError(f"unknown detector {name!r}; choose auto, scrfd, dlib or blazeface")
+    dlib = DetectorSpec("dlib", det_size=det_size)
     if name == "dlib":
-        return DetectorSpec("dlib", det_size=det_size)
+        return dlib
+    from . import weights
+
+    manifest = manifest or weights.load_manifest()
+    why = "the weights manifest lists no detector"
     if name in ("auto", "blazeface"):
         try:
             return _blazeface_spec(manifest, det_size)
@@ -387,32 +392,22 @@ def resolve_detector(name: str = "auto", *, manifest=None, say=None, det_size: i
             if name == "blazeface":
                 raise
             why = str(exc)
-        from . import weights
-
-        entry = (manifest or weights.load_manifest()).detector()
-        if entry is None or weights.cached(entry) is None:
-            if say:
-                say(f"note: using dlib's HOG face detector ({why})")
-            return DetectorSpec("dlib", det_size=det_size)
-    from . import weights
-
-    manifest = manifest or weights.load_manifest()
     entry = manifest.detector()
-    if entry is None:
-        if name == "scrfd":
-            raise WeightsError("the weights manifest lists no detector; use --detector dlib")
-        return DetectorSpec("dlib", det_size=det_size)
-    try:
-        path = weights.fetch(entry, say=say)
-        spec = DetectorSpec("scrfd", str(path), det_size, tuple(onnx_providers()))
-        _check_builds(spec, path)
-        return spec
-    except WeightsError as exc:
-        if name == "scrfd":
-            raise
-        if say:
-            say(f"note: using dlib's HOG face detector ({exc})")
-        return DetectorSpec("dlib", det_size=det_size)
+    if entry is None and name == "scrfd":
+        raise WeightsError(f"{why}; use --detector dlib")
+    if entry is not None and (name == "scrfd" or weights.cached(entry) is not None):
+        try:
+            path = weights.fetch(entry, say=say)
+            spec = DetectorSpec("scrfd", str(path), det_size, tuple(onnx_providers()))
+            _check_builds(spec, path)
+            return spec
+        except WeightsError as exc:
+            if name == "scrfd":
+                raise
+            why = str(exc)
+    if say:
+        say(f"note: using dlib's HOG face detector ({why})")
+    return dlib
 
 
 def _check_builds(spec: DetectorSpec, path) -> None:

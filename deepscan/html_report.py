@@ -233,14 +233,9 @@ def write_report(items: list[dict], out: str | os.PathLike, *, thumbs_for: int =
                      "their thumbnails are left out")
     if len(face) > thumbs_for:
         notes.append(f"thumbnails for the {thumbs_for} highest-scoring face videos of {len(face)}")
-    text = page(items, out, thumbs=thumbs, notes=notes, title=title)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from .output import write_atomically
+
+    write_atomically(out, page(items, out, thumbs=thumbs, notes=notes, title=title))
     return out
 
 

@@ -78,24 +78,19 @@ def pick_backend(name: str, device: torch.device) -> str:
 
 
 class _Exported(nn.Module):
-    """uint8 crops in, P(fake) and the attention maps (sorted by name) out."""
+    """uint8 crops in (normalised as the torch runner does, ``model.input_normaliser``), P(fake)
+    and the attention maps (sorted by name) out."""
 
     def __init__(self, model: nn.Module, names: list[str]):
-        super().__init__()
-        cfg = model.config
-        self.model, self.names, self.temporal = model, names, cfg.variant != "xception"
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1) * 255)
+        from .model import input_normaliser
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        super().__init__()
+        self.model, self.names = model, names
+        self.temporal = model.config.variant != "xception"
+        self.norm = input_normaliser(model.config, torch.device("cpu"))
 
     def forward(self, image: torch.Tensor, frames: torch.Tensor | None = None):
-        f = None
-        if self.temporal:
-            b, n, s = frames.shape[0], frames.shape[1], frames.shape[2]
-            f = self._norm(frames.reshape(b * n, s, s, 3)).reshape(b, n, 3, s, s)
-        logits, maps = self.model(self._norm(image), f, return_maps=True)
+        logits, maps = self.model(self.norm(image), self.norm(frames) if self.temporal else None, return_maps=True)
         return (torch.softmax(logits.float(), dim=1)[:, 1], *[maps[k] for k in self.names])
 
 
@@ -138,6 +133,17 @@ def _convert(model: nn.Module, folder: Path, ov) -> dict:
     return meta
 
 
+def _load(model: nn.Module, folder: Path, ov, settings: dict, convert: bool):
+    """(map names, compiled model) from the cache entry ``folder``, converting ``model`` into it
+    first when ``convert``. No CACHE_DIR: compiling the IR takes ~0.15 s, its blob would be 93 MB
+    more per precision."""
+    from .model import fold_batchnorm
+
+    meta = _convert(fold_batchnorm(model).eval(), folder, ov) if convert else \
+        json.loads((folder / "meta.json").read_text())
+    return list(meta["maps"]), ov.Core().compile_model(str(folder / "model.xml"), "CPU", settings)
+
+
 class OpenVinoRunner:
     """The interface of ``scan.Runner`` (``score``, ``score_batch``, ``__call__``, ``cfg``,
     ``device``, ``threads``) on an OpenVINO model compiled for this CPU."""
@@ -147,7 +153,6 @@ class OpenVinoRunner:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, *, key: str, batch_size: int = 8,
                  threads: int | None = None, lanes: int | None = None, say: Callable[[str], None] | None = None):
-        from .model import fold_batchnorm
         from .scan import cpu_lanes
 
         ov = import_openvino()
@@ -165,22 +170,20 @@ class OpenVinoRunner:
         self.cold = not (folder / "meta.json").is_file()
         if self.cold and say:
             say(f"converting the model for OpenVINO (once per checkpoint, kept in {folder.parent})")
+        settings = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self.threads,
+                    "NUM_STREAMS": self.lanes, "PERFORMANCE_HINT": "THROUGHPUT"}
         try:
-            meta = _convert(fold_batchnorm(model).eval(), folder, ov) if self.cold else \
-                json.loads((folder / "meta.json").read_text())
-            self.map_names = list(meta["maps"])
-            core = ov.Core()  # no CACHE_DIR: compiling the IR takes ~0.15 s, its blob would be 93 MB more
-            self.compiled_model = core.compile_model(str(folder / "model.xml"), "CPU", {
-                "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self.threads,
-                "NUM_STREAMS": self.lanes, "PERFORMANCE_HINT": "THROUGHPUT"})
+            try:
+                self.map_names, self.compiled_model = _load(model, folder, ov, settings, convert=self.cold)
+            except (ValueError, KeyError, RuntimeError):  # a damaged cache entry: made again
+                if self.cold:
+                    raise
+                shutil.rmtree(folder, ignore_errors=True)
+                self.cold = True
+                self.map_names, self.compiled_model = _load(model, folder, ov, settings, convert=True)
         except OSError as exc:
             raise ConfigError(f"{folder}: cannot keep the OpenVINO model there ({exc.strerror}); set XDG_CACHE_HOME "
                               "to a writable folder") from None
-        except (ValueError, KeyError, RuntimeError):  # a damaged cache entry: made again
-            if self.cold:
-                raise
-            shutil.rmtree(folder, ignore_errors=True)
-            return self.__init__(model, dtype, key=key, batch_size=batch_size, threads=threads, lanes=lanes, say=say)
         # One infer request per lane, each warmed here, one after the other: requests that make
         # their first inference at the same time (two lanes starting together) deadlocked
         # (OpenVINO 2026.4, 2 cores: both threads waiting in the first input copy, found in a

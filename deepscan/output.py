@@ -254,20 +254,26 @@ def progress(total: int, description: str, enabled: bool = True):
 
 def write_lines(path, records) -> None:
     """JSON Lines into ``path``, atomically (a temporary file renamed into place)."""
+    write_atomically(path, "".join(json_line(r) + "\n" for r in records))
+
+
+def write_atomically(path, text: str) -> None:
+    """``text`` into ``path``, whole or not at all (a temporary file renamed into place); a
+    failure (a full disk) is one line naming the file."""
     import tempfile
     from pathlib import Path
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json_line(r) + "\n")
+            f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"{path}: writing failed ({exc.strerror}); choose another place") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
 
 

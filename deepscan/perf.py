@@ -89,7 +89,7 @@ def backend_throughput(variant: str, device: torch.device, batch: int, pairs: in
     import shutil
 
     from .openvino_backend import OpenVinoRunner, cache_root, installed
-    from .scan import Runner, pick_precision, score_in_lanes
+    from .scan import Runner, cpu_lanes, pick_precision, score_in_lanes
 
     if device.type != "cpu" or not installed():
         return []
@@ -120,7 +120,7 @@ def backend_throughput(variant: str, device: torch.device, batch: int, pairs: in
                 t = time.perf_counter()
                 score_in_lanes([r], batches)
                 rows.append({"variant": variant, "precision": str(dtype).split(".")[-1], "backend": name,
-                             "device": "cpu", "batch": batch, "lanes": len(cpu_lanes_of(r)),
+                             "device": "cpu", "batch": batch, "lanes": len(cpu_lanes(r.threads)),
                              "clips_per_s": round(len(batches) * batch / (time.perf_counter() - t), 2)})
         for row in rows:
             if row["backend"] == "openvino":
@@ -129,12 +129,6 @@ def backend_throughput(variant: str, device: torch.device, batch: int, pairs: in
     finally:
         for entry in set(cache_root().glob("*")) - before:  # the bench's own entry only
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def cpu_lanes_of(runner) -> list[int]:
-    from .scan import cpu_lanes
-
-    return cpu_lanes(runner.threads)
 
 
 def model_only(runner, clips: list, batch: int) -> float:
