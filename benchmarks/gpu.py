@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {  # name: the most seconds it may take; in order of importance
-    "env": 60, "nvdec": 90, "blazeface": 60, "device_prep": 60, "model": 120, "tests": 120, "train": 150, "prep": 90, "folder": 90,
+    "env": 60, "nvdec": 90, "blazeface": 60, "device_prep": 60, "model": 120, "tests": 120, "train": 150, "prep": 90, "folder": 150,
     "compile": 150,
     # follow-ups, run by name (--stages): steady-state training, wider preparation, workers vs cores
     "train_steady": 120, "prep_wide": 100, "folder_workers": 90, "folder_profile": 120,
@@ -356,6 +356,11 @@ def _runner():
 
 
 def stage_folder(part: dict, work: Path) -> None:
+    """One video and a folder end to end, prepared on the device (workers only decode) and by the
+    workers (BlazeFace in each), side by side: issue 22's figures (throughput.folder,
+    throughput.one_video with end_to_end_s_warm)."""
+    import traceback
+
     from deepscan.faces import resolve_detector
     from deepscan.perf import end_to_end, folder_throughput
     from deepscan.scan import default_workers
@@ -364,14 +369,31 @@ def stage_folder(part: dict, work: Path) -> None:
     runner = _runner()
     spec = resolve_detector("blazeface")
     part["detector"] = spec.name
-    # one video, one worker: where the time of a clip goes (decode, detect + crop, model)
-    part["one_video"] = end_to_end(src, runner, spec, CLIPS, BATCH, 1)
-    print(json.dumps(part["one_video"]), flush=True)
-    _save(part, work, "folder")
     workers = default_workers([runner.device])
-    part.update(folder_throughput(folder, runner, spec, weights, CLIPS, BATCH, workers))
+    for prep, one_workers in (("device", 1), ("workers", 1)):
+        key = "one_video" if prep == "device" else "one_video_workers"
+        try:  # one video is prepared by one worker either way; warm: a second one after it
+            part[key] = end_to_end(src, runner, spec, CLIPS, BATCH, one_workers, preparation=prep)
+        except Exception as exc:  # noqa: BLE001 - the other preparation is still measured
+            part[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            traceback.print_exc()
+        print(key, json.dumps(part[key]), flush=True)
+        _save(part, work, "folder")
+    for prep in ("device", "workers"):
+        try:
+            row = folder_throughput(folder, runner, spec, weights, CLIPS, BATCH, workers, rss=False, preparation=prep)
+        except Exception as exc:  # noqa: BLE001
+            row = {"preparation": prep, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            traceback.print_exc()
+        if prep == "device":
+            part.update(row)
+        else:
+            part["folder_workers"] = row
+        print(prep, json.dumps(row), flush=True)
+        _save(part, work, "folder")
     part["precision"] = "bf16"
-    print(json.dumps({k: v for k, v in part.items() if k != "one_video"}), flush=True)
+    if "end_to_end_clips_per_s" not in part:
+        raise RuntimeError(f"the folder prepared on the device failed: {part.get('error')}")
 
 
 def _ffpp_of_copies(src: Path, root: Path) -> Path:
@@ -705,8 +727,15 @@ def summary(r: dict) -> str:
     if "end_to_end_clips_per_s" in f:
         lines.append(f"  folder {f['videos']} videos {f['workers']} workers: {f['end_to_end_clips_per_s']} clips/s "
                      f"e2e vs {f['model_only_clips_per_s']} model-only (ratio {f['ratio_to_model_only']})")
-    if f.get("one_video"):
-        lines.append(f"  one video breakdown: {f['one_video'].get('breakdown_s')}")
+    if f.get("preparation"):
+        lines[-1] += f" [preparation {f['preparation']}, decoder {f.get('decoder')}, detector {f.get('detector')}]"
+    fw = f.get("folder_workers") or {}
+    if "end_to_end_clips_per_s" in fw:
+        lines.append(f"  folder prepared by workers: {fw['end_to_end_clips_per_s']} clips/s e2e")
+    for key in ("one_video", "one_video_workers"):
+        o = f.get(key) or {}
+        lines.append(f"  {key}: {o.get('end_to_end_s')} s, warm {o.get('end_to_end_s_warm')} s, "
+                     f"breakdown {o.get('breakdown_s')} {o.get('error', '')}")
     tr = r["training"]
     if tr.get("step_only"):
         lines.append(f"  train step only: {tr['step_only']}")

@@ -169,6 +169,7 @@ def scan(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model first (15-40 s once; pays on long runs).")] = False,
     backend: Annotated[str, typer.Option(help="Model runtime: auto (OpenVINO on CPU when installed, else torch), torch or openvino (CPU).")] = "auto",
     report: Annotated[Optional[Path], typer.Option("--report", help="Write one self-contained HTML page of the results (timelines, thumbnails) when the scan ends.")] = None,
+    preparation: Annotated[str, typer.Option("--preparation", help="Who detects and crops: auto (the workers, for now), workers, or device (workers only decode; BlazeFace, tracking and crops run batched on the model's device).")] = "auto",
     ray: Annotated[Optional[str], typer.Option("--ray", help="Scan on Ray: local (start one here), auto (the cluster of this environment) or ADDRESS; needs deepscan[ray].")] = None,
 ) -> None:
     """Scan videos for deepfaked faces: a verdict per video (exit 0 none fake, 1 fake found, 2 errors)."""
@@ -205,7 +206,7 @@ def scan(
                           precision=precision, workers=workers, detector=detector, glob=glob,
                           shard=parse_shard(shard) if shard is not None else (1, 1), output=output, resume=resume,
                           heatmaps=heatmaps, compile=compile_model, backend=backend, report=report,
-                          json_out=json_out, ray=ray)
+                          json_out=json_out, ray=ray, preparation=preparation)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         outcome = run_scan(request, say=notice)
@@ -555,6 +556,11 @@ def bench(
                       f"batch {f['batch']}): "
                       f"{f['end_to_end_clips_per_s']:.2f} clips/s, model alone {f['model_only_clips_per_s']:.2f} "
                       f"({f['ratio_to_model_only']:.2f}x); peak RSS {f['peak_rss_mb']:.0f} MB", highlight=False)
+        if perf.get("folder_device"):
+            d = perf["folder_device"]
+            console.print(f"the same folder prepared on {perf['device']} (workers decode): "
+                          f"{d['end_to_end_clips_per_s']:.2f} clips/s end to end ({d['device_over_workers']:.2f}x the "
+                          "workers' preparation)", highlight=False)
         if perf.get("folder_torch"):
             t = perf["folder_torch"]
             console.print(f"the same folder with torch: {t['end_to_end_clips_per_s']:.2f} clips/s end to end "

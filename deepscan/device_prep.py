@@ -1,92 +1,207 @@
-"""Detection and crops on a torch device, batched over frames of many videos: the building blocks
-of preparation on a GPU (decoded frames in, face crops for the model's batch out). They run on the
-CPU too, so the suite checks them against the workers' path (onnxruntime BlazeFace, PIL crops).
+"""Preparation on a torch device (``--preparation device``): detection, tracking and crops of
+clips whose frames the workers only decoded, batched over frames of many videos.
 
-Not yet wired into a scan: the scan still prepares in worker processes. What the GPU run must show
-first is what these cost there (``benchmarks/gpu.py``, stage ``device_prep``).
+The workers hand over each sampled clip's frames (``PrepSettings.handover == "frames"``); the
+scanning process moves them to the device and, for the next clip of every video in flight at
+once, runs BlazeFace's staged search (the same generator, ``faces.blazeface_search``, drives the
+workers' detector, so both take the same decisions), links the faces to tracks on the CPU (a
+few boxes), and cuts the model's crops on the device, straight into its batch.
+
+Why resampling is written by hand: the workers letterbox with PIL (``reducing_gap``: an
+integer box reduction, then bilinear) and crop with PIL (box to reduce, bicubic to enlarge);
+torch's ``interpolate`` has neither PIL's box filter nor its two-pass rounding, and the first
+version, with ``interpolate(antialias=True)``, moved BlazeFace's boxes by up to 14 px on 720p
+and a score by 0.054 (roi_align). Here each resize is PIL's own filter written as a matrix
+(Resample.c's coefficients, its 8-bit rounding after each pass; Reduce.c's integer averages),
+so a device crop is within a grey level or two of the worker's.
+
+It runs on the CPU too (``--device cpu --preparation device``), which is how the suite checks
+it against the workers; on a CPU the workers are faster (README, 'Performance').
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .faces import Detection
+from . import faces as faces_mod
+from .faces import Detection, Tracker, blazeface_search, crop_box, filter_faces, nms_detections
+
+
+@dataclass
+class RawClip:
+    """A decoded clip waiting for the device: where its frames are and what the record needs."""
+
+    key: object  # whose it is (the scan's input index)
+    index: int  # clip number in the video's plan
+    frame_indices: tuple[int, ...]
+    times: tuple[float, ...]
+    frames: torch.Tensor  # (n, H, W, 3) uint8, on the device (or a view of a slot, on the CPU)
+
+
+@dataclass
+class DeviceClip:
+    """A face clip cut on the device (``workers.ClipMeta``'s fields plus its pixels)."""
+
+    key: object
+    track_id: int
+    clip_index: int
+    frame_index: int
+    time_s: float
+    box: tuple[float, float, float, float]
+    image: torch.Tensor = field(repr=False)  # (S, S, 3) uint8
+    frames: torch.Tensor = field(repr=False)  # (n, s, s, 3) uint8
 
 
 class DevicePreparer:
-    """BlazeFace (full and short range) and square face crops, on ``device``, in batches.
+    """BlazeFace (full and short range), tracking and square face crops, on ``device``, batched.
 
-    Crops: each square cut (black outside the frame) and resampled with PIL's own filters as
-    matrices (``pil_resize``), so device crops equal the workers' PIL crops to a grey level."""
+    ``step`` takes the next clip of any number of videos and returns their face clips; a video's
+    tracker lives here from its first clip until ``forget``."""
 
-    def __init__(self, device: torch.device | str = "cpu", threshold: float = 0.5, nms: float = 0.3):
+    def __init__(self, device: torch.device | str = "cpu", *, image_size: int = 398, lda_size: int = 224,
+                 margin: float | None = None, min_face: int = faces_mod.MIN_FACE, threshold: float = 0.5,
+                 nms: float = 0.3):
         from .blazeface import VARIANTS, build
+        from .config import CROP_MARGIN
 
         self.device = torch.device(device)
-        self.full = build("full").to(self.device).eval()
-        self.short = build("short").to(self.device).eval()
-        self.sizes = {"full": VARIANTS["full"].size, "short": VARIANTS["short"].size}
+        self.nets = {False: build("full").to(self.device).eval(), True: build("short").to(self.device).eval()}
+        self.sizes = {False: VARIANTS["full"].size, True: VARIANTS["short"].size}
         self.threshold, self.nms = threshold, nms
+        self.image_size, self.lda_size = image_size, lda_size
+        self.margin = CROP_MARGIN if margin is None else margin
+        self.min_face = min_face
+        self.trackers: dict = {}
 
-    @staticmethod
-    def letterbox(frame: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
-        """An (H, W, 3) uint8 frame -> (size, size, 3) float, scaled to fit (top-left, zero
-        padding), and the scale."""
-        h, w = frame.shape[:2]
-        scale = size / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        x = F.interpolate(frame.permute(2, 0, 1)[None].float(), size=(nh, nw), mode="bilinear", antialias=True,
-                          align_corners=False)
-        return F.pad(x, (0, size - nw, 0, size - nh))[0].permute(1, 2, 0), scale
-
+    # ---- a scan's step
     @torch.inference_mode()
-    def detect(self, frames: list[torch.Tensor]) -> list[list[Detection]]:
-        """Faces in each of ``frames`` ((H, W, 3) uint8 tensors on the device, of any videos and
-        sizes): the full-range network on all the whole frames in one batch, then the short-range
-        one on the frames where it found nothing (a close-up that fills the frame)."""
-        out = self._whole(frames, "full")
-        empty = [i for i, d in enumerate(out) if not d]
-        if empty:
-            for i, d in zip(empty, self._whole([frames[i] for i in empty], "short")):
-                out[i] = d
-        return out
+    def step(self, clips: list[RawClip]) -> list[list[DeviceClip]]:
+        """The face clips of each of ``clips`` (at most one per video: a video's search depends on
+        its tracker after the clip before), detected in stages batched across them, as the
+        workers do it (``workers.prepare_video``)."""
+        from .workers import DEEP_EVERY, FULL_EVERY
 
-    def _whole(self, frames: list[torch.Tensor], variant: str) -> list[list[Detection]]:
-        from torchvision.ops import nms
-
-        size = self.sizes[variant]
-        boxed = [self.letterbox(f, size) for f in frames]
-        boxes, keypoints, scores = (self.full if variant == "full" else self.short)(torch.stack([b for b, _ in boxed]))
+        items = []
+        for c in clips:
+            tracker = self.trackers.setdefault(c.key, Tracker())
+            items.append((c.frames[0], tracker.recent(), tracker.active(), c.index % DEEP_EVERY == 0,
+                          c.index % FULL_EVERY == 0))
+        found = self.search(items)
         out = []
-        for (_, scale), b, k, s in zip(boxed, boxes, keypoints, scores):
-            factor = size / scale  # the letterbox square's side in frame pixels
-            keep = s >= self.threshold
-            b, k, s = b[keep] * factor, k[keep] * factor, s[keep]
-            order = nms(b.float(), s.float(), self.nms)
-            b, k, s = b[order].cpu().tolist(), k[order].cpu().tolist(), s[order].cpu().tolist()
-            out.append([Detection(tuple(bb), float(ss), tuple(tuple(p) for p in kk)) for bb, kk, ss in zip(b, k, s)])
+        for c, dets in zip(clips, found):
+            dets = filter_faces(dets, self.min_face)
+            ids = self.trackers[c.key].assign(dets)
+            squares = [crop_box(d.box, self.margin) for d in dets]
+            images, frames = self.crop_clip(c.frames, squares)
+            out.append([DeviceClip(c.key, tid, c.index, c.frame_indices[0], c.times[0], d.box, images[j], frames[j])
+                        for j, (d, tid) in enumerate(zip(dets, ids))])
         return out
 
+    def forget(self, key) -> None:
+        self.trackers.pop(key, None)
+
+    # ---- detection
+    def search(self, items) -> list[list[Detection]]:
+        """Faces in each frame of ``items`` ((frame, hints, follow, deep, full): frames (H, W, 3)
+        uint8 on the device, of any sizes), by ``faces.blazeface_search``'s stages: every round
+        takes the next stage of each frame still searching, in one batch per network."""
+        from .blazeface import VARIANTS
+
+        size = VARIANTS["full"].size
+        gens, asks, out = {}, {}, [None] * len(items)
+        for i, (frame, hints, follow, deep, full) in enumerate(items):
+            h, w = frame.shape[:2]
+            gens[i] = blazeface_search(h, w, size, hints, follow=follow, deep=deep, min_face=self.min_face, full=full)
+            asks[i] = next(gens[i])  # every search looks at something first
+        while asks:
+            keys = list(asks)
+            answers = self.run_views([(items[i][0], *asks[i]) for i in keys])
+            asks = {}
+            for i, found in zip(keys, answers):
+                try:
+                    asks[i] = gens[i].send(found)
+                except StopIteration as done:
+                    out[i] = done.value
+        return out
+
+    def detect(self, frames: list[torch.Tensor]) -> list[list[Detection]]:
+        """Faces in whole frames (of any videos and sizes), with no tracks: the full-range network
+        on all, then the short-range one where it found nothing (bench, the GPU script)."""
+        return self.search([(f, (), (), False, True) for f in frames])
+
     @torch.inference_mode()
-    def crops(self, clips: torch.Tensor, squares: list[tuple[int, tuple[int, int, int, int]]], image_size: int,
-              lda_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Face crops for the model: ``clips`` (C, n, H, W, 3) uint8 on the device, ``squares``
-        (clip index, (x1, y1, x2, y2) as ``faces.crop_box`` gives) -> images (K, S, S, 3) and
-        frames (K, n, s, s, 3), uint8, on the device: what ``faces.face_clips`` makes on the CPU,
-        resampled as PIL does (``pil_resize``), so that scores agree."""
-        n = clips.shape[1]
-        images, frames = [], []
-        for ci, square in squares:
-            block = _cut(clips[ci], square)  # (n, side, side, 3), black outside the frame
-            images.append(pil_resize(block[:1], image_size)[0])
-            frames.append(pil_resize(block, lda_size))
+    def run_views(self, asks: list[tuple[torch.Tensor, list, bool]]) -> list[list[Detection]]:
+        """Faces in the square views (x, y, side) of each (frame, views, near): one batch through
+        the full-range network and one through the short-range one, whatever the frames."""
+        out: list = [[] for _ in asks]
+        for near in (False, True):
+            mine = [k for k, (_, views, n) in enumerate(asks) if n == near and views]
+            if not mine:
+                continue
+            size = self.sizes[near]
+            cut = [(k, x, y, s, asks[k][0][y:y + s, x:x + s]) for k in mine for x, y, s in asks[k][1]]
+            boxes, keypoints, scores = self.nets[near](letterbox_many([c[4] for c in cut], size))
+            # only the few anchors above the threshold leave the device
+            keep = scores >= self.threshold
+            where = keep.nonzero()[:, 0].cpu().numpy()
+            b, kp, sc = (t[keep].float().cpu().numpy() for t in (boxes, keypoints, scores))
+            dets: dict = {k: [] for k in mine}
+            for v, bb, kk, ss in zip(where, b, kp, sc):
+                k, x, y, s, view = cut[v]
+                factor = max(view.shape[:2])  # the letterbox square's side in frame pixels
+                box = tuple(float(t) for t in (bb * factor + np.array([x, y, x, y])))
+                lm = tuple((float(px * factor + x), float(py * factor + y)) for px, py in kk)
+                dets[k].append(Detection(box, float(ss), lm))
+            for k in mine:
+                out[k] = nms_detections(dets[k], self.nms)  # as the workers' _decode: one NMS per stage
+        return out
+
+    # ---- crops
+    @torch.inference_mode()
+    def crop_clip(self, frames: torch.Tensor, squares) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, H, W, 3) uint8 frames and squares (``faces.crop_box``) -> images (K, S, S, 3) and
+        frames (K, n, s, s, 3), uint8, as ``faces.face_clips`` cuts them with PIL."""
+        n = frames.shape[0]
         if not squares:
-            empty = clips.new_zeros((0, image_size, image_size, 3)), clips.new_zeros((0, n, lda_size, lda_size, 3))
-            return empty
-        return torch.stack(images), torch.stack(frames)
+            return (frames.new_zeros((0, self.image_size, self.image_size, 3)),
+                    frames.new_zeros((0, n, self.lda_size, self.lda_size, 3)))
+        images, lda = [], []
+        for square in squares:
+            block = _cut(frames, square)  # (n, side, side, 3), black outside the frame
+            images.append(pil_resize(block[:1], self.image_size)[0])
+            lda.append(pil_resize(block, self.lda_size))
+        return torch.stack(images), torch.stack(lda)
+
+    def crops(self, clips: torch.Tensor | list[torch.Tensor], squares: list[tuple[int, tuple[int, int, int, int]]],
+              image_size: int, lda_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops of ``squares`` ((clip index, square)) of ``clips`` ((n, H, W, 3) each), at the
+        given sizes (tests and the GPU script)."""
+        saved = self.image_size, self.lda_size
+        self.image_size, self.lda_size = image_size, lda_size
+        try:
+            parts = [self.crop_clip(clips[ci], [sq]) for ci, sq in squares]
+            if not parts:
+                return self.crop_clip(clips[0] if len(clips) else torch.zeros(1, 1, 1, 3, dtype=torch.uint8), [])
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        finally:
+            self.image_size, self.lda_size = saved
 
 
+def timed_step(prep: DevicePreparer, clips: list[RawClip]) -> tuple[list[list[DeviceClip]], float]:
+    """``prep.step`` and its seconds (synchronised on CUDA, so the time is the device's too)."""
+    t = time.perf_counter()
+    out = prep.step(clips)
+    if prep.device.type == "cuda":
+        torch.cuda.synchronize(prep.device)
+    return out, time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------- PIL's resampling as matrices
 def _cut(frames: torch.Tensor, square: tuple[int, int, int, int]) -> torch.Tensor:
     """``square`` of (n, H, W, 3) frames, zero (black) where it leaves them: ``faces.crop_square``."""
     x1, y1, x2, y2 = square
@@ -99,56 +214,119 @@ def _cut(frames: torch.Tensor, square: tuple[int, int, int, int]) -> torch.Tenso
     return out
 
 
-def _bicubic(x: float) -> float:
+def _bicubic(x: np.ndarray) -> np.ndarray:
     a = -0.5  # PIL's bicubic
-    x = abs(x)
-    if x < 1:
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-    if x < 2:
-        return (((x - 5) * x + 8) * x - 4) * a
-    return 0.0
+    x = np.abs(x)
+    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
 
 
-def _box(x: float) -> float:
-    return 1.0 if -0.5 < x <= 0.5 else 0.0
+def _triangle(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
 
 
+def _box(x: np.ndarray) -> np.ndarray:
+    return ((x > -0.5) & (x <= 0.5)).astype(np.float64)
+
+
+FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_triangle, 1.0), "box": (_box, 0.5)}
 _WEIGHTS: dict = {}
+WEIGHTS_CACHED = 512  # matrices kept per process (a face crop's side varies; each is <= ~2 MB)
 
 
-def _weights(size_in: int, size_out: int, device) -> torch.Tensor:
-    """(out, in) resampling weights as PIL computes them (Resample.c, precompute_coeffs): a box
-    filter to reduce (``faces.crop_square`` reduces with Image.BOX), bicubic to enlarge."""
-    key = (size_in, size_out, str(device))
-    if key not in _WEIGHTS:
-        import math
-
-        filt, support = (_bicubic, 2.0) if size_in < size_out else (_box, 0.5)
-        scale = size_in / size_out
+def _weights(size_in: int, size_out: int, device, filter_name: str, box_end: float | None = None) -> torch.Tensor:
+    """(out, in) resampling weights as PIL computes them (Resample.c, precompute_coeffs), for the
+    input span [0, box_end) (default: all of it) of ``size_in`` pixels."""
+    key = (size_in, size_out, str(device), filter_name, box_end)
+    w = _WEIGHTS.get(key)
+    if w is None:
+        filt, support = FILTERS[filter_name]
+        span = size_in if box_end is None else box_end
+        scale = span / size_out
         fscale = max(scale, 1.0)
         support *= fscale
-        w = torch.zeros(size_out, size_in, dtype=torch.float64)
-        for i in range(size_out):
-            centre = (i + 0.5) * scale
-            lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), size_in)
-            k = [filt((x - centre + 0.5) / fscale) for x in range(lo, hi)]
-            total = math.fsum(k)
-            if total:
-                w[i, lo:hi] = torch.tensor(k, dtype=torch.float64) / total
-        _WEIGHTS[key] = w.to(device=device, dtype=torch.float32)
-    return _WEIGHTS[key]
+        centre = (np.arange(size_out) + 0.5) * scale
+        # C's (int) truncates toward zero; clamped to the image as PIL does
+        lo = np.maximum(np.trunc(centre - support + 0.5), 0)[:, None]
+        hi = np.minimum(np.trunc(centre + support + 0.5), size_in)[:, None]
+        x = np.arange(size_in)[None, :]
+        k = np.where((x >= lo) & (x < hi), filt((x - centre[:, None] + 0.5) / fscale), 0.0)
+        total = k.sum(axis=1, keepdims=True)
+        k = np.divide(k, total, out=np.zeros_like(k), where=total != 0)
+        if len(_WEIGHTS) >= WEIGHTS_CACHED:
+            _WEIGHTS.pop(next(iter(_WEIGHTS)))  # the oldest
+        # PIL's 8-bit coefficients: fixed point with 22 fraction bits, rounded half away from zero
+        # (normalize_coeffs_8bpc); exact in float64 products and sums, so passes equal PIL's
+        k = np.where(k < 0, np.trunc(-0.5 + k * (1 << 22)), np.trunc(0.5 + k * (1 << 22)))
+        w = _WEIGHTS[key] = torch.from_numpy(k).to(device=device, dtype=torch.float64)
+    return w
+
+
+def _round8(x: torch.Tensor) -> torch.Tensor:
+    """A pass's fixed-point sums to 8 bits as PIL does: (sum + 2^21) >> 22, clipped."""
+    return torch.floor_divide(x + (1 << 21), 1 << 22).clamp_(0, 255)
+
+
+def _resample(x: torch.Tensor, out_hw: tuple[int, int], filter_name: str,
+              box: tuple[float, float] | None = None) -> torch.Tensor:
+    """(B, 3, H, W) float holding 8-bit values -> (B, 3, oh, ow), as PIL's ``resize`` (horizontal
+    pass, rounded to 8 bits, then vertical), over the input span (0, 0, box) when given."""
+    h, w = x.shape[-2:]
+    oh, ow = out_hw
+    bw, bh = (None, None) if box is None else box
+    x = x.double()
+    if ow != w or bw is not None and bw != w:
+        x = _round8(x @ _weights(w, ow, x.device, filter_name, bw).T)
+    if oh != h or bh is not None and bh != h:
+        x = _round8(_weights(h, oh, x.device, filter_name, bh) @ x)
+    return x
 
 
 def pil_resize(square: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, side, side, 3) uint8 -> (n, size, size, 3) uint8, as PIL's ``resize`` of ``faces.
-    crop_square`` (bicubic to enlarge, box to reduce; horizontal pass, rounding to 8 bits, then
-    vertical). Why by hand: torch's interpolate has PIL's bicubic (antialias=True) but not its box
-    filter, which differed by ~2 grey levels on average, enough to move scores by 0.05."""
+    """(n, side, side, 3) uint8 -> (n, size, size, 3) uint8, as PIL's ``resize`` in ``faces.
+    crop_square`` (bicubic to enlarge, box to reduce)."""
     side = square.shape[1]
     if side == size:
         return square
-    w = _weights(side, size, square.device)
-    x = square.permute(0, 3, 1, 2).float()  # (n, 3, side, side)
-    x = (x @ w.T).round_().clamp_(0, 255)  # horizontal
-    x = (w @ x).round_().clamp_(0, 255)  # vertical
+    x = square.permute(0, 3, 1, 2).float()
+    x = _resample(x, (size, size), "bicubic" if side < size else "box")
     return x.to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _reduce(x: torch.Tensor, fx: int, fy: int) -> torch.Tensor:
+    """PIL's ``Image.reduce((fx, fy))`` of (B, 3, H, W) 8-bit values: the integer mean of each
+    block (partial blocks at the right and bottom edges average what they hold), rounded as
+    Reduce.c does ((sum + n/2) * floor(2^24 / n) >> 24)."""
+    h, w = x.shape[-2:]
+    sums = F.avg_pool2d(x, (fy, fx), stride=(fy, fx), ceil_mode=True, divisor_override=1)
+    cy = torch.tensor([min(fy, h - i * fy) for i in range(sums.shape[-2])], device=x.device)
+    cx = torch.tensor([min(fx, w - i * fx) for i in range(sums.shape[-1])], device=x.device)
+    n = (cy[:, None] * cx[None, :]).to(torch.int64)
+    # Reduce.c's multiplier, computed in float32 as there ((1 << 30) * 4.0 / (256 * n))
+    mult = (torch.full_like(n, 2 ** 32, dtype=torch.float32) / (256 * n).float()).to(torch.int64)
+    return (((sums.round().to(torch.int64) + n // 2) * mult) >> 24).float()
+
+
+def letterbox_many(views: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Each (h, w, 3) uint8 view scaled to fit a ``size`` square (top-left, black padding), as
+    ``blazeface.letterbox`` does with PIL (``reducing_gap=2``: an integer reduction first, then
+    bilinear over the reduced image's fractional box) -> (B, size, size, 3) float. Views of one
+    shape (the whole frames of a folder of one resolution) are resampled together."""
+    out = views[0].new_zeros((len(views), size, size, 3), dtype=torch.float32)
+    groups: dict = {}
+    for i, v in enumerate(views):
+        groups.setdefault(tuple(v.shape[:2]), []).append(i)
+    for (h, w), idx in groups.items():
+        scale = size / max(h, w)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        x = torch.stack([views[i] for i in idx]).permute(0, 3, 1, 2).float()
+        if (nw, nh) != (w, h):
+            fx, fy = int(w / nw / 2.0) or 1, int(h / nh / 2.0) or 1
+            box = None
+            if fx > 1 or fy > 1:
+                x = _reduce(x, fx, fy)
+                box = (float(np.float32(w / fx)), float(np.float32(h / fy)))  # PIL parses a box as C floats
+            x = _resample(x, (nh, nw), "bilinear", box)
+        out[idx, :nh, :nw] = x.permute(0, 2, 3, 1).float()
+    return out

@@ -249,27 +249,15 @@ class BlazeFaceDetector:
 
     def __call__(self, frame: np.ndarray, hints=(), *, follow=(), deep: bool = False, min_face: int = MIN_FACE,
                  full: bool = True, **_) -> list[Detection]:
-        """Faces in ``frame``, in stages like DlibDetector's, each stage one batch: around the
-        faces being followed (``full=False``); the whole frame (by the short-range model too if
-        the full-range one finds nothing: a face that fills the frame, like a 112 px aligned
-        crop, is one it misses); around earlier faces (``hints``);
-        with ``deep``, tiles small enough that a ``min_face`` face is BLAZE_MIN_FACE px in the
-        input. A stage runs only if the ones before found nothing."""
-        from .blazeface import tiles
-
+        """Faces in ``frame``, by ``search``'s stages, each stage one batch through a network."""
         h, w = frame.shape[:2]
-        if follow and not full:
-            found = self.run(frame, self.around(h, w, follow), near=True)
-            if len(found) >= len(follow):
-                return found
-        whole = [(0, 0, max(h, w))]
-        found = self.run(frame, whole) or self.run(frame, whole, near=True)  # near: a close-up filling the frame
-        if found:
-            return found
-        found = self.run(frame, self.around(h, w, hints), near=True) if hints else []
-        if found or not deep:
-            return found
-        return self.run(frame, tiles(h, w, max(self.size, round(max(min_face, 1) * self.size / BLAZE_MIN_FACE))))
+        stages = blazeface_search(h, w, self.size, hints, follow=follow, deep=deep, min_face=min_face, full=full)
+        try:
+            views, near = next(stages)
+            while True:
+                views, near = stages.send(self.run(frame, views, near=near))
+        except StopIteration as done:
+            return done.value
 
     def detect_frames(self, frames: list[np.ndarray]) -> list[list[Detection]]:
         """Faces in each of ``frames`` (whole frames, e.g. of many videos), one batch through the
@@ -304,6 +292,33 @@ class BlazeFaceDetector:
                 lm = tuple((float(px * factor + x), float(py * factor + y)) for px, py in k[j])
                 out.append(Detection(box, float(sc[j]), lm))
         return nms_detections(out, self.nms)
+
+
+def blazeface_search(h: int, w: int, size: int, hints=(), *, follow=(), deep: bool = False, min_face: int = MIN_FACE,
+                     full: bool = True):
+    """The stages of a search in an h x w frame, as a generator: it yields ``(views, near)``
+    (square views to look at, and whether through the short-range model), is sent the faces
+    found in them, and returns the frame's faces. Written so, the same decisions drive this
+    detector (``__call__``) and the device's, which batches the stages of many frames
+    (``device_prep``). The stages, like DlibDetector's: around the faces being followed
+    (``full=False``); the whole frame (by the short-range model too if the full-range one
+    finds nothing: a face that fills the frame, like a 112 px aligned crop, is one it misses);
+    around earlier faces (``hints``); with ``deep``, tiles small enough that a ``min_face``
+    face is BLAZE_MIN_FACE px in the input. A stage runs only if the ones before found nothing."""
+    from .blazeface import tiles
+
+    if follow and not full:
+        found = yield BlazeFaceDetector.around(h, w, follow), True
+        if len(found) >= len(follow):
+            return found
+    whole = [(0, 0, max(h, w))]
+    found = (yield whole, False) or (yield whole, True)  # near: a close-up filling the frame
+    if found:
+        return found
+    found = (yield BlazeFaceDetector.around(h, w, hints), True) if hints else []
+    if found or not deep:
+        return found
+    return (yield tiles(h, w, max(size, round(max(min_face, 1) * size / BLAZE_MIN_FACE))), False)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:

@@ -175,7 +175,7 @@ def input_normaliser(cfg: ModelConfig, device: torch.device):
         t = torch.from_numpy(batch) if not isinstance(batch, torch.Tensor) else batch
         lead = t.shape[:-3]
         t = t.reshape(-1, *t.shape[-3:])
-        if device.type == "cuda":
+        if device.type == "cuda" and t.device.type == "cpu":
             t = t.pin_memory()
         x = t.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)

@@ -36,6 +36,7 @@ class ScanRequest:
     report: Path | None = None  # --report FILE.html: the sink keeps what the page needs
     json_out: bool = False
     ray: str | None = None  # a Ray address: local, auto or host:port (see cluster.py)
+    preparation: str = "auto"  # auto | workers | device (scan.pick_preparation)
 
 
 @dataclass
@@ -94,6 +95,9 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     if req.ray:
         if req.backend == "openvino":
             raise ConfigError("--backend openvino is not run on Ray yet (its actors run torch); drop one of them")
+        if req.preparation == "device":
+            raise ConfigError("--preparation device is not run on Ray yet (its actors prepare in workers); "
+                              "drop one of them")
         return _run_on_ray(req, say)
     devices = scan_mod.pick_devices(req.device)
     dtype = scan_mod.pick_precision(req.precision, devices[0])
@@ -101,6 +105,8 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     manifest = load_manifest()
     ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
     spec = resolve_detector(req.detector, manifest=manifest, say=say)
+    preparation = scan_mod.pick_preparation(req.preparation, spec.name)
+    req = dataclasses.replace(req, settings=dataclasses.replace(req.settings, preparation=preparation))
     file, done = _open_output(req)
     workers = _cap_workers(req, scan_mod.default_workers(devices) if req.workers is None else req.workers, info,
                            gpu=devices[0].type == "cuda", say=say)

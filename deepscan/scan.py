@@ -40,6 +40,8 @@ from .workers import PreparePool, PrepSettings, cpu_count
 
 SCHEMA = "deepscan.scan/1"
 AGGREGATIONS = ("mean", "median", "max")
+PREPARATIONS = ("workers", "device")
+DEVICE_SLOTS = 6  # slots per worker handing over frames: a clip's frames are 8-19 MB (720p-1080p)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class ScanSettings:
     hash_files: bool = True
     keep_crops: int = 4  # most suspicious face clips kept per video for heatmaps (0: none)
     timeout_s: float = 600.0  # an input whose preparation makes no progress this long is abandoned
+    preparation: str = "workers"  # workers: they detect and crop; device: they decode, the model's device does the rest
 
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
@@ -66,6 +69,8 @@ class ScanSettings:
             raise ConfigError(f"--min-face must be at least 1 pixel, not {self.min_face}")
         if not self.timeout_s > 0:  # (NaN too)
             raise ConfigError(f"--timeout must be a number of seconds > 0, not {self.timeout_s}")
+        if self.preparation not in PREPARATIONS:
+            raise ConfigError(f"--preparation must be auto, {' or '.join(PREPARATIONS)}, not {self.preparation!r}")
 
     def record(self) -> dict:
         """The settings every record carries besides threshold and aggregation (what --resume
@@ -77,7 +82,8 @@ class ScanSettings:
 
         return PrepSettings(clips=self.clips, clip_len=cfg.clip_len, image_size=cfg.image_size,
                             lda_size=cfg.lda_size, margin=self.margin, min_face=self.min_face,
-                            strategy=self.strategy, hash_files=self.hash_files, max_side=max_side or MAX_SIDE)
+                            strategy=self.strategy, hash_files=self.hash_files, max_side=max_side or MAX_SIDE,
+                            handover="frames" if self.preparation == "device" else "crops")
 
 
 # ---------------------------------------------------------------------------- devices
@@ -129,6 +135,20 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16" and device.type == "cpu":
         raise ConfigError("--precision fp16 is for CUDA; on CPU use bf16 or fp32")
     return table[name]
+
+
+def pick_preparation(name: str, detector: str) -> str:
+    """``auto``: the workers, on every device, until a GPU run has measured device preparation
+    (benchmarks/gpu.sh; on this project's CPUs the workers are faster: README 'Performance');
+    ``device`` runs BlazeFace in torch, so it takes no other detector."""
+    if name == "auto":
+        return "workers"
+    if name not in PREPARATIONS:
+        raise ConfigError(f"--preparation must be auto, {' or '.join(PREPARATIONS)}, not {name!r}")
+    if name == "device" and detector != "blazeface":
+        raise ConfigError(f"--preparation device runs BlazeFace on the model's device; it cannot run --detector "
+                          f"{detector} (use --detector blazeface, or --preparation workers)")
+    return name
 
 
 def default_batch_size(device: str) -> int:
@@ -240,7 +260,9 @@ def make_runner(model: LDADetector, device: torch.device, dtype: torch.dtype, ba
     return Runner(model, device, dtype, use_compile=use_compile, batch_size=batch_size, say=say)
 
 
-def _pad(batch: np.ndarray, size: int) -> np.ndarray:
+def _pad(batch, size: int):
+    if isinstance(batch, torch.Tensor):  # crops cut on the device
+        return torch.cat([batch, batch.new_zeros((size - len(batch), *batch.shape[1:]))])
     return np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
 
 
@@ -295,6 +317,8 @@ class VideoState:
     left: int = 0  # face clips sent and not yet scored
     model_s: float = 0.0
     top: list = field(default_factory=list)  # heap of (score, seq, FrameScore) kept for heatmaps
+    face_clips: int = 0  # counted here when the device prepares (the workers only decode)
+    device_s: float = 0.0  # its share of device preparation steps
 
 
 def _video_with_frames(video: dict | None, frames: int | None) -> dict | None:
@@ -502,6 +526,8 @@ class _Waker:
 def slots_for(settings: ScanSettings, workers: int, gpu: bool, devices: int = 1) -> int:
     """Slots per worker: enough in all for two batches per device; on CPU a deep buffer, so that
     a worker works ahead while the slower model catches up."""
+    if settings.preparation == "device":  # a slot holds a decoded clip, not a face clip
+        return DEVICE_SLOTS
     per = -(-2 * settings.batch_size * devices // max(1, workers))
     return max(16, per) if gpu else max(64, per)
 
@@ -539,6 +565,13 @@ class Scanner:
         self.pool = pool or start_pool(settings, self.cfg, make_detector, workers, devices=len(runners), gpu=self.gpu,
                                        slots_per_worker=slots_per_worker, max_side=max_side)
         self.window = max(16, 4 * len(self.pool.workers))  # inputs in flight beyond the next to emit
+        self.device_prep = None
+        if settings.preparation == "device":
+            from .device_prep import DevicePreparer
+
+            self.device_prep = DevicePreparer(runners[0].device, image_size=self.cfg.image_size,
+                                              lda_size=self.cfg.lda_size, margin=settings.margin,
+                                              min_face=settings.min_face)
         self._waker = _Waker()
         self._results: queue.Queue = queue.Queue()
         self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(model_lanes(runners)))
@@ -595,7 +628,11 @@ class Scanner:
             self._dispatch(st)
             if st.exhausted and not st.videos and not st.ready:
                 return
+            if st.raw:
+                self._prepare_on_device(st)
             wait = self._form_batches(st)
+            if st.raw:  # more decoded clips to prepare: only look for what has come meanwhile
+                wait = 0.0
             events, woke = pool.poll(wait if st.videos else 0.5, extra=[self._waker])
             if woke:
                 self._waker.clear()
@@ -638,6 +675,9 @@ class Scanner:
         elif kind == "clip":
             vs.left += 1
             st.pending.append(_Pending(index, ev[2], ev[3], time.monotonic()))
+        elif kind == "frames":  # a decoded clip for the device to prepare: counted as one clip until then
+            vs.left += 1
+            st.raw.setdefault(index, []).append(_Pending(index, ev[2], ev[3], time.monotonic()))
         elif kind == "done":
             vs.tail = ev[2]
             vs.error = vs.tail.get("error")
@@ -653,10 +693,50 @@ class Scanner:
         keep, drop = [], []
         for p in st.pending:
             (drop if p.index == index else keep).append(p)
+        drop += st.raw.pop(index, [])
         if drop:
             st.pending = keep
             st.videos[index].left -= len(drop)
-            self.pool.free([p.slot for p in drop])
+            self.pool.free([p.slot for p in drop if p.slot >= 0])
+
+    def _prepare_on_device(self, st: "_Run") -> None:
+        """One step of device preparation: the next decoded clip of every video that has one,
+        detected, tracked and cropped together (``device_prep``); their face clips join the
+        pending ones with their pixels, and the slots go back to the workers."""
+        from .device_prep import RawClip, timed_step
+        from .workers import ClipMeta
+
+        dev = self.device_prep.device
+        firsts = [queue_[0] for queue_ in st.raw.values()]
+        raws = []
+        for p in firsts:
+            frames = torch.from_numpy(self.pool.view(p.slot, p.meta.shape))
+            raws.append(RawClip(p.index, p.meta.clip_index, p.meta.frame_indices, p.meta.times,
+                                frames.to(dev, non_blocking=False) if dev.type != "cpu" else frames))
+        try:
+            prepared, seconds = timed_step(self.device_prep, raws)
+        except Exception as exc:  # noqa: BLE001 - the device (e.g. out of memory) fails the scan, loudly
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise DeepscanError(f"device preparation failed on {dev} ({type(exc).__name__}: {first}); "
+                                "try --preparation workers") from exc
+        finally:
+            for p in firsts:  # the crops are new tensors: the slots can go back
+                queue_ = st.raw[p.index]
+                queue_.pop(0)
+                if not queue_:
+                    del st.raw[p.index]
+            self.pool.free([p.slot for p in firsts])
+        share = seconds / max(1, len(firsts))
+        now = time.monotonic()
+        for p, face_clips in zip(firsts, prepared):
+            vs = st.videos[p.index]
+            vs.left += len(face_clips) - 1
+            vs.face_clips += len(face_clips)
+            vs.device_s += share
+            for fc in face_clips:
+                meta = ClipMeta(fc.track_id, fc.clip_index, fc.frame_index, fc.time_s, fc.box)
+                st.pending.append(_Pending(p.index, -1, meta, now, (fc.image, fc.frames)))
+            self._maybe_complete(st, vs)
 
     def _form_batches(self, st: "_Run") -> float:
         """Send batches to the model lanes: full ones, and a part-filled one when a lane is idle,
@@ -667,13 +747,19 @@ class Scanner:
             if len(st.pending) < b:
                 waited = time.monotonic() - st.pending[0].arrival
                 idle = self._jobs.empty() and any(not s.working for s in self._scorers)
-                if not (idle or waited >= BATCH_WAIT_S or self.pool.outstanding(st.id) == 0):
+                if not (idle or waited >= BATCH_WAIT_S or (self.pool.outstanding(st.id) == 0 and not st.raw)):
                     return min(0.2, max(0.0, BATCH_WAIT_S - waited))
             chunk, st.pending = st.pending[:b], st.pending[b:]
-            views = [self.pool.view(p.slot) for p in chunk]
-            images = np.stack([v[0] for v in views])
-            frames = np.stack([v[1] for v in views])
-            self.pool.free([p.slot for p in chunk])
+            if chunk[0].pixels is not None:  # cut on the device: stacked there (numpy views on the CPU)
+                images = torch.stack([p.pixels[0] for p in chunk])
+                frames = torch.stack([p.pixels[1] for p in chunk])
+                if images.device.type == "cpu":
+                    images, frames = images.numpy(), frames.numpy()
+            else:
+                views = [self.pool.view(p.slot) for p in chunk]
+                images = np.stack([v[0] for v in views])
+                frames = np.stack([v[1] for v in views])
+                self.pool.free([p.slot for p in chunk])
             self._jobs.put(_Batch([(p.index, p.meta) for p in chunk], images, frames, st.id))
         return 0.2
 
@@ -709,7 +795,8 @@ class Scanner:
                     heapq.heapreplace(vs.top, item)
                 else:
                     continue
-                fs.crop = batch.frames[j, 0].copy()
+                crop = batch.frames[j, 0]
+                fs.crop = crop.cpu().numpy() if isinstance(crop, torch.Tensor) else crop.copy()
                 fs.maps = {k: v[j].copy() for k, v in maps.items()}
         for index in touched:
             self._maybe_complete(st, st.videos[index])
@@ -721,6 +808,8 @@ class Scanner:
     def _complete(self, st: "_Run", vs: VideoState) -> None:
         """Turn a finished video into its record and row; drop everything per frame."""
         del st.videos[vs.index]
+        if self.device_prep is not None:
+            self.device_prep.forget(vs.index)
         record, row = self._record(vs)
         st.ready[vs.index] = (record, row)
         st.verdicts[record["verdict"]] += 1
@@ -751,6 +840,10 @@ class Scanner:
         vs.top = []
         box_scale = vs.head.get("box_scale", 1.0)
         timings = dict(tail.get("timings", {}))
+        sampling = tail.get("sampling", {})
+        if self.device_prep is not None and sampling:  # the workers only decoded: faces were counted here
+            sampling = {**sampling, "face_clips": vs.face_clips}
+            timings["detect_crop_s"] = vs.device_s
         timings["model_s"] = vs.model_s
         timings["total_s"] = time.perf_counter() - vs.t0
         record = {
@@ -767,7 +860,7 @@ class Scanner:
             "detector": self.detector_name,
             "settings": s.record(),
             "video": _video_with_frames(vs.head.get("video"), tail.get("video_frames")),
-            "sampling": tail.get("sampling", {}),
+            "sampling": sampling,
             "tracks": [
                 {"id": tid, "score": round(track_scores[tid], 6),
                  "frames": [{"index": f.index, "time_s": f.time_s, "score": round(f.score, 6),
@@ -803,12 +896,13 @@ class Scanner:
 
 
 class _Pending(NamedTuple):
-    """A face clip waiting in its slot for a batch."""
+    """A face clip waiting in its slot for a batch (or a decoded clip waiting for the device)."""
 
     index: int  # the input's
-    slot: int
-    meta: object  # workers.ClipMeta
+    slot: int  # -1: the pixels are here, cut on the device
+    meta: object  # workers.ClipMeta (workers.FramesMeta for a decoded clip)
     arrival: float  # time.monotonic() when it arrived: the batching deadline counts from the oldest
+    pixels: tuple | None = None  # (image, frames) tensors cut on the device
 
 
 class _Run:
@@ -824,6 +918,7 @@ class _Run:
         self.videos: dict = {}  # index -> VideoState in flight
         self.ready: dict = {}  # index -> (record, row) waiting for earlier ones
         self.pending: list[_Pending] = []  # clips not yet batched, in arrival order
+        self.raw: dict = {}  # index -> [_Pending] decoded clips waiting for the device, in order
         self.verdicts: Counter = Counter()
         self.id = 0
 
@@ -834,8 +929,11 @@ class _Run:
     def __exit__(self, *exc) -> None:
         sc = self.scanner
         try:
-            sc.pool.free([p.slot for p in self.pending])
-            self.pending = []
+            sc.pool.free([p.slot for p in self.pending if p.slot >= 0]
+                         + [p.slot for queue_ in self.raw.values() for p in queue_])
+            self.pending, self.raw = [], {}
+            if sc.device_prep is not None:
+                sc.device_prep.trackers.clear()
             sc.pool.end_run(self.id)
         finally:
             while True:  # batches of this run not yet started

@@ -48,7 +48,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import connection, shared_memory
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -56,7 +56,7 @@ from . import faces as faces_mod
 from .config import CROP_MARGIN
 from .errors import DeepscanError, MediaError
 from .hashing import sha256_file
-from .video import MAX_SIDE, DecodeReport, check_readable, plan_clips, probe, sample_clips
+from .video import MAX_SIDE, Clip, DecodeReport, check_readable, plan_clips, probe, sample_clips
 
 JOBS_PER_WORKER = 2  # the input being prepared and the next one, so a worker never waits for the driver
 DEEP_EVERY = 8  # the expensive small-face search runs on the first clip and every 8th (see faces.DlibDetector)
@@ -76,6 +76,9 @@ class PrepSettings:
     strategy: str = "auto"  # decoding: auto | select | seek
     hash_files: bool = True
     max_side: int = MAX_SIDE  # frames larger than this are scaled down in ffmpeg
+    # what a worker hands over: "crops" (it detects, tracks and crops) or "frames" (it only decodes;
+    # the scanning process prepares on its device, see device_prep)
+    handover: str = "crops"
 
     @property
     def slot_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -83,6 +86,11 @@ class PrepSettings:
 
     @property
     def slot_bytes(self) -> int:
+        """A slot holds a face clip's two crops, or (handing over frames) a clip's frames of any
+        shape up to max_side x max_side: pages are only touched as written (an anonymous memfd),
+        so a 720p clip occupies 8.3 MB of its 33 MB slot."""
+        if self.handover == "frames":
+            return self.clip_len * self.max_side * self.max_side * 3
         a, b = self.slot_shapes
         return math.prod(a) + math.prod(b)
 
@@ -99,10 +107,21 @@ class ClipMeta:
     box: tuple[float, float, float, float]  # detector box in decoded-frame pixels
 
 
+class FramesMeta(NamedTuple):
+    """A decoded clip handed over in a slot (``handover="frames"``): what is in the slot."""
+
+    clip_index: int
+    frame_indices: tuple[int, ...]
+    times: tuple[float, ...]
+    shape: tuple[int, ...]  # (n, H, W, 3) uint8 at the start of the slot
+
+
 def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterator:
     """Decode, detect, track and crop one video, yielding its events in order:
     ``("start", index, head)``, then one ``FaceClip`` per face and sampled clip, then
-    ``("done", index, tail)`` (``index``: any tag of the job, e.g. the pool's (run, index)). A failure becomes ``tail["error"]``; it is never raised."""
+    ``("done", index, tail)`` (``index``: any tag of the job, e.g. the pool's (run, index)). A failure becomes ``tail["error"]``; it is never raised.
+    With ``detector=None`` it only decodes: one ``video.Clip`` per sampled clip instead of face
+    clips (the device prepares them), and the tail's face-clip counts are left to the device."""
     head: dict = {"sha256": None, "video": None, "file": None, "box_scale": 1.0}
     tail: dict = {"error": None, "sampling": {}, "warnings": [], "timings": {}, "face_clips": 0}
     started = False
@@ -132,6 +151,10 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
         for clip in sample_clips(info, settings.clips, clip_len, settings.strategy, report):
             t1 = time.perf_counter()
             timings["decode_s"] += t1 - t
+            if detector is None:
+                yield clip
+                t = time.perf_counter()
+                continue
             dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent(), follow=tracker.active(),
                                                    min_face=settings.min_face, deep=clip.index % DEEP_EVERY == 0,
                                                    full=clip.index % FULL_EVERY == 0), settings.min_face)
@@ -181,7 +204,7 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
     free: set[int] = set(slots)
     cancelled: set = set()  # runs whose jobs are to be dropped
     try:
-        detector = make_detector()
+        detector = make_detector() if settings.handover == "crops" else None
     except Exception as exc:  # noqa: BLE001 - reported to the scanning process, which stops
         conn.send(("fatal", f"the face detector could not be set up in a preparation worker "
                             f"({type(exc).__name__}: {exc})"))
@@ -224,11 +247,16 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
                     # touches follows the clips in flight, not the length of the scan
                     slot = min(free)
                     free.discard(slot)
-                    image, frames = slot_view(slot)
-                    image[...] = ev.image
-                    frames[...] = ev.frames
-                    conn.send(("clip", job, slot, ClipMeta(ev.track_id, ev.clip_index, ev.frame_indices[0],
-                                                           ev.times[0], ev.box)))
+                    if isinstance(ev, Clip):  # handing over frames: the device prepares
+                        slot_view(slot, ev.frames.shape)[...] = ev.frames
+                        conn.send(("frames", job, slot, FramesMeta(ev.index, ev.frame_indices, ev.times,
+                                                                   ev.frames.shape)))
+                    else:
+                        image, frames = slot_view(slot)
+                        image[...] = ev.image
+                        frames[...] = ev.frames
+                        conn.send(("clip", job, slot, ClipMeta(ev.track_id, ev.clip_index, ev.frame_indices[0],
+                                                               ev.times[0], ev.box)))
                 pump(block=False)
             if job[0] in cancelled:
                 events.close()  # stops its ffmpeg
@@ -243,8 +271,14 @@ def _slot_viewer(buf, settings: PrepSettings):
     shape_i, shape_f = settings.slot_shapes
     size_i = math.prod(shape_i)
 
-    def view(slot: int) -> tuple[np.ndarray, np.ndarray]:
+    def view(slot: int, shape: tuple[int, ...] | None = None):
+        """A slot's two crop arrays, or with ``shape`` the frames array of that shape."""
         base = slot * settings.slot_bytes
+        if shape is not None:
+            if math.prod(shape) > settings.slot_bytes:  # frames are at most max_side on a side
+                raise MediaError(f"decoded frames of shape {tuple(shape)} exceed a slot; this is a bug, "
+                                 "please report it (and try --preparation workers)")
+            return np.ndarray(shape, np.uint8, buffer=buf, offset=base)
         return (np.ndarray(shape_i, np.uint8, buffer=buf, offset=base),
                 np.ndarray(shape_f, np.uint8, buffer=buf, offset=base + size_i))
 
@@ -414,7 +448,8 @@ class PreparePool:
     The pool owns the bookkeeping: which jobs each worker holds and which of its slots hold clips.
     A scan works in runs (``begin_run`` ... ``end_run``); a job is ``(run, index)``. ``submit``
     an input, then read ``poll``'s events, all of the current run: ``("start", job, head)``,
-    ``("clip", job, slot, ClipMeta)``, ``("done", job, tail)``, and ``("lost", job, reason)``
+    ``("clip", job, slot, ClipMeta)`` (or, handing over frames, ``("frames", job, slot,
+    FramesMeta)``), ``("done", job, tail)``, and ``("lost", job, reason)``
     when the worker holding it died or stalled (a replacement has taken over by then). Events of
     an ended run are dropped here (their slots go straight back). ``view(slot)`` gives a slot's
     arrays; ``free(slots)`` grants them back to their worker once copied."""
@@ -565,8 +600,9 @@ class PreparePool:
         self._send(w, ("job", job, path))  # a dead worker: poll reports the job lost
         return job
 
-    def view(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._view(slot)
+    def view(self, slot: int, shape: tuple[int, ...] | None = None):
+        """A slot's (image, frames) crops; with ``shape``, the decoded frames it holds."""
+        return self._view(slot, shape)
 
     def free(self, slots) -> None:
         """Grant ``slots`` back to their workers (at once: a worker that has none waits)."""
@@ -631,7 +667,7 @@ class PreparePool:
                 job = ev[1]
                 if ev[0] == "start":
                     w.started = job
-                elif ev[0] == "clip":
+                elif ev[0] in ("clip", "frames"):
                     w.out.add(ev[2])
                 elif ev[0] == "done":
                     for item in w.jobs:
@@ -639,7 +675,7 @@ class PreparePool:
                             w.jobs.remove(item)
                             break
                 if job[0] != self.run or not self.run:  # an ended run's: dropped, its slot granted back
-                    if ev[0] == "clip":
+                    if ev[0] in ("clip", "frames"):
                         self.free([ev[2]])
                     continue
                 events.append(ev)
