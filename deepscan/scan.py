@@ -541,6 +541,29 @@ def start_pool(settings: ScanSettings, cfg, make_detector, workers: int, *, devi
                        stall_s=settings.timeout_s)
 
 
+def pin_slots(pool: PreparePool):
+    """Page-lock the pool's shared slots for CUDA (cudaHostRegister), so that decoded frames go
+    from a slot to the GPU by DMA rather than through a pageable staging copy; returns the undo,
+    or None where CUDA declines (then copies are pageable, and slower)."""
+    if pool.threaded or not hasattr(torch._C, "_cudart"):
+        return None
+    try:
+        buf = np.frombuffer(pool.block.buf, np.uint8)  # an export: the mapping stays while it lives
+        ptr, size = buf.ctypes.data, buf.nbytes
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(ptr, size, 0)) != 0:
+            return None
+    except (RuntimeError, AttributeError, TypeError, ValueError):
+        return None
+
+    def undo() -> None:
+        cudart.cudaHostUnregister(ptr)
+        del buf_ref[:]
+
+    buf_ref = [buf]
+    return undo
+
+
 class Scanner:
     """The local pipeline: ``workers`` preparation processes (0: one thread), one scorer per
     runner (device), assembly. Reusable: ``run`` may be called several times (a Ray actor does).
@@ -572,6 +595,7 @@ class Scanner:
             self.device_prep = DevicePreparer(runners[0].device, image_size=self.cfg.image_size,
                                               lda_size=self.cfg.lda_size, margin=settings.margin,
                                               min_face=settings.min_face)
+        self._pinned = pin_slots(self.pool) if self.device_prep is not None and self.gpu else None
         self._waker = _Waker()
         self._results: queue.Queue = queue.Queue()
         self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(model_lanes(runners)))
@@ -586,6 +610,8 @@ class Scanner:
         if self._closed:
             return True
         self._closed = True
+        if self._pinned is not None:
+            self._pinned()  # unpinned before the slots are unmapped
         self.pool.close()
         while True:  # drop batches not started
             try:

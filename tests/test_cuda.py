@@ -174,3 +174,26 @@ def test_nvdec_decodes_what_ffmpeg_decodes(tmp_path):
         frame = torch.from_dlpack(dec.get_batch_frames_by_index([clip.frame_indices[0]])[0]).cpu().numpy()
         diff = np.abs(frame.reshape(clip.frames[0].shape).astype(int) - clip.frames[0].astype(int))
         assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, (diff.mean(), diff.max())
+
+
+def test_a_scan_prepared_on_the_gpu_equals_the_workers_scan_on_the_gpu(media_dir):
+    """--preparation device on CUDA: BlazeFace, tracking and crops on the GPU give the records the
+    workers' preparation gives (the same model, on the same GPU, in fp32): same tracks and boxes,
+    scores within the GPU's fp32 arithmetic."""
+    from deepscan.faces import resolve_detector
+
+    items = [ScanInput(str(media_dir / n), n) for n in ("carphone.mp4", "two_faces.mp4", "astronaut.mp4",
+                                                          "no_face.mp4", "rotated.mp4")]
+    spec = resolve_detector("blazeface")
+    runs = {}
+    for prep in ("workers", "device"):
+        settings = ScanSettings(clips=6, batch_size=4, hash_files=False, preparation=prep)
+        runs[prep] = scan(items, Runner(tiny_model(), CUDA, torch.float32, batch_size=4), spec, settings, workers=1)
+    for w, d in zip(runs["workers"], runs["device"]):
+        assert (d["verdict"], d["sampling"]) == (w["verdict"], w["sampling"]), d["path"]
+        boxes = [[f["box"] for f in t["frames"]] for t in d["tracks"]]
+        want = [[f["box"] for f in t["frames"]] for t in w["tracks"]]
+        assert len(boxes) == len(want)
+        for a, b in zip(boxes, want):  # torch on CUDA vs onnxruntime on the CPU: a rounding apart at most
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1.0)
+    np.testing.assert_allclose(frame_scores(runs["device"]), frame_scores(runs["workers"]), atol=2e-3)

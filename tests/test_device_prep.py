@@ -1,6 +1,6 @@
-"""Detection and crops in torch, batched (the GPU preparation's building blocks), on the CPU here:
-the same faces as the workers' onnxruntime detector, crops like PIL's, and the model's scores on
-them within the bf16 tolerance of the CPU crops' scores."""
+"""Preparation on the model's device (``--preparation device``), run on the CPU here: PIL's
+letterbox and crops reproduced exactly, the same faces as the workers' onnxruntime detector, and
+whole scans whose records equal the workers' (scores, tracks, boxes, counts, errors)."""
 
 import copy
 
@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from deepscan.device_prep import DevicePreparer
-from deepscan.faces import box_iou, crop_box, face_clips, resolve_detector
-from deepscan.scan import Runner
+from PIL import Image
+
+from deepscan.blazeface import letterbox
+from deepscan.device_prep import DevicePreparer, letterbox_many, pil_resize
+from deepscan.faces import box_iou, crop_box, crop_square, face_clips, resolve_detector
+from deepscan.scan import Runner, ScanSettings, scan
 from deepscan.video import plan_clips, probe, read_clips
 
 from .conftest import tiny_model
@@ -29,17 +32,101 @@ def clips_of(media_dir, names, count=2, n=3):
     return out
 
 
+def test_letterbox_and_crops_equal_pils_to_the_grey_level():
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    face = data.astronaut()
+    # 720p and 1080p take PIL's reducing_gap route (an integer reduction, then a fractional box)
+    for h, w in [(720, 1280), (1080, 1920), (1920, 1080), (144, 176), (333, 517), (100, 90), (192, 192), (50, 2000)]:
+        frame = np.asarray(Image.fromarray(face).resize((w, h))).copy()
+        frame[::7, ::5] = rng.integers(0, 256, frame[::7, ::5].shape)  # detail that rounding would show
+        for size in (192, 128):
+            assert np.array_equal(letterbox_many([torch.from_numpy(frame)], size)[0].numpy(), letterbox(frame, size)[0])
+    for side, size in [(300, 224), (100, 398), (1000, 224), (57, 62), (224, 224)]:
+        square = np.asarray(Image.fromarray(face).resize((side, side)))
+        want = crop_square(square, (0, 0, side, side), size)
+        assert np.array_equal(pil_resize(torch.from_numpy(square.copy())[None], size)[0].numpy(), want)
+
+
 def test_frames_of_several_videos_in_one_batch_find_the_workers_faces(prep, media_dir):
     clips = clips_of(media_dir, ["carphone.mp4", "astronaut.mp4", "two_faces.mp4", "no_face.mp4"], n=1)
     frames = [c.frames[0] for c in clips]  # 176x144, 640x360 ...: sizes differ within the batch
     got = prep.detect([torch.from_numpy(f) for f in frames])
     workers = resolve_detector("blazeface").build()
-    want = [workers.run(f, [(0, 0, max(f.shape[:2]))]) or workers.run(f, [(0, 0, max(f.shape[:2]))], near=True)
-            for f in frames]
+    want = [workers(f) for f in frames]  # the same staged search, on onnxruntime
     assert [len(d) for d in got] == [len(d) for d in want] and sum(map(len, got)) >= 6
     for a, b in zip(got, want):
-        for da in a:
-            assert max(box_iou(da.box, db.box) for db in b) > 0.8  # letterbox resampling differs slightly
+        for da, db in zip(a, b):  # the same letterbox: only the networks' arithmetic differs
+            assert max(abs(p - q) for p, q in zip(da.box, db.box)) < 0.5 and box_iou(da.box, db.box) > 0.99
+
+
+SCANNED = ["carphone.mp4", "astronaut.mp4", "two_faces.mp4", "no_face.mp4", "rotated.mp4", "vfr.mp4",
+           "truncated.mp4", "audio.m4a", "one_frame.mp4"]
+
+
+def spread_model():
+    model = tiny_model(seed=2)
+    with torch.no_grad():
+        model.backbone.get_classifier().weight.mul_(2e5)  # scores that spread over (0, 1): small crop changes show
+    return model
+
+
+def frames_of(record):
+    return [(t["id"], f["index"], f["score"], f["box"]) for t in record["tracks"] for f in t["frames"]]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_scan_prepared_on_the_device_equals_the_workers_scan(media_dir, workers):
+    items = [(str(media_dir / n), None) for n in SCANNED]
+    spec = resolve_detector("blazeface")
+    model = spread_model()
+    runs = {}
+    for prep in ("workers", "device"):
+        runner = Runner(copy.deepcopy(model), torch.device("cpu"), torch.float32, batch_size=4)
+        settings = ScanSettings(clips=6, batch_size=4, hash_files=False, preparation=prep)
+        runs[prep] = scan(items, runner, spec, settings, workers=workers)
+    verdicts = [r["verdict"] for r in runs["device"]]
+    assert verdicts.count("error") == 2 and verdicts.count("no-face") == 1 and len(set(verdicts)) >= 3
+    scores = [f[2] for r in runs["device"] for f in frames_of(r)]
+    assert len(scores) >= 30 and max(scores) - min(scores) > 0.05
+    for w, d in zip(runs["workers"], runs["device"]):
+        assert (d["path"], d["verdict"], d["error"], d["sampling"]) == (w["path"], w["verdict"], w["error"], w["sampling"])
+        got, want = frames_of(d), frames_of(w)
+        assert [f[:2] for f in got] == [f[:2] for f in want] and [f[3] for f in got] == [f[3] for f in want]
+        assert max([abs(a[2] - b[2]) for a, b in zip(got, want)] or [0]) < 1e-4
+        if d["verdict"] in ("real", "fake"):
+            assert d["timings"]["detect_crop_s"] > 0  # the device's share, counted per video
+
+
+def test_device_preparation_needs_blazeface():
+    from deepscan.errors import ConfigError
+    from deepscan.scan import pick_preparation
+
+    assert pick_preparation("auto", "blazeface") == "workers"
+    assert pick_preparation("device", "blazeface") == "device"
+    with pytest.raises(ConfigError, match="--detector dlib"):
+        pick_preparation("device", "dlib")
+    with pytest.raises(ConfigError, match="--preparation must be"):
+        pick_preparation("gpu", "blazeface")
+
+
+def test_cli_scan_prepared_on_the_device_writes_heatmaps(media_dir, tiny_ckpt, tmp_path):
+    from .test_cli import json_lines, run_cli
+
+    out = tmp_path / "heat"
+    result = run_cli("scan", media_dir / "astronaut.mp4", media_dir / "no_face.mp4", "--weights", tiny_ckpt, "--json",
+                     "--clips", "4", "--device", "cpu", "--preparation", "device", "--workers", "1",
+                     "--heatmaps", out)
+    assert result.returncode in (0, 1), result.stderr
+    face, none = json_lines(result.stdout)
+    assert face["verdict"] in ("real", "fake") and face["detector"] == "blazeface" and face["sampling"]["face_clips"] == 4
+    assert none["verdict"] == "no-face" and none["sampling"]["face_clips"] == 0
+    (folder,) = out.iterdir()
+    assert len(list(folder.glob("rank*.png"))) >= 1
+    bad = run_cli("scan", media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--preparation", "device",
+                  "--detector", "dlib")
+    assert bad.returncode == 2 and "--preparation device" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_crops_match_the_cpu_crops(prep, media_dir):
@@ -80,3 +167,41 @@ def test_scores_on_device_crops_are_within_the_bf16_tolerance(prep, media_dir):
     got, _ = runner.score(np.concatenate(images), np.concatenate(lda))
     assert len(want) >= 10 and want.max() - want.min() > 0.1, want
     assert np.abs(got - want).max() < 0.02, np.abs(got - want).max()
+
+
+def test_a_decoding_worker_killed_mid_video_costs_that_video_only(media_dir):
+    """Workers that only decode die like the others: the video being read becomes an error
+    record, its decoded clips waiting for the device are dropped (their slots back), and the
+    replacement worker prepares the rest."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from deepscan.inputs import ScanInput
+    from deepscan.scan import Scanner
+
+    names = ["astronaut.mp4", "two_faces.mp4", "carphone.mp4"]
+    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=4)
+    settings = ScanSettings(clips=24, batch_size=4, hash_files=False, preparation="device")
+    spec = resolve_detector("blazeface")
+    records = []
+    with Scanner([runner], spec.build, spec.name, settings, workers=1) as scanner:
+        w = scanner.pool.workers[0]
+
+        def kill_when_busy():
+            deadline = time.monotonic() + 60
+            while w.events < 4 and time.monotonic() < deadline:  # its "start" and some decoded clips
+                time.sleep(0.005)
+            os.kill(w.proc.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        scanner.run([ScanInput(str(media_dir / n), n) for n in names], lambda rec, row: records.append(rec))
+        killer.join()
+        assert scanner.pool.replaced == 1
+        assert all(len(x.out) == 0 for x in scanner.pool.workers)  # every slot came back
+    first, *rest = records
+    assert first["verdict"] == "error" and "worker died" in first["error"] and first["tracks"] == []
+    assert [r["verdict"] for r in rest] != ["error", "error"] and all(r["error"] is None for r in rest)
+    assert all(r["sampling"]["face_clips"] >= 24 for r in rest)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepscan.html_report import page, read_records
+from deepscan.html_report import page
 
 from .test_hostile import cli
 

@@ -330,6 +330,7 @@ def test_an_input_whose_worker_died_after_some_clips_were_scored_is_an_error_wit
 
     scanner = Scanner.__new__(Scanner)  # only what _record reads
     scanner.settings, scanner.heatmaps, scanner.model, scanner.detector_name = ScanSettings(), None, {}, "dlib"
+    scanner.device_prep = None
     vs = VideoState(0, "v.mp4", 0.0, error="v.mp4: preparation stopped: its worker died (SIGKILL)")
     vs.tracks[0] = [FrameScore(0, 0.0, 0.7, (1.0, 2.0, 3.0, 4.0))]
     record, row = scanner._record(vs)
