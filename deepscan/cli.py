@@ -170,6 +170,7 @@ def scan(
     backend: Annotated[str, typer.Option(help="Model runtime: auto (OpenVINO on CPU when installed, else torch), torch or openvino (CPU).")] = "auto",
     report: Annotated[Optional[Path], typer.Option("--report", help="Write one self-contained HTML page of the results (timelines, thumbnails) when the scan ends.")] = None,
     preparation: Annotated[str, typer.Option("--preparation", help="Who detects and crops: auto (the workers, for now), workers, or device (workers only decode; BlazeFace, tracking and crops run batched on the model's device).")] = "auto",
+    decoder: Annotated[str, typer.Option("--decoder", help="With --preparation device on a GPU: auto (NVDEC when it works here, else ffmpeg), ffmpeg, or nvdec (needs deepscan[nvdec]).")] = "auto",
     ray: Annotated[Optional[str], typer.Option("--ray", help="Scan on Ray: local (start one here), auto (the cluster of this environment) or ADDRESS; needs deepscan[ray].")] = None,
 ) -> None:
     """Scan videos for deepfaked faces: a verdict per video (exit 0 none fake, 1 fake found, 2 errors)."""
@@ -206,7 +207,7 @@ def scan(
                           precision=precision, workers=workers, detector=detector, glob=glob,
                           shard=parse_shard(shard) if shard is not None else (1, 1), output=output, resume=resume,
                           heatmaps=heatmaps, compile=compile_model, backend=backend, report=report,
-                          json_out=json_out, ray=ray, preparation=preparation)
+                          json_out=json_out, ray=ray, preparation=preparation, decoder=decoder)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         outcome = run_scan(request, say=notice)

@@ -37,6 +37,7 @@ class ScanRequest:
     json_out: bool = False
     ray: str | None = None  # a Ray address: local, auto or host:port (see cluster.py)
     preparation: str = "auto"  # auto | workers | device (scan.pick_preparation)
+    decoder: str = "auto"  # auto | ffmpeg | nvdec (scan.pick_decoder)
 
 
 @dataclass
@@ -95,7 +96,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     if req.ray:
         if req.backend == "openvino":
             raise ConfigError("--backend openvino is not run on Ray yet (its actors run torch); drop one of them")
-        if req.preparation == "device":
+        if req.preparation == "device" or req.decoder == "nvdec":
             raise ConfigError("--preparation device is not run on Ray yet (its actors prepare in workers); "
                               "drop one of them")
         return _run_on_ray(req, say)
@@ -106,7 +107,8 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
     spec = resolve_detector(req.detector, manifest=manifest, say=say)
     preparation = scan_mod.pick_preparation(req.preparation, spec.name)
-    req = dataclasses.replace(req, settings=dataclasses.replace(req.settings, preparation=preparation))
+    decoder = scan_mod.pick_decoder(req.decoder, preparation, devices[0], say=say)
+    req = dataclasses.replace(req, settings=dataclasses.replace(req.settings, preparation=preparation, decoder=decoder))
     file, done = _open_output(req)
     workers = _cap_workers(req, scan_mod.default_workers(devices) if req.workers is None else req.workers, info,
                            gpu=devices[0].type == "cuda", say=say)

@@ -57,6 +57,7 @@ class ScanSettings:
     keep_crops: int = 4  # most suspicious face clips kept per video for heatmaps (0: none)
     timeout_s: float = 600.0  # an input whose preparation makes no progress this long is abandoned
     preparation: str = "workers"  # workers: they detect and crop; device: they decode, the model's device does the rest
+    decoder: str = "ffmpeg"  # ffmpeg (in the workers) or nvdec (threads here, with preparation on the device)
 
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
@@ -69,6 +70,10 @@ class ScanSettings:
             raise ConfigError(f"--min-face must be at least 1 pixel, not {self.min_face}")
         if not self.timeout_s > 0:  # (NaN too)
             raise ConfigError(f"--timeout must be a number of seconds > 0, not {self.timeout_s}")
+        if self.decoder not in ("ffmpeg", "nvdec"):
+            raise ConfigError(f"--decoder must be auto, ffmpeg or nvdec, not {self.decoder!r}")
+        if self.decoder == "nvdec" and self.preparation != "device":
+            raise ConfigError("--decoder nvdec needs --preparation device (NVDEC's frames stay on the GPU)")
         if self.preparation not in PREPARATIONS:
             raise ConfigError(f"--preparation must be auto, {' or '.join(PREPARATIONS)}, not {self.preparation!r}")
 
@@ -135,6 +140,27 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16" and device.type == "cpu":
         raise ConfigError("--precision fp16 is for CUDA; on CPU use bf16 or fp32")
     return table[name]
+
+
+def pick_decoder(name: str, preparation: str, device: torch.device, say=None, module=None) -> str:
+    """``auto``: NVDEC when the device prepares on a GPU and NVDEC works there (one check; one
+    notice when it does not), else ffmpeg in the workers; ``nvdec`` must work or is refused."""
+    if name not in ("auto", "ffmpeg", "nvdec"):
+        raise ConfigError(f"--decoder must be auto, ffmpeg or nvdec, not {name!r}")
+    if name == "ffmpeg" or (name == "auto" and (preparation != "device" or device.type != "cuda")):
+        return "ffmpeg"
+    if preparation != "device":
+        raise ConfigError("--decoder nvdec needs --preparation device (NVDEC's frames stay on the GPU)")
+    from .nvdec import available
+
+    why = available(device, module) if device.type == "cuda" or module is not None else "NVDEC needs a CUDA device"
+    if why is None:
+        return "nvdec"
+    if name == "nvdec":
+        raise ConfigError(f"--decoder nvdec: {why}; use --decoder ffmpeg")
+    if say:
+        say(f"note: decoding with ffmpeg: {why}")
+    return "ffmpeg"
 
 
 def pick_preparation(name: str, detector: str) -> str:
@@ -576,7 +602,7 @@ class Scanner:
     def __init__(self, runners: list[Runner], make_detector, detector_name: str, settings: ScanSettings, *,
                  workers: int = 0, model: dict | None = None, heatmaps: Path | None = None,
                  slots_per_worker: int = 0, say: Callable[[str], None] | None = None, max_side: int | None = None,
-                 pool: PreparePool | None = None):
+                 pool: PreparePool | None = None, nvdec_module=None):
         if not runners:
             raise ConfigError("no device to score on")
         self.runners, self.settings, self.say = runners, settings, say
@@ -596,6 +622,11 @@ class Scanner:
                                               lda_size=self.cfg.lda_size, margin=settings.margin,
                                               min_face=settings.min_face)
         self._pinned = pin_slots(self.pool) if self.device_prep is not None and self.gpu else None
+        if settings.decoder == "nvdec":
+            from .nvdec import NvdecPool
+
+            self.pool = NvdecPool(self.pool, settings.prep(self.cfg, max_side), runners[0].device, module=nvdec_module,
+                                  say=say)
         self._waker = _Waker()
         self._results: queue.Queue = queue.Queue()
         self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(model_lanes(runners)))
@@ -703,7 +734,8 @@ class Scanner:
             st.pending.append(_Pending(index, ev[2], ev[3], time.monotonic()))
         elif kind == "frames":  # a decoded clip for the device to prepare: counted as one clip until then
             vs.left += 1
-            st.raw.setdefault(index, []).append(_Pending(index, ev[2], ev[3], time.monotonic()))
+            pixels = ev[4] if len(ev) > 4 else None  # NVDEC's frames come on the device, in no slot
+            st.raw.setdefault(index, []).append(_Pending(index, ev[2], ev[3], time.monotonic(), pixels))
         elif kind == "done":
             vs.tail = ev[2]
             vs.error = vs.tail.get("error")
@@ -723,7 +755,7 @@ class Scanner:
         if drop:
             st.pending = keep
             st.videos[index].left -= len(drop)
-            self.pool.free([p.slot for p in drop if p.slot >= 0])
+            self.pool.free([p.slot for p in drop if p.slot != -1])
 
     def _prepare_on_device(self, st: "_Run") -> None:
         """One step of device preparation: the next decoded clip of every video that has one,
@@ -736,9 +768,12 @@ class Scanner:
         firsts = [queue_[0] for queue_ in st.raw.values()]
         raws = []
         for p in firsts:
+            if p.pixels is not None:  # decoded by NVDEC, on the device already
+                raws.append(RawClip(p.index, p.meta.clip_index, p.meta.frame_indices, p.meta.times, p.pixels))
+                continue
             frames = torch.from_numpy(self.pool.view(p.slot, p.meta.shape))
             raws.append(RawClip(p.index, p.meta.clip_index, p.meta.frame_indices, p.meta.times,
-                                frames.to(dev, non_blocking=False) if dev.type != "cpu" else frames))
+                                frames.to(dev, non_blocking=True) if dev.type != "cpu" else frames))
         try:
             prepared, seconds = timed_step(self.device_prep, raws)
         except Exception as exc:  # noqa: BLE001 - the device (e.g. out of memory) fails the scan, loudly
@@ -925,10 +960,10 @@ class _Pending(NamedTuple):
     """A face clip waiting in its slot for a batch (or a decoded clip waiting for the device)."""
 
     index: int  # the input's
-    slot: int  # -1: the pixels are here, cut on the device
+    slot: int  # -1: the pixels are here, cut on the device; < -1: an NVDEC thread's token (nvdec.NvdecPool)
     meta: object  # workers.ClipMeta (workers.FramesMeta for a decoded clip)
     arrival: float  # time.monotonic() when it arrived: the batching deadline counts from the oldest
-    pixels: tuple | None = None  # (image, frames) tensors cut on the device
+    pixels: object = None  # (image, frames) tensors cut on the device; a decoded clip's frames from NVDEC
 
 
 class _Run:
@@ -955,7 +990,7 @@ class _Run:
     def __exit__(self, *exc) -> None:
         sc = self.scanner
         try:
-            sc.pool.free([p.slot for p in self.pending if p.slot >= 0]
+            sc.pool.free([p.slot for p in self.pending if p.slot != -1]
                          + [p.slot for queue_ in self.raw.values() for p in queue_])
             self.pending, self.raw = [], {}
             if sc.device_prep is not None:

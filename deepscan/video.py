@@ -78,6 +78,7 @@ class VideoInfo:
     frames_exact: bool = False
     video_streams: int = 1
     damage: str = ""  # what ffmpeg said reading the packets (a truncated or damaged file), if anything
+    pix_fmt: str = ""  # the stream's pixel format as ffmpeg names it (yuv420p, yuv420p10le...), if said
 
     @property
     def url(self) -> str:
@@ -137,8 +138,18 @@ def _video_streams(err: str) -> list[dict]:
         streams.append({"codec": m.group(1), "w": int(m.group(2)), "h": int(m.group(3)), "line": line,
                         "cover": "(attached pic)" in line, "default": "(default)" in line,
                         "sar": int(sar.group(1)) / int(sar.group(2)) if sar and int(sar.group(1)) and int(sar.group(2)) else 1.0,
-                        "rotation": _ROTATION.search(text)})
+                        "rotation": _ROTATION.search(text), "pix_fmt": _pix_fmt(line)})
     return streams
+
+
+def _pix_fmt(line: str) -> str:
+    """The pixel format in ffmpeg's stream line ("Video: h264 (High) (avc1 / 0x...), yuv420p(tv,
+    bt709, progressive), 1280x720 ..."): the second field once parenthesised details are gone."""
+    text = line.split("Video:", 1)[-1]
+    while "(" in text and re.search(r"\([^()]*\)", text):
+        text = re.sub(r"\([^()]*\)", "", text)
+    fields = [f.strip() for f in text.split(",")]
+    return fields[1] if len(fields) > 1 and re.fullmatch(r"[a-z][a-z0-9_]*", fields[1]) else ""
 
 
 def probe(path: str | os.PathLike, max_side: int | None = None, count: bool | None = None) -> VideoInfo:
@@ -191,7 +202,8 @@ def probe(path: str | os.PathLike, max_side: int | None = None, count: bool | No
         out_w, out_h = native
     num_frames = int(round(duration * fps)) if duration > 0 else 0
     info = VideoInfo(path, out_w, out_h, fps, duration, num_frames, rotation, st["codec"], dw, dh, stream=index,
-                     sar=sar, native_width=native[0], native_height=native[1], video_streams=len(streams))
+                     sar=sar, native_width=native[0], native_height=native[1], video_streams=len(streams),
+                     pix_fmt=st["pix_fmt"])
     damage = _damage(proc.stderr.split("\nOutput #0", 1)[1] if "\nOutput #0" in proc.stderr else "")
     if damage:
         info = dataclasses.replace(info, damage=damage)

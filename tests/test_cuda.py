@@ -197,3 +197,24 @@ def test_a_scan_prepared_on_the_gpu_equals_the_workers_scan_on_the_gpu(media_dir
         for a, b in zip(boxes, want):  # torch on CUDA vs onnxruntime on the CPU: a rounding apart at most
             np.testing.assert_allclose(np.array(a), np.array(b), atol=1.0)
     np.testing.assert_allclose(frame_scores(runs["device"]), frame_scores(runs["workers"]), atol=2e-3)
+
+
+def test_a_scan_decoded_by_nvdec_equals_the_ffmpeg_decoded_scan(media_dir):
+    """--decoder nvdec on the GPU, where the driver has NVDEC and PyNvVideoCodec is installed:
+    the same tracks as ffmpeg-decoded frames, scores within the colour conversion's effect."""
+    from deepscan.faces import resolve_detector
+    from deepscan.nvdec import available
+
+    why = available(CUDA)
+    if why:
+        pytest.skip(why)
+    items = [ScanInput(str(media_dir / n), n) for n in ("two_faces.mp4", "astronaut.mp4", "no_face.mp4")]
+    spec = resolve_detector("blazeface")
+    runs = {}
+    for decoder in ("ffmpeg", "nvdec"):
+        settings = ScanSettings(clips=6, batch_size=4, hash_files=False, preparation="device", decoder=decoder)
+        runs[decoder] = scan(items, Runner(tiny_model(), CUDA, torch.float32, batch_size=4), spec, settings, workers=1)
+    assert [r["sampling"]["strategy"] for r in runs["nvdec"]] == ["nvdec"] * 3
+    for a, b in zip(runs["ffmpeg"], runs["nvdec"]):
+        assert (a["verdict"], a["sampling"]["face_clips"]) == (b["verdict"], b["sampling"]["face_clips"]), a["path"]
+    np.testing.assert_allclose(frame_scores(runs["nvdec"]), frame_scores(runs["ffmpeg"]), atol=2e-2)

@@ -205,3 +205,68 @@ def test_a_decoding_worker_killed_mid_video_costs_that_video_only(media_dir):
     assert first["verdict"] == "error" and "worker died" in first["error"] and first["tracks"] == []
     assert [r["verdict"] for r in rest] != ["error", "error"] and all(r["error"] is None for r in rest)
     assert all(r["sampling"]["face_clips"] >= 24 for r in rest)
+
+
+def test_nvdec_threads_feed_device_preparation_and_hand_the_rest_to_the_workers(media_dir, tmp_path):
+    """NvdecPool's plumbing with a stand-in decoder (ffmpeg's frames, through DLPack): what NVDEC
+    decodes goes to the device in its own events, what it must not (rotated, an audio file, a
+    file the decoder refuses) goes to the ffmpeg workers, and every record equals the workers'
+    scan of the same inputs."""
+    import shutil
+
+    from deepscan.inputs import ScanInput
+    from deepscan.scan import Scanner
+
+    from . import fake_nvc
+
+    shutil.copy(media_dir / "astronaut.mp4", tmp_path / "poison.mp4")  # the stand-in cannot open it
+    paths = [media_dir / n for n in ("carphone.mp4", "two_faces.mp4", "rotated.mp4", "audio.m4a", "no_face.mp4",
+                                      "astronaut.mp4")] + [tmp_path / "poison.mp4"]
+    items = [ScanInput(str(p), p.name) for p in paths]
+    spec = resolve_detector("blazeface")
+    model = spread_model()
+    runs, said = {}, []
+    for decoder in ("ffmpeg", "nvdec"):
+        runner = Runner(copy.deepcopy(model), torch.device("cpu"), torch.float32, batch_size=4)
+        settings = ScanSettings(clips=5, batch_size=4, hash_files=False, preparation="device", decoder=decoder)
+        records = []
+        with Scanner([runner], spec.build, spec.name, settings, workers=1, nvdec_module=fake_nvc,
+                     say=said.append) as scanner:
+            scanner.run(items, lambda rec, row: records.append(rec))
+            if decoder == "nvdec":
+                pool = scanner.pool
+                # carphone (non-square pixels), rotated, audio, poison: the workers'
+                assert (pool.decoded, pool.fell_back) == (3, 4)
+                assert len(pool._inflight) == 0 and not pool._backlog
+        runs[decoder] = records
+    assert any("NVDEC does not decode every input" in s for s in said)
+    strategies = [r["sampling"].get("strategy") for r in runs["nvdec"]]
+    assert [s == "nvdec" for s in strategies] == [False, True, False, False, True, True, False]
+    assert fake_nvc.opened.count(str(tmp_path / "poison.mp4")) == 1
+    for a, b in zip(runs["ffmpeg"], runs["nvdec"]):
+        assert (a["path"], a["verdict"], a["error"]) == (b["path"], b["verdict"], b["error"])
+        assert a["sampling"]["face_clips"] == b["sampling"].get("face_clips", 0) if a["sampling"] else True
+        got, want = frames_of(b), frames_of(a)
+        assert [f[:2] for f in got] == [f[:2] for f in want] and [f[3] for f in got] == [f[3] for f in want]
+        assert max([abs(x[2] - y[2]) for x, y in zip(got, want)] or [0]) < 1e-4
+    assert {r["verdict"] for r in runs["nvdec"]} >= {"error", "no-face"}
+
+
+def test_decoder_choice(monkeypatch):
+    from deepscan.errors import ConfigError
+    from deepscan.scan import pick_decoder
+
+    from . import fake_nvc
+
+    cpu = torch.device("cpu")
+    assert pick_decoder("auto", "device", cpu) == "ffmpeg"  # NVDEC is for GPUs: no check, no notice
+    assert pick_decoder("auto", "workers", cpu) == "ffmpeg"
+    with pytest.raises(ConfigError, match="needs --preparation device"):
+        pick_decoder("nvdec", "workers", cpu)
+    with pytest.raises(ConfigError, match="--decoder nvdec: NVDEC needs a CUDA device"):
+        pick_decoder("nvdec", "device", cpu)
+    assert pick_decoder("nvdec", "device", cpu, module=fake_nvc) == "nvdec"  # the start check decodes a file
+    with pytest.raises(ConfigError, match="--decoder must be"):
+        pick_decoder("gpu", "device", cpu)
+    with pytest.raises(ConfigError, match="needs --preparation device"):
+        ScanSettings(decoder="nvdec")

@@ -1,0 +1,343 @@
+"""NVDEC decoding in threads of the scanning process (``--decoder nvdec``; PyNvVideoCodec, the
+``deepscan[nvdec]`` extra), for preparation on the device.
+
+A GPU's video engines decode H.264/HEVC far faster than a CPU core, and the frames land in GPU
+memory, where device preparation wants them. ``NvdecPool`` stands in front of the preparation
+workers (``workers.PreparePool``, which keep decoding with ffmpeg) and has their interface: each
+input goes to a decoder thread when one is free and the file is one NVDEC decodes as ffmpeg
+would (``eligible``), else to the workers. A thread probes the file (ffmpeg's description, as
+the workers do), plans the same clips (``video.plan_clips``), decodes their frames by index and
+hands them over as tensors on the device, with the events the workers send (``start``,
+``frames``, ``done``), so the scanner treats both alike.
+
+Written by hand because no library feeds decoded frames of many files, from several decoders at
+once, into a pipeline that also takes ffmpeg's: PyNvVideoCodec gives a decoder per file
+(``SimpleDecoder``, reused through ``reconfigure_decoder``); the rest is this file.
+
+What is checked where: ``available`` loads the driver's ``libnvcuvid.so.1`` and the module and
+decodes a small generated H.264 file once at start (a failure is one notice, and ffmpeg
+decodes); ``tests/test_cuda.py`` compares NVDEC's frames with ffmpeg's where a GPU has NVDEC; the
+suite runs this file's plumbing on the CPU with a stand-in decoder (tests/fake_nvc.py).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+from .errors import DeepscanError
+from .workers import FramesMeta, PrepSettings
+
+CODECS = ("h264", "hevc")  # decoded by the NVDEC engine of every GPU this runs on
+PIX_FMTS = ("yuv420p",)  # 8-bit 4:2:0, limited range: NVDEC's RGB conversion matches ffmpeg's (tested)
+THREADS = 8  # decoder threads (an H100/H200 has 7 NVDEC engines; one more keeps them busy)
+AHEAD = 8  # decoded clips a thread may have waiting for the device before it pauses
+CHUNK = 8  # clips decoded per call (get_batch_frames_by_index)
+
+
+def load(module=None):
+    """The PyNvVideoCodec module, or an exception saying why not (no driver library, no module)."""
+    if module is not None:
+        return module
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvcuvid.so.1")
+    except OSError as exc:
+        raise DeepscanError("the NVIDIA driver here has no libnvcuvid.so.1 (NVDEC is not exposed)") from exc
+    try:
+        import PyNvVideoCodec as nvc  # noqa: N813
+    except Exception as exc:  # noqa: BLE001 - an ImportError, or a library that fails to load
+        raise DeepscanError(f"PyNvVideoCodec cannot be imported ({type(exc).__name__}: {exc}); "
+                            "pip install 'deepscan[nvdec]'") from exc
+    return nvc
+
+
+def available(device: torch.device, module=None, workdir: str | None = None) -> str | None:
+    """None if NVDEC decodes here (a 16-frame H.264 file made by ffmpeg, decoded and compared in
+    shape), else the reason, for the one notice a scan gives."""
+    import subprocess
+    import tempfile
+
+    from .video import ffmpeg_exe
+
+    try:
+        nvc = load(module)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            path = os.path.join(tmp, "check.mp4")
+            subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-f", "lavfi", "-i",
+                            "testsrc=size=128x72:rate=25", "-frames:v", "16", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                            path], check=True, capture_output=True, timeout=60)
+            dec = _open(nvc, path, device)
+            frame = _frame(dec.get_batch_frames_by_index([3])[0], 72, 128, device)
+            if tuple(frame.shape) != (72, 128, 3) or len(dec) != 16:
+                return f"NVDEC decoded a check video wrongly (shape {tuple(frame.shape)}, {len(dec)} frames)"
+    except DeepscanError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - whatever the driver or module raises
+        return f"NVDEC failed on a check video ({type(exc).__name__}: {str(exc)[:200]})"
+    return None
+
+
+def eligible(info) -> str | None:
+    """None if NVDEC decodes ``info``'s video as the ffmpeg workers would, else why not: other
+    codecs and pixel formats, rotation, non-square pixels and scaled-down frames (ffmpeg applies
+    them), several video streams, damage, or a length only estimated."""
+    if info.codec not in CODECS:
+        return f"codec {info.codec}"
+    if info.pix_fmt not in PIX_FMTS:
+        return f"pixel format {info.pix_fmt or 'unknown'}"
+    if info.rotation or abs(info.sar - 1.0) > 1e-3:
+        return "rotated or non-square pixels"
+    if (info.width, info.height) != (info.native_width, info.native_height) or info.width % 2 or info.height % 2:
+        return "frames scaled or of odd size"
+    if info.video_streams != 1 or info.stream != 0:
+        return "several video streams"
+    if info.damage:
+        return "damaged"
+    if not info.frames_exact:
+        return "frame count estimated"
+    return None
+
+
+def _open(nvc, path: str, device: torch.device):
+    return nvc.SimpleDecoder(path, gpu_id=(device.index or 0) if device.type == "cuda" else 0, use_device_memory=True,
+                             output_color_type=nvc.OutputColorType.RGB)
+
+
+def _frame(decoded, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """A decoded frame as an (h, w, 3) uint8 tensor on ``device``, without a copy where possible."""
+    t = torch.from_dlpack(decoded)
+    return t.reshape(h, w, 3).to(device)
+
+
+class _Fallback(Exception):
+    """This input is for the ffmpeg workers (raised before its ``start`` event); ``reset``: the
+    decoder failed on it, and is not to be reused."""
+
+    def __init__(self, why: str, reset: bool = False):
+        super().__init__(why)
+        self.reset = reset
+
+
+class NvdecPool:
+    """Decoder threads in front of a ``PreparePool`` (see the module docstring); the pool's
+    interface, so the Scanner uses either. Events of NVDEC's inputs carry their frames:
+    ``("frames", job, slot, FramesMeta, tensor)`` with ``slot`` a token (< -1) that ``free``
+    gives back to its thread."""
+
+    def __init__(self, pool, settings: PrepSettings, device: torch.device, *, threads: int = THREADS, module=None,
+                 say: Callable[[str], None] | None = None):
+        from .scan import _Waker
+
+        self.pool, self.settings, self.device, self.say = pool, settings, torch.device(device), say
+        self.nvc = load(module)
+        self.run = 0
+        self._jobs: queue.Queue = queue.Queue()
+        self._out: queue.Queue = queue.Queue()
+        self._wake = _Waker()
+        self._inflight: dict = {}  # job -> path, sent to a thread and not done
+        self._backlog: list = []  # (job, path) the threads gave back, for the workers
+        self._tokens = [threading.Semaphore(AHEAD) for _ in range(threads)]
+        self._stop = threading.Event()
+        self._said = False
+        self.decoded = self.fell_back = 0
+        self._threads = [threading.Thread(target=self._serve, args=(k,), name=f"deepscan-nvdec-{k}", daemon=True)
+                         for k in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def __getattr__(self, name):  # workers, view, replaced, threaded, block ...: the pool's
+        return getattr(self.pool, name)
+
+    # ---- the pool's interface
+    def begin_run(self) -> int:
+        self.run = self.pool.begin_run()
+        return self.run
+
+    def end_run(self, run: int) -> None:
+        self.pool.end_run(run)
+        if self.run == run:
+            self.run = 0
+        self._backlog = [(j, p) for j, p in self._backlog if j[0] != run]
+        # queued jobs of the run are skipped by the threads (they check the run), and events of
+        # it that arrive are dropped by poll
+
+    def capacity(self) -> int:
+        mine = 2 * len(self._threads) - len(self._inflight)
+        return max(0, mine) + max(0, self.pool.capacity() - len(self._backlog))
+
+    def outstanding(self, run: int) -> int:
+        return (self.pool.outstanding(run) + sum(1 for j in self._inflight if j[0] == run)
+                + sum(1 for j, _ in self._backlog if j[0] == run))
+
+    def submit(self, index: int, path: str) -> tuple[int, int]:
+        job = (self.run, index)
+        if len(self._inflight) < 2 * len(self._threads):
+            self._inflight[job] = path
+            self._jobs.put((job, path))
+            return job
+        return self.pool.submit(index, path)
+
+    def free(self, slots) -> None:
+        mine = [s for s in slots if s < -1]
+        for s in mine:
+            self._tokens[-s - 2].release()
+        theirs = [s for s in slots if s >= 0]
+        if theirs:
+            self.pool.free(theirs)
+
+    def poll(self, timeout: float | None, extra=()) -> tuple[list, list]:
+        timeout = 0 if not self._out.empty() else timeout
+        events, ready = self.pool.poll(timeout, extra=[*extra, self._wake])
+        if self._wake in ready:
+            self._wake.clear()
+            ready = [r for r in ready if r is not self._wake]
+        while True:
+            try:
+                ev = self._out.get_nowait()
+            except queue.Empty:
+                break
+            job = ev[1]
+            if ev[0] in ("done", "fallback"):
+                self._inflight.pop(job, None)
+            if job[0] != self.run or not self.run:  # an ended run's: dropped
+                if ev[0] == "frames":
+                    self.free([ev[2]])
+                continue
+            if ev[0] == "fallback":
+                self.fell_back += 1
+                self._backlog.append((job, ev[2]))
+                if not self._said and self.say:
+                    self._said = True
+                    self.say(f"note: NVDEC does not decode every input here (first: {ev[3]}); the ffmpeg workers "
+                             "decode those")
+                continue
+            if ev[0] == "done" and not ev[2].get("error"):
+                self.decoded += 1
+            events.append(ev)
+        while self._backlog and self.pool.capacity() > 0:
+            job, path = self._backlog.pop(0)
+            self.pool.submit(job[1], path)
+        return events, ready
+
+    def close(self) -> None:
+        self._stop.set()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join(5.0)
+        self._wake.close()
+        self.pool.close()
+
+    # ---- the decoder threads
+    def _emit(self, ev) -> None:
+        self._out.put(ev)
+        self._wake()
+
+    def _serve(self, k: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        decoder = None
+        while not self._stop.is_set():
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, path = item
+            if job[0] != self.run:
+                self._emit(("done", job, {"error": "cancelled", "cancelled": True}))
+                continue
+            try:
+                decoder = self._prepare(k, job, path, decoder)
+            except _Fallback as why:
+                if why.reset:
+                    decoder = None
+                self._emit(("fallback", job, path, f"{path}: {why}"))
+
+    def _prepare(self, k: int, job, path: str, decoder):
+        """One input: probe, plan, decode its clips' frames, hand them over (events as
+        ``workers.prepare_video``'s). Raises _Fallback before its ``start`` when the workers should
+        decode it. Returns the decoder, kept for the next file."""
+        from .errors import MediaError
+        from .hashing import sha256_file
+        from .video import check_readable, plan_clips, probe
+
+        s = self.settings
+        head: dict = {"sha256": None, "video": None, "file": None, "box_scale": 1.0}
+        tail: dict = {"error": None, "sampling": {}, "warnings": [], "timings": {"decode_s": 0.0}, "face_clips": 0}
+        try:
+            p = check_readable(path)
+            info = probe(path, s.max_side)
+        except (MediaError, OSError, ValueError) as exc:
+            raise _Fallback(str(exc)) from None  # the workers give it its error record, as for any input
+        why = eligible(info)
+        if why:
+            raise _Fallback(why)
+        try:
+            if decoder is None:
+                decoder = _open(self.nvc, path, self.device)
+            else:
+                decoder.reconfigure_decoder(path)  # a cached decoder of the same shape is reused
+            if len(decoder) != info.num_frames:
+                raise _Fallback(f"NVDEC counts {len(decoder)} frames, ffmpeg {info.num_frames}")
+        except _Fallback:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the decoder cannot open it: the workers can try
+            raise _Fallback(f"NVDEC cannot open it ({type(exc).__name__}: {str(exc)[:200]})", reset=True) from None
+        st = p.stat()
+        head["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if s.hash_files:
+            head["sha256"] = sha256_file(path)
+        head["video"] = {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
+                         "duration_s": round(info.duration, 3), "frames": info.num_frames, "rotation": info.rotation,
+                         "codec": info.codec, "stream": info.stream, "sar": round(info.sar, 4)}
+        self._emit(("start", job, head))
+        n = s.clip_len
+        starts = plan_clips(info.num_frames, s.clips, n)
+        decoded = 0
+        try:
+            for c0 in range(0, len(starts), CHUNK):
+                chunk = starts[c0:c0 + CHUNK]
+                t = time.perf_counter()
+                frames = decoder.get_batch_frames_by_index([i + j for i in chunk for j in range(n)])
+                if len(frames) != len(chunk) * n:
+                    raise MediaError(f"{path}: NVDEC returned {len(frames)} of {len(chunk) * n} frames")
+                clips = [torch.stack([_frame(f, info.height, info.width, self.device) for f in frames[q * n:(q + 1) * n]])
+                         for q in range(len(chunk))]  # copies: the decoder reuses its frame buffers
+                tail["timings"]["decode_s"] += time.perf_counter() - t
+                for q, (start, clip) in enumerate(zip(chunk, clips)):
+                    while not self._tokens[k].acquire(timeout=0.5):  # the device is behind: wait
+                        if self._stop.is_set() or job[0] != self.run:
+                            raise _Cancelled
+                    if job[0] != self.run:
+                        self._tokens[k].release()
+                        raise _Cancelled
+                    idx = tuple(range(start, start + n))
+                    meta = FramesMeta(c0 + q, idx, tuple(round(i / info.fps, 4) for i in idx), tuple(clip.shape))
+                    self._emit(("frames", job, -2 - k, meta, clip))
+                    decoded += 1
+        except _Cancelled:
+            self._emit(("done", job, {"error": "cancelled", "cancelled": True}))
+            return decoder
+        except DeepscanError as exc:
+            tail["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one input's failure, never the scan's
+            if os.environ.get("DEEPSCAN_DEBUG", "") not in ("", "0"):
+                traceback.print_exc()
+            tail["error"] = f"{path}: NVDEC failed while decoding it ({type(exc).__name__}: {str(exc)[:200]})"
+            decoder = None  # a fresh decoder for the next file
+        tail["sampling"] = {"clips": len(starts), "n": n, "decoded_clips": decoded, "frames": decoded * n,
+                            "face_clips": 0, "strategy": "nvdec"}
+        tail["video_frames"] = info.num_frames
+        self._emit(("done", job, tail))
+        return decoder
+
+
+class _Cancelled(Exception):
+    pass
