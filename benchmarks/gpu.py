@@ -32,9 +32,10 @@ STAGES = {  # name: the most seconds it may take; in order of importance
     # follow-ups, run by name (--stages): steady-state training, wider preparation, workers vs cores
     "train_steady": 120, "prep_wide": 100, "folder_workers": 90, "folder_profile": 120,
 }
-# 2026-12-01: what the device-preparation issue needs first: is NVDEC there, BlazeFace on CUDA,
-# the CUDA tests, preparation and a folder scan with BlazeFace beside dlib; the model again last
-DEFAULT = "env,nvdec,blazeface,device_prep,tests,prep,folder,model"
+# 2026-12-01: what the device-preparation issue needs first: is NVDEC there, then the folder and
+# one video prepared on the device (issue 22's figures), the CUDA tests (device preparation and
+# NVDEC against the workers and ffmpeg), then the building blocks, preparation, the model
+DEFAULT = "env,nvdec,folder,tests,device_prep,blazeface,prep,model"
 BATCH = 128
 CLIPS = 32
 # --smoke: the same stages on the CPU at toy sizes, to find a script's mistakes before device time
@@ -379,17 +380,31 @@ def stage_folder(part: dict, work: Path) -> None:
             traceback.print_exc()
         print(key, json.dumps(part[key]), flush=True)
         _save(part, work, "folder")
-    for prep in ("device", "workers"):
+    from deepscan.nvdec import available
+
+    part["nvdec_unavailable"] = available(runner.device)  # None: NVDEC works here
+    runs = [("device", "ffmpeg"), ("workers", "ffmpeg")] + ([("device", "nvdec")] if part["nvdec_unavailable"] is None
+                                                             else [])
+    for prep, decoder in runs:
         try:
-            row = folder_throughput(folder, runner, spec, weights, CLIPS, BATCH, workers, rss=False, preparation=prep)
+            row = folder_throughput(folder, runner, spec, weights, CLIPS, BATCH, workers, rss=False, preparation=prep,
+                                    decoder=decoder)
         except Exception as exc:  # noqa: BLE001
-            row = {"preparation": prep, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            row = {"preparation": prep, "decoder": decoder, "error": f"{type(exc).__name__}: {exc}"[:500]}
             traceback.print_exc()
-        if prep == "device":
+        if (prep, decoder) == ("device", "ffmpeg"):
             part.update(row)
         else:
-            part["folder_workers"] = row
-        print(prep, json.dumps(row), flush=True)
+            part["folder_workers" if prep == "workers" else "folder_nvdec"] = row
+        print(prep, decoder, json.dumps(row), flush=True)
+        _save(part, work, "folder")
+    if part["nvdec_unavailable"] is None:
+        try:  # the warm single video with NVDEC: the 1.0 s target's best case
+            part["one_video_nvdec"] = end_to_end(src, runner, spec, CLIPS, BATCH, 1, preparation="device",
+                                                 decoder="nvdec")
+        except Exception as exc:  # noqa: BLE001
+            part["one_video_nvdec"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            traceback.print_exc()
         _save(part, work, "folder")
     part["precision"] = "bf16"
     if "end_to_end_clips_per_s" not in part:
@@ -729,10 +744,13 @@ def summary(r: dict) -> str:
                      f"e2e vs {f['model_only_clips_per_s']} model-only (ratio {f['ratio_to_model_only']})")
     if f.get("preparation"):
         lines[-1] += f" [preparation {f['preparation']}, decoder {f.get('decoder')}, detector {f.get('detector')}]"
-    fw = f.get("folder_workers") or {}
-    if "end_to_end_clips_per_s" in fw:
-        lines.append(f"  folder prepared by workers: {fw['end_to_end_clips_per_s']} clips/s e2e")
-    for key in ("one_video", "one_video_workers"):
+    for key in ("folder_workers", "folder_nvdec"):
+        fw = f.get(key) or {}
+        if fw:
+            lines.append(f"  {key}: {fw.get('end_to_end_clips_per_s')} clips/s e2e {fw.get('error', '')}")
+    if "nvdec_unavailable" in f:
+        lines.append(f"  nvdec: {f['nvdec_unavailable'] or 'works'}")
+    for key in ("one_video", "one_video_workers", "one_video_nvdec"):
         o = f.get(key) or {}
         lines.append(f"  {key}: {o.get('end_to_end_s')} s, warm {o.get('end_to_end_s_warm')} s, "
                      f"breakdown {o.get('breakdown_s')} {o.get('error', '')}")

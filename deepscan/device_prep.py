@@ -231,8 +231,8 @@ def _box(x: np.ndarray) -> np.ndarray:
 
 
 FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_triangle, 1.0), "box": (_box, 0.5)}
-_TAPS: dict = {}
-TAPS_CACHED = 1024  # filters kept per process (a face crop's side varies; each is a few KB)
+_MATRICES: dict = {}
+MATRICES_CACHED = 128  # per process: a face crop's side varies; each is <= ~6 MB, made in ~0.1 ms
 
 
 def _taps(size_in: int, size_out: int, device, filter_name: str,
@@ -241,44 +241,41 @@ def _taps(size_in: int, size_out: int, device, filter_name: str,
     input span [0, box_end) (default: all of it), to ``size_out``: for each output pixel the
     input pixels it reads, (size_out, k) indices, and their weights as PIL's 8-bit fixed point
     (22 fraction bits, normalize_coeffs_8bpc), so that sums in float64 are exact and the rounded
-    pass equals PIL's. Taps rather than a dense matrix: a box filter from 470 to 398 px reads ~3
-    pixels an output, and the dense product cost ~150x the arithmetic (~180 ms a clip on a CPU)."""
-    key = (size_in, size_out, str(device), filter_name, box_end)
-    taps = _TAPS.get(key)
-    if taps is None:
-        filt, support = FILTERS[filter_name]
-        span = size_in if box_end is None else box_end
-        scale = span / size_out
-        fscale = max(scale, 1.0)
-        support *= fscale
-        centre = (np.arange(size_out) + 0.5) * scale
-        # C's (int) truncates toward zero; clamped to the image as PIL does
-        lo = np.maximum(np.trunc(centre - support + 0.5), 0).astype(np.int64)
-        hi = np.minimum(np.trunc(centre + support + 0.5), size_in).astype(np.int64)
-        k = max(1, int((hi - lo).max()))
-        index = lo[:, None] + np.arange(k)[None, :]
-        inside = index < hi[:, None]
-        w = np.where(inside, filt((index - centre[:, None] + 0.5) / fscale), 0.0)
-        total = w.sum(axis=1, keepdims=True)
-        w = np.divide(w, total, out=np.zeros_like(w), where=total != 0)
-        w = np.where(w < 0, np.trunc(-0.5 + w * (1 << 22)), np.trunc(0.5 + w * (1 << 22)))
-        index = np.where(inside, index, 0)  # padding taps read pixel 0 with weight 0
-        if len(_TAPS) >= TAPS_CACHED:
-            _TAPS.pop(next(iter(_TAPS)))  # the oldest
-        taps = _TAPS[key] = (torch.from_numpy(index).to(device), torch.from_numpy(w).to(device=device,
-                                                                                         dtype=torch.float64))
-    return taps
+    pass equals PIL's."""
+    filt, support = FILTERS[filter_name]
+    span = size_in if box_end is None else box_end
+    scale = span / size_out
+    fscale = max(scale, 1.0)
+    support *= fscale
+    centre = (np.arange(size_out) + 0.5) * scale
+    # C's (int) truncates toward zero; clamped to the image as PIL does
+    lo = np.maximum(np.trunc(centre - support + 0.5), 0).astype(np.int64)
+    hi = np.minimum(np.trunc(centre + support + 0.5), size_in).astype(np.int64)
+    k = max(1, int((hi - lo).max()))
+    index = lo[:, None] + np.arange(k)[None, :]
+    inside = index < hi[:, None]
+    w = np.where(inside, filt((index - centre[:, None] + 0.5) / fscale), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.divide(w, total, out=np.zeros_like(w), where=total != 0)
+    w = np.where(w < 0, np.trunc(-0.5 + w * (1 << 22)), np.trunc(0.5 + w * (1 << 22)))
+    index = np.where(inside, index, 0)  # padding taps read pixel 0 with weight 0
+    return torch.from_numpy(index).to(device), torch.from_numpy(w).to(device=device, dtype=torch.float64)
 
 
 def _dense(size_in: int, size_out: int, device, filter_name: str, box_end: float | None) -> torch.Tensor:
-    """``_taps`` as an (out, in) matrix (for the GPU), cached beside them."""
-    key = ("dense", size_in, size_out, str(device), filter_name, box_end)
-    m = _TAPS.get(key)
+    """``_taps`` as an (out, in) matrix, cached. A pass is one float64 product with
+    it: on one CPU thread 38 ms a 720p clip's step against 57 for gathering the taps (a box
+    filter reads only ~3 pixels an output, but the product runs at the BLAS's pace), and on a
+    GPU a few kernel launches."""
+    key = (size_in, size_out, str(device), filter_name, box_end)
+    m = _MATRICES.get(key)
     if m is None:
         index, weight = _taps(size_in, size_out, device, filter_name, box_end)
         m = torch.zeros(size_out, size_in, dtype=torch.float64, device=device)
         m.scatter_add_(1, index, weight)  # padding taps add 0 to pixel 0
-        _TAPS[key] = m
+        if len(_MATRICES) >= MATRICES_CACHED:
+            _MATRICES.pop(next(iter(_MATRICES)))  # the oldest
+        _MATRICES[key] = m
     return m
 
 
@@ -289,13 +286,7 @@ def _round8(x: torch.Tensor) -> torch.Tensor:
 
 def _pass(x: torch.Tensor, size_out: int, filter_name: str, box_end: float | None) -> torch.Tensor:
     """One of PIL's passes along the last dimension of x (float64 holding 8-bit values)."""
-    if x.device.type == "cuda":  # one matrix product: few kernel launches, and the GPU's float64 is ample
-        return _round8(x @ _dense(x.shape[-1], size_out, x.device, filter_name, box_end).T)
-    index, weight = _taps(x.shape[-1], size_out, x.device, filter_name, box_end)
-    acc = x[..., index[:, 0]] * weight[:, 0]
-    for j in range(1, index.shape[1]):  # tap by tap: no (..., out, k) temporary
-        acc.addcmul_(x[..., index[:, j]], weight[:, j])
-    return _round8(acc)
+    return _round8(x @ _dense(x.shape[-1], size_out, x.device, filter_name, box_end).T)
 
 
 def _resample(x: torch.Tensor, out_hw: tuple[int, int], filter_name: str,

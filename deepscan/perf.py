@@ -194,7 +194,8 @@ def _write_face_video(path: Path, size: tuple[int, int], seconds: int = 10, fps:
         raise RuntimeError(f"ffmpeg failed writing {path}")
 
 
-def end_to_end(video: Path, runner, spec, clips: int, batch: int, workers: int, preparation: str = "workers") -> dict:
+def end_to_end(video: Path, runner, spec, clips: int, batch: int, workers: int, preparation: str = "workers",
+               decoder: str = "ffmpeg") -> dict:
     """Scan ``video`` end to end (workers started before the clock), then the same video again
     under another name in the same scanner (warm: workers, model and caches in use), then the
     model alone on the same face clips."""
@@ -202,7 +203,8 @@ def end_to_end(video: Path, runner, spec, clips: int, batch: int, workers: int, 
     from .inputs import ScanInput
     from .workers import prepare_video
 
-    settings = ScanSettings(clips=clips, batch_size=batch, hash_files=False, keep_crops=0, preparation=preparation)
+    settings = ScanSettings(clips=clips, batch_size=batch, hash_files=False, keep_crops=0, preparation=preparation,
+                            decoder=decoder)
     second = make_folder(video, video.parent / f"{video.stem}-warm", 1)[0]
     records = []
     with Scanner([runner], spec.build, spec.name, settings, workers=workers) as scanner:
@@ -219,7 +221,7 @@ def end_to_end(video: Path, runner, spec, clips: int, batch: int, workers: int, 
     model_s = model_only(runner, face_clips, batch)
     return {"video": video.name, "duration_s": res["video"]["duration_s"] if res["video"] else None,
             "face_clips": len(face_clips), "end_to_end_s": round(total, 3), "end_to_end_s_warm": round(warm, 3),
-            "model_only_s": round(model_s, 3), "preparation": preparation,
+            "model_only_s": round(model_s, 3), "preparation": preparation, "decoder": decoder,
             "ratio": round(total / model_s, 3) if model_s else None, "strategy": res["sampling"].get("strategy"),
             "workers": workers, "breakdown_s": dict(res["timings"])}
 
@@ -257,7 +259,7 @@ def preparation_throughput(videos: list[Path], spec, prep, counts: list[int], sa
 
 
 def folder_throughput(videos: list[Path], runner, spec, weights: Path, clips: int, batch: int, workers: int,
-                      rss: bool = True, preparation: str = "workers") -> dict:
+                      rss: bool = True, preparation: str = "workers", decoder: str = "ffmpeg") -> dict:
     """End-to-end clips/s over a folder of videos (in this process, workers started before the
     clock), the model alone at the same batch size on real face clips, and the peak RSS of a
     `deepscan scan` of the same folder in a fresh process."""
@@ -265,7 +267,8 @@ def folder_throughput(videos: list[Path], runner, spec, weights: Path, clips: in
     from .scan import Scanner, ScanSettings
     from .workers import prepare_video
 
-    settings = ScanSettings(clips=clips, batch_size=batch, hash_files=False, keep_crops=0, preparation=preparation)
+    settings = ScanSettings(clips=clips, batch_size=batch, hash_files=False, keep_crops=0, preparation=preparation,
+                            decoder=decoder)
     records = []
     with Scanner([runner], spec.build, spec.name, settings, workers=workers) as scanner:
         t = time.perf_counter()
@@ -279,7 +282,7 @@ def folder_throughput(videos: list[Path], runner, spec, weights: Path, clips: in
     model = len(sample) / model_only(runner, sample, batch)
     end_to_end = face / dt
     out = {"videos": len(videos), "face_clips": face, "workers": workers, "batch": batch,
-           "preparation": preparation, "decoder": "ffmpeg", "detector": spec.name,
+           "preparation": preparation, "decoder": decoder, "detector": spec.name,
            "end_to_end_clips_per_s": round(end_to_end, 2), "model_only_clips_per_s": round(model, 2),
            "ratio_to_model_only": round(end_to_end / model, 3), "seconds": round(dt, 2)}
     if rss:
