@@ -19,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks}
-budget=${2:-440}
+budget=${2:-480}
 py=${PYTHON:-python3}
 if [ -d .dev ]; then
   site=/tmp/deepscan-site
