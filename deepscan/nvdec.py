@@ -133,7 +133,7 @@ class NvdecPool:
     gives back to its thread."""
 
     def __init__(self, pool, settings: PrepSettings, device: torch.device, *, threads: int = THREADS, module=None,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, stall_s: float = 600.0):
         from .scan import _Waker
 
         self.pool, self.settings, self.device, self.say = pool, settings, torch.device(device), say
@@ -147,11 +147,18 @@ class NvdecPool:
         self._tokens = [threading.Semaphore(AHEAD) for _ in range(threads)]
         self._stop = threading.Event()
         self._said = False
-        self.decoded = self.fell_back = 0
-        self._threads = [threading.Thread(target=self._serve, args=(k,), name=f"deepscan-nvdec-{k}", daemon=True)
-                         for k in range(threads)]
-        for t in self._threads:
-            t.start()
+        self.decoded = self.fell_back = self.stalled = 0
+        self.stall_s = stall_s
+        self._holder: dict = {}  # job -> the thread (its number, its generation) working on it
+        self._progress: dict = {}  # job -> time.monotonic() of its last event
+        self._generation = [0] * threads  # a stalled thread is abandoned: its successor has the next
+        self._threads = [self._start(k) for k in range(threads)]
+
+    def _start(self, k: int) -> threading.Thread:
+        t = threading.Thread(target=self._serve, args=(k, self._generation[k]), name=f"deepscan-nvdec-{k}",
+                             daemon=True)
+        t.start()
+        return t
 
     def __getattr__(self, name):  # workers, view, replaced, threaded, block ...: the pool's
         return getattr(self.pool, name)
@@ -186,9 +193,15 @@ class NvdecPool:
         return self.pool.submit(index, path)
 
     def free(self, slots) -> None:
-        mine = [s for s in slots if s < -1]
-        for s in mine:
-            self._tokens[-s - 2].release()
+        now = time.monotonic()
+        for s in (s for s in slots if s < -1):
+            k, generation = divmod(-s - 2, len(self._threads))[::-1]
+            if generation != self._generation[k]:
+                continue  # an abandoned thread's: its successor has its own tokens
+            self._tokens[k].release()
+            for job, holder in list(self._holder.items()):
+                if holder[0] == k:
+                    self._progress[job] = now  # a thread that waited for the device has not stalled
         theirs = [s for s in slots if s >= 0]
         if theirs:
             self.pool.free(theirs)
@@ -205,8 +218,16 @@ class NvdecPool:
             except queue.Empty:
                 break
             job = ev[1]
+            if ev[0] == "frames" and job not in self._inflight:  # from an abandoned thread: its job is gone
+                self.free([ev[2]])
+                continue
+            if job not in self._inflight:
+                continue
+            self._progress[job] = time.monotonic()
             if ev[0] in ("done", "fallback"):
                 self._inflight.pop(job, None)
+                self._progress.pop(job, None)
+                self._holder.pop(job, None)
             if job[0] != self.run or not self.run:  # an ended run's: dropped
                 if ev[0] == "frames":
                     self.free([ev[2]])
@@ -225,7 +246,29 @@ class NvdecPool:
         while self._backlog and self.pool.capacity() > 0:
             job, path = self._backlog.pop(0)
             self.pool.submit(job[1], path)
+        events += self._abandon_stalled()
         return events, ready
+
+    def _abandon_stalled(self) -> list:
+        """An input whose decoder thread has sent nothing for stall_s (a decoder that hangs on a
+        file) becomes a ``lost`` event, as a stalled worker's does; the thread, which cannot be
+        stopped, is abandoned (what it sends later is dropped) and a new one takes its place."""
+        now, out = time.monotonic(), []
+        for job, since in list(self._progress.items()):
+            if now - since < self.stall_s or job not in self._holder:
+                continue
+            k, generation = self._holder.pop(job)
+            path = self._inflight.pop(job, "?")
+            self._progress.pop(job, None)
+            self.stalled += 1
+            if job[0] == self.run and self.run:
+                out.append(("lost", job, f"{path}: NVDEC made no progress for {self.stall_s:.0f} s while decoding "
+                                         "it; skipped; raise --timeout if it is just very long, or use --decoder ffmpeg"))
+            if generation == self._generation[k]:
+                self._generation[k] += 1
+                self._tokens[k] = threading.Semaphore(AHEAD)  # the old one's tokens are lost with it
+                self._threads[k] = self._start(k)
+        return out
 
     def close(self) -> None:
         self._stop.set()
@@ -241,11 +284,11 @@ class NvdecPool:
         self._out.put(ev)
         self._wake()
 
-    def _serve(self, k: int) -> None:
+    def _serve(self, k: int, generation: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         decoder = None
-        while not self._stop.is_set():
+        while not self._stop.is_set() and generation == self._generation[k]:
             item = self._jobs.get()
             if item is None:
                 return
@@ -253,14 +296,27 @@ class NvdecPool:
             if job[0] != self.run:
                 self._emit(("done", job, {"error": "cancelled", "cancelled": True}))
                 continue
+            self._holder[job] = (k, generation)
+            self._progress.setdefault(job, time.monotonic())
+            started: list = []
             try:
-                decoder = self._prepare(k, job, path, decoder)
+                decoder = self._prepare(k, generation, job, path, decoder, started)
             except _Fallback as why:
                 if why.reset:
                     decoder = None
                 self._emit(("fallback", job, path, f"{path}: {why}"))
+            except Exception as exc:  # noqa: BLE001 - never a silent thread: the input fails or goes to the workers
+                if os.environ.get("DEEPSCAN_DEBUG", "") not in ("", "0"):
+                    traceback.print_exc()
+                decoder = None
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if started:
+                    self._emit(("done", job, {"error": f"{path}: NVDEC failed while reading it ({why})", "sampling": {},
+                                              "warnings": [], "timings": {}}))
+                else:
+                    self._emit(("fallback", job, path, f"{path}: {why}"))
 
-    def _prepare(self, k: int, job, path: str, decoder):
+    def _prepare(self, k: int, generation: int, job, path: str, decoder, started: list):
         """One input: probe, plan, decode its clips' frames, hand them over (events as
         ``workers.prepare_video``'s). Raises _Fallback before its ``start`` when the workers should
         decode it. Returns the decoder, kept for the next file."""
@@ -298,6 +354,7 @@ class NvdecPool:
                          "duration_s": round(info.duration, 3), "frames": info.num_frames, "rotation": info.rotation,
                          "codec": info.codec, "stream": info.stream, "sar": round(info.sar, 4)}
         self._emit(("start", job, head))
+        started.append(True)
         n = s.clip_len
         starts = plan_clips(info.num_frames, s.clips, n)
         decoded = 0
@@ -312,15 +369,16 @@ class NvdecPool:
                          for q in range(len(chunk))]  # copies: the decoder reuses its frame buffers
                 tail["timings"]["decode_s"] += time.perf_counter() - t
                 for q, (start, clip) in enumerate(zip(chunk, clips)):
-                    while not self._tokens[k].acquire(timeout=0.5):  # the device is behind: wait
+                    tokens = self._tokens[k]
+                    while not tokens.acquire(timeout=0.5):  # the device is behind: wait
                         if self._stop.is_set() or job[0] != self.run:
                             raise _Cancelled
                     if job[0] != self.run:
-                        self._tokens[k].release()
+                        tokens.release()
                         raise _Cancelled
                     idx = tuple(range(start, start + n))
                     meta = FramesMeta(c0 + q, idx, tuple(round(i / info.fps, 4) for i in idx), tuple(clip.shape))
-                    self._emit(("frames", job, -2 - k, meta, clip))
+                    self._emit(("frames", job, -2 - (k + len(self._threads) * generation), meta, clip))
                     decoded += 1
         except _Cancelled:
             self._emit(("done", job, {"error": "cancelled", "cancelled": True}))

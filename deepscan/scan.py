@@ -626,7 +626,7 @@ class Scanner:
             from .nvdec import NvdecPool
 
             self.pool = NvdecPool(self.pool, settings.prep(self.cfg, max_side), runners[0].device, module=nvdec_module,
-                                  say=say)
+                                  say=say, stall_s=settings.timeout_s)
         self._waker = _Waker()
         self._results: queue.Queue = queue.Queue()
         self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(model_lanes(runners)))
@@ -724,7 +724,7 @@ class Scanner:
         kind, index = ev[0], ev[1][1]  # ev[1]: the job, (run, index); the pool passes only this run's
         vs = st.videos.get(index)
         if vs is None:
-            if kind == "clip":
+            if kind in ("clip", "frames"):
                 self.pool.free([ev[2]])
             return
         if kind == "start":

@@ -10,6 +10,7 @@ from deepscan.video import probe, read_clips
 
 opened: list = []  # paths opened or reconfigured to, in order (any thread)
 _lock = threading.Lock()
+release = threading.Event()  # a decoder stuck on a "hang" file waits for this (at most 60 s)
 
 
 class OutputColorType:
@@ -32,6 +33,8 @@ class SimpleDecoder:
         return self.info.num_frames
 
     def get_batch_frames_by_index(self, indices):
+        if "hang" in self.info.path:
+            release.wait(60)  # a decoder that hangs on a file
         frames = [c.frames[0] for c in read_clips(self.info, sorted(indices), 1, "select")]
         by_index = dict(zip(sorted(indices), frames))
         return [torch.from_numpy(by_index[i].reshape(-1).copy()) for i in indices]  # flat, as NVDEC's may be

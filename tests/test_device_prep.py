@@ -270,3 +270,34 @@ def test_decoder_choice(monkeypatch):
         pick_decoder("gpu", "device", cpu)
     with pytest.raises(ConfigError, match="needs --preparation device"):
         ScanSettings(decoder="nvdec")
+
+
+def test_a_decoder_thread_that_hangs_costs_its_video_only(media_dir, tmp_path):
+    """An NVDEC decode that never returns: after --timeout its video is an error record (as a
+    stalled worker's), the thread is abandoned and replaced, and the other videos are scanned."""
+    import shutil
+
+    from deepscan.inputs import ScanInput
+    from deepscan.scan import Scanner
+
+    from . import fake_nvc
+
+    shutil.copy(media_dir / "astronaut.mp4", tmp_path / "hang.mp4")
+    paths = [tmp_path / "hang.mp4", media_dir / "two_faces.mp4", media_dir / "astronaut.mp4"]
+    spec = resolve_detector("blazeface")
+    runner = Runner(tiny_model(), torch.device("cpu"), torch.float32, batch_size=4)
+    settings = ScanSettings(clips=4, batch_size=4, hash_files=False, preparation="device", decoder="nvdec",
+                            timeout_s=3.0)
+    records = []
+    fake_nvc.release.clear()
+    try:
+        with Scanner([runner], spec.build, spec.name, settings, workers=1, nvdec_module=fake_nvc) as scanner:
+            scanner.run([ScanInput(str(p), p.name) for p in paths], lambda rec, row: records.append(rec))
+            assert scanner.pool.stalled == 1 and not scanner.pool._inflight
+            fake_nvc.release.set()  # the abandoned thread wakes up; what it sends is dropped
+    finally:
+        fake_nvc.release.set()
+    hung, *rest = records
+    assert hung["verdict"] == "error" and "NVDEC made no progress for 3 s" in hung["error"]
+    assert [r["verdict"] for r in rest] != ["error"] * 2 and all(r["error"] is None for r in rest)
+    assert [r["sampling"]["strategy"] for r in rest] == ["nvdec", "nvdec"]
