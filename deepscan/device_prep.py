@@ -16,7 +16,7 @@ and a score by 0.054 (roi_align). Here each resize is PIL's own filter written a
 so a device crop is within a grey level or two of the worker's.
 
 It runs on the CPU too (``--device cpu --preparation device``), which is how the suite checks
-it against the workers; on a CPU the workers are faster (README, 'Performance').
+it against the workers; on a CPU the workers are faster (README, 'Preparation on the device').
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@
     -> sink (the caller's ``on_record``)
 
 Preparation (decode, detect, track, crop) runs in worker processes that hand face clips over
-through shared memory; batches mix clips of several videos; each GPU has a scorer thread with
+through shared memory (with ``preparation="device"`` they only decode and hand frames over, and
+the scanning process detects, tracks and crops on the model's device: ``device_prep``; NVDEC
+threads may decode instead: ``nvdec``); batches mix clips of several videos; each GPU has a scorer thread with
 its own model replica, the CPU several lanes on one model (``cpu_lanes``); records leave in
 input order as soon as a video's last clip is scored, and nothing per frame survives them.
 Memory depends on the number of workers, slots and the batch size, never on the number of
