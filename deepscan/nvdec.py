@@ -371,8 +371,8 @@ class NvdecPool:
                 for q, (start, clip) in enumerate(zip(chunk, clips)):
                     tokens = self._tokens[k]
                     while not tokens.acquire(timeout=0.5):  # the device is behind: wait
-                        if self._stop.is_set() or job[0] != self.run:
-                            raise _Cancelled
+                        if self._stop.is_set() or job[0] != self.run or generation != self._generation[k]:
+                            raise _Cancelled  # (or this thread was abandoned: nobody frees its tokens)
                     if job[0] != self.run:
                         tokens.release()
                         raise _Cancelled
