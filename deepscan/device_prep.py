@@ -97,7 +97,7 @@ class DevicePreparer:
             dets = filter_faces(dets, self.min_face)
             ids = self.trackers[c.key].assign(dets)
             squares = [crop_box(d.box, self.margin) for d in dets]
-            images, frames = self.crop_clip(c.frames, squares)
+            images, frames = self.crop_clip(c.frames, squares, self.image_size, self.lda_size)
             out.append([DeviceClip(c.key, tid, c.index, c.frame_indices[0], c.times[0], d.box, images[j], frames[j])
                         for j, (d, tid) in enumerate(zip(dets, ids))])
         return out
@@ -162,34 +162,29 @@ class DevicePreparer:
         return out
 
     # ---- crops
+    @staticmethod
     @torch.inference_mode()
-    def crop_clip(self, frames: torch.Tensor, squares) -> tuple[torch.Tensor, torch.Tensor]:
+    def crop_clip(frames: torch.Tensor, squares, image_size: int, lda_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, H, W, 3) uint8 frames and squares (``faces.crop_box``) -> images (K, S, S, 3) and
         frames (K, n, s, s, 3), uint8, as ``faces.face_clips`` cuts them with PIL."""
         n = frames.shape[0]
         if not squares:
-            return (frames.new_zeros((0, self.image_size, self.image_size, 3)),
-                    frames.new_zeros((0, n, self.lda_size, self.lda_size, 3)))
+            return frames.new_zeros((0, image_size, image_size, 3)), frames.new_zeros((0, n, lda_size, lda_size, 3))
         images, lda = [], []
         for square in squares:
             block = _cut(frames, square)  # (n, side, side, 3), black outside the frame
-            images.append(pil_resize(block[:1], self.image_size)[0])
-            lda.append(pil_resize(block, self.lda_size))
+            images.append(pil_resize(block[:1], image_size)[0])
+            lda.append(pil_resize(block, lda_size))
         return torch.stack(images), torch.stack(lda)
 
     def crops(self, clips: torch.Tensor | list[torch.Tensor], squares: list[tuple[int, tuple[int, int, int, int]]],
               image_size: int, lda_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Crops of ``squares`` ((clip index, square)) of ``clips`` ((n, H, W, 3) each), at the
         given sizes (tests and the GPU script)."""
-        saved = self.image_size, self.lda_size
-        self.image_size, self.lda_size = image_size, lda_size
-        try:
-            parts = [self.crop_clip(clips[ci], [sq]) for ci, sq in squares]
-            if not parts:
-                return self.crop_clip(clips[0] if len(clips) else torch.zeros(1, 1, 1, 3, dtype=torch.uint8), [])
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        finally:
-            self.image_size, self.lda_size = saved
+        if not squares:
+            return self.crop_clip(clips[0], [], image_size, lda_size)
+        parts = [self.crop_clip(clips[ci], [sq], image_size, lda_size) for ci, sq in squares]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def timed_step(prep: DevicePreparer, clips: list[RawClip]) -> tuple[list[list[DeviceClip]], float]:

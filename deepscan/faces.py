@@ -249,7 +249,7 @@ class BlazeFaceDetector:
 
     def __call__(self, frame: np.ndarray, hints=(), *, follow=(), deep: bool = False, min_face: int = MIN_FACE,
                  full: bool = True, **_) -> list[Detection]:
-        """Faces in ``frame``, by ``search``'s stages, each stage one batch through a network."""
+        """Faces in ``frame``, by ``blazeface_search``'s stages, each one batch through a network."""
         h, w = frame.shape[:2]
         stages = blazeface_search(h, w, self.size, hints, follow=follow, deep=deep, min_face=min_face, full=full)
         try:

@@ -321,8 +321,8 @@ class NvdecPool:
         ``workers.prepare_video``'s). Raises _Fallback before its ``start`` when the workers should
         decode it. Returns the decoder, kept for the next file."""
         from .errors import MediaError
-        from .hashing import sha256_file
         from .video import check_readable, plan_clips, probe
+        from .workers import describe
 
         s = self.settings
         head: dict = {"sha256": None, "video": None, "file": None, "box_scale": 1.0}
@@ -348,11 +348,7 @@ class NvdecPool:
             raise _Fallback(f"NVDEC cannot open it ({type(exc).__name__}: {str(exc)[:200]})", reset=True) from None
         st = p.stat()
         head["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        if s.hash_files:
-            head["sha256"] = sha256_file(path)
-        head["video"] = {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
-                         "duration_s": round(info.duration, 3), "frames": info.num_frames, "rotation": info.rotation,
-                         "codec": info.codec, "stream": info.stream, "sar": round(info.sar, 4)}
+        head.update(describe(path, info, s.hash_files))
         self._emit(("start", job, head))
         started.append(True)
         n = s.clip_len

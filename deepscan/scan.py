@@ -44,6 +44,7 @@ SCHEMA = "deepscan.scan/1"
 AGGREGATIONS = ("mean", "median", "max")
 PREPARATIONS = ("workers", "device")
 DEVICE_SLOTS = 6  # slots per worker handing over frames: a clip's frames are 8-19 MB (720p-1080p)
+NVDEC_NEEDS_DEVICE = "--decoder nvdec needs --preparation device (NVDEC's frames stay on the GPU)"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class ScanSettings:
         if self.decoder not in ("ffmpeg", "nvdec"):
             raise ConfigError(f"--decoder must be auto, ffmpeg or nvdec, not {self.decoder!r}")
         if self.decoder == "nvdec" and self.preparation != "device":
-            raise ConfigError("--decoder nvdec needs --preparation device (NVDEC's frames stay on the GPU)")
+            raise ConfigError(NVDEC_NEEDS_DEVICE)
         if self.preparation not in PREPARATIONS:
             raise ConfigError(f"--preparation must be auto, {' or '.join(PREPARATIONS)}, not {self.preparation!r}")
 
@@ -152,7 +153,7 @@ def pick_decoder(name: str, preparation: str, device: torch.device, say=None, mo
     if name == "ffmpeg" or (name == "auto" and (preparation != "device" or device.type != "cuda")):
         return "ffmpeg"
     if preparation != "device":
-        raise ConfigError("--decoder nvdec needs --preparation device (NVDEC's frames stay on the GPU)")
+        raise ConfigError(NVDEC_NEEDS_DEVICE)
     from .nvdec import available
 
     why = available(device, module) if device.type == "cuda" or module is not None else "NVDEC needs a CUDA device"
@@ -167,7 +168,8 @@ def pick_decoder(name: str, preparation: str, device: torch.device, say=None, mo
 
 def pick_preparation(name: str, detector: str) -> str:
     """``auto``: the workers, on every device, until a GPU run has measured device preparation
-    (benchmarks/gpu.sh; on this project's CPUs the workers are faster: README 'Performance');
+    (benchmarks/gpu.sh; on this project's CPUs the workers are faster: README 'Preparation on
+    the device');
     ``device`` runs BlazeFace in torch, so it takes no other detector."""
     if name == "auto":
         return "workers"
@@ -586,9 +588,8 @@ def pin_slots(pool: PreparePool):
 
     def undo() -> None:
         cudart.cudaHostUnregister(ptr)
-        del buf_ref[:]
 
-    buf_ref = [buf]
+    undo.export = buf  # held while pinned: the mapping cannot be closed under the registration
     return undo
 
 

@@ -116,6 +116,15 @@ class FramesMeta(NamedTuple):
     shape: tuple[int, ...]  # (n, H, W, 3) uint8 at the start of the slot
 
 
+def describe(path: str, info, hash_file: bool) -> dict:
+    """What a ``start`` event says of a probed video (its record's ``video``, sha256, box scale):
+    the workers' and the NVDEC threads' (``nvdec``) alike."""
+    return {"sha256": sha256_file(path) if hash_file else None, "box_scale": info.source_width / info.width,
+            "video": {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
+                      "duration_s": round(info.duration, 3), "frames": info.num_frames, "rotation": info.rotation,
+                      "codec": info.codec, "stream": info.stream, "sar": round(info.sar, 4)}}
+
+
 def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterator:
     """Decode, detect, track and crop one video, yielding its events in order:
     ``("start", index, head)``, then one ``FaceClip`` per face and sampled clip, then
@@ -130,12 +139,7 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
         st = p.stat()
         head["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         info = probe(path, settings.max_side)  # before hashing: a huge file that is no video is not read whole
-        if settings.hash_files:
-            head["sha256"] = sha256_file(path)
-        head["box_scale"] = info.source_width / info.width
-        head["video"] = {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
-                         "duration_s": round(info.duration, 3), "frames": info.num_frames, "rotation": info.rotation,
-                         "codec": info.codec, "stream": info.stream, "sar": round(info.sar, 4)}
+        head.update(describe(path, info, settings.hash_files))
         yield "start", index, head
         started = True
         clip_len = settings.clip_len
