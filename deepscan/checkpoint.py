@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
@@ -94,15 +95,23 @@ def save_checkpoint(
         os.close(fd)
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
         os.replace(tmp, path)
-    except OSError as exc:
-        why = exc.strerror or str(exc)
+    except (OSError, SafetensorError) as exc:
+        # safetensors reports its own I/O failures (a full disk, a file-size limit) as
+        # SafetensorError("... I/O error: No space left on device (os error 28)")
+        why = getattr(exc, "strerror", None) or _io_reason(str(exc))
         if any(p.is_file() for p in path.parents):
             why = "a part of the path is a file, not a folder"
-        raise WeightsError(f"{path}: cannot write the checkpoint there ({why}); choose a writable place") from None
+        raise WeightsError(f"{path}: cannot write the checkpoint there ({why}); choose a writable place with room for it") from None
     finally:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _io_reason(message: str) -> str:
+    """The operating system's words inside a library's I/O message, else the message."""
+    m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", message)
+    return m.group(1) if m else message
 
 
 def check_safetensors(path: Path) -> None:

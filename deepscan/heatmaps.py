@@ -8,6 +8,7 @@ not absolute values, across images. Headless: Pillow only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from pathlib import Path
@@ -97,6 +98,20 @@ def write_heatmaps(path: str, verdict: str, score: float, frames: list, out_dir:
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):
         stale.unlink()
+    try:
+        _write_pngs(folder, path, verdict, score, frames, components, timeline)
+    except BaseException:
+        # a half-written set (a full disk) is worse than none: the record says they were not written
+        for written in folder.glob("*.png"):
+            written.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        raise
+    return str(folder)
+
+
+def _write_pngs(folder: Path, path: str, verdict: str, score: float, frames: list, components: list,
+                timeline: tuple[dict, float] | None) -> None:
     panels = []
     for rank, f in enumerate(frames, 1):
         img = panel(f, components)
@@ -117,4 +132,3 @@ def write_heatmaps(path: str, verdict: str, score: float, frames: list, out_dir:
 
         tracks, threshold = timeline
         timeline_png(folder / "timeline.png", tracks, threshold, f"{name}: {verdict}, score {score:.3f}")
-    return str(folder)

@@ -36,6 +36,7 @@ debugging, tests with in-process detectors, and machines where processes are unw
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import mmap
 import multiprocessing as mp
@@ -307,8 +308,10 @@ class SharedBlock:
             try:
                 os.ftruncate(self.fd, self.size)
                 self.buf = mmap.mmap(self.fd, self.size)
-            except BaseException:
+            except BaseException as exc:
                 os.close(self.fd)
+                if isinstance(exc, OSError):
+                    raise _no_room(self.size, exc) from None
                 raise
         else:  # pragma: no cover - macOS
             self.shm = shared_memory.SharedMemory(create=True, size=self.size)
@@ -331,6 +334,16 @@ class SharedBlock:
             self.buf.close()  # a view still exported (a batch being copied) keeps the mapping
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+def _no_room(size: int, exc: OSError) -> DeepscanError:
+    """Shared memory refused: say which limit, and what to do, in one line."""
+    if exc.errno == errno.EFBIG:
+        what = "the file-size limit (ulimit -f) is below it; raise it with `ulimit -f unlimited`"
+    else:
+        what = "free some memory, or scan with fewer --workers"
+    return DeepscanError(f"cannot set aside {size / 2**20:.0f} MB of shared memory for the workers' clips "
+                         f"({exc.strerror or exc}): {what}")
 
 
 def _attach_fd(dup, size: int):

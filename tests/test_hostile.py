@@ -97,7 +97,12 @@ def test_a_full_disk_while_writing_heatmaps_is_a_warning_and_the_scan_goes_on(me
                                                                                 monkeypatch):
     from PIL import Image
 
-    def full(self, fp, *a, **k):
+    save, saved = Image.Image.save, []
+
+    def full(self, fp, *a, **k):  # the disk fills after a video's first PNG
+        if not saved or Path(fp).parent != saved[-1]:
+            saved.append(Path(fp).parent)
+            return save(self, fp, *a, **k)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
 
     monkeypatch.setattr(Image.Image, "save", full)
@@ -108,6 +113,7 @@ def test_a_full_disk_while_writing_heatmaps_is_a_warning_and_the_scan_goes_on(me
     for rec in recs:
         assert rec["verdict"] in ("fake", "real") and rec["heatmaps"] is None
         assert rec["warnings"] == ["heatmaps not written (No space left on device)"]
+    assert len(saved) == 2 and not list((tmp_path / "heat").rglob("*.png"))  # no half-written set left
 
 
 def test_a_link_out_of_the_heatmap_folder_is_refused_with_a_warning(media_dir, tiny_ckpt, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shlex
 import shutil
 import subprocess
 import sys
@@ -334,6 +335,26 @@ def test_a_low_address_space_limit_is_one_line(media_dir, tiny_ckpt):
                         f" --weights {tiny_ckpt}"], capture_output=True, text=True, timeout=120)
     one_line_error(r, "ulimit -v")
     assert r.returncode == 2 and "bad_alloc" not in r.stderr
+
+
+def _limited(limit_kb: int, *args) -> subprocess.CompletedProcess:
+    """deepscan under a file-size limit: the kernel refuses writes past it (EFBIG, as a full disk
+    refuses them with ENOSPC; Python ignores SIGXFSZ), a real I/O failure without filling a disk."""
+    cmd = " ".join(map(shlex.quote, [sys.executable, "-m", "deepscan", *map(str, args)]))
+    return subprocess.run(["bash", "-c", f"ulimit -f {limit_kb}; exec {cmd}"], capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    r = _limited(2048, "weights", "init", "--variant", "spatial", "--image-size", "62", "--out", tmp_path / "x.safetensors")
+    one_line_error(r, "x.safetensors", "cannot write the checkpoint", "File too large")
+    assert r.returncode == 2 and list(tmp_path.iterdir()) == []  # no half-written temporary file
+
+
+def test_shared_memory_refused_by_a_file_size_limit_is_one_line(media_dir, tiny_ckpt):
+    r = _limited(20, media_dir / "astronaut.mp4", "--weights", tiny_ckpt, "--workers", "1")
+    one_line_error(r, "shared memory", "ulimit -f")
+    assert r.returncode == 2
 
 
 # ---------------------------------------------------------------------------- frames that lie
