@@ -129,6 +129,9 @@ def onnx_path(variant: str = "full", manifest=None) -> Path:
                 torch.onnx.export(model, (example,), tmp, input_names=["images"],
                                   output_names=["boxes", "keypoints", "scores"], opset_version=17, dynamo=False,
                                   dynamic_axes={k: {0: "batch"} for k in ("images", "boxes", "keypoints", "scores")})
+        except OSError as exc:  # a full disk
+            raise WeightsError(f"{base}: cannot write BlazeFace's ONNX export there ({exc.strerror or exc}); set "
+                               "XDG_CACHE_HOME to a folder with a few MB free") from None
         except Exception as exc:  # noqa: BLE001 - the exporter raises assorted types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise WeightsError(f"BlazeFace could not be exported to ONNX ({first}); pip install onnx") from None

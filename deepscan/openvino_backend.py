@@ -105,8 +105,10 @@ def _shapes(cfg) -> dict:
     return shapes
 
 
-def _convert(model: nn.Module, folder: Path, ov) -> dict:
-    """Convert ``model`` into ``folder`` (model.xml/.bin and meta.json), written whole or not at all."""
+def _convert(model: nn.Module, folder: Path, ov, say: Callable[[str], None] | None = None):
+    """Convert ``model``; keep it in ``folder`` (model.xml/.bin and meta.json, written whole or not
+    at all). Returns (meta, what to compile: the kept model.xml, or the converted model itself when
+    the cache cannot take it, e.g. a full disk: the scan goes on and converts again next time)."""
     cfg = model.config
     shapes = _shapes(cfg)
     example = tuple(torch.zeros(s, dtype=torch.uint8) for s in shapes.values())
@@ -117,11 +119,31 @@ def _convert(model: nn.Module, folder: Path, ov) -> dict:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python conditions it freezes
         converted = ov.convert_model(wrapper, example_input=example)
+    meta = {"maps": names, "shapes": shapes, "openvino": ov.__version__, "variant": cfg.variant}
+    try:
+        _keep(converted, meta, folder, ov)
+    except (OSError, RuntimeError) as exc:  # OpenVINO's writer fails as RuntimeError("basic_ios::clear ...")
+        why = getattr(exc, "strerror", None) or _why_not_written(folder.parent)
+        if say:
+            say(f"note: cannot keep the converted model in {folder.parent} ({why}); using it from memory, "
+                "converting again next time (set XDG_CACHE_HOME to a folder with ~100 MB free)")
+        return meta, converted
+    return meta, str(folder / "model.xml")
+
+
+def _why_not_written(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return f"{free / 2**20:.0f} MB free there" if free < 200 * 2**20 else "OpenVINO could not write it"
+
+
+def _keep(converted, meta: dict, folder: Path, ov) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
     try:
         ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
-        meta = {"maps": names, "shapes": shapes, "openvino": ov.__version__, "variant": cfg.variant}
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, folder)
@@ -130,18 +152,19 @@ def _convert(model: nn.Module, folder: Path, ov) -> dict:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return meta
 
 
-def _load(model: nn.Module, folder: Path, ov, settings: dict, convert: bool):
+def _load(model: nn.Module, folder: Path, ov, settings: dict, convert: bool, say=None):
     """(map names, compiled model) from the cache entry ``folder``, converting ``model`` into it
     first when ``convert``. No CACHE_DIR: compiling the IR takes ~0.15 s, its blob would be 93 MB
     more per precision."""
     from .model import fold_batchnorm
 
-    meta = _convert(fold_batchnorm(model).eval(), folder, ov) if convert else \
-        json.loads((folder / "meta.json").read_text())
-    return list(meta["maps"]), ov.Core().compile_model(str(folder / "model.xml"), "CPU", settings)
+    if convert:
+        meta, source = _convert(fold_batchnorm(model).eval(), folder, ov, say)
+    else:
+        meta, source = json.loads((folder / "meta.json").read_text()), str(folder / "model.xml")
+    return list(meta["maps"]), ov.Core().compile_model(source, "CPU", settings)
 
 
 class OpenVinoRunner:
@@ -173,17 +196,13 @@ class OpenVinoRunner:
         settings = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self.threads,
                     "NUM_STREAMS": self.lanes, "PERFORMANCE_HINT": "THROUGHPUT"}
         try:
-            try:
-                self.map_names, self.compiled_model = _load(model, folder, ov, settings, convert=self.cold)
-            except (ValueError, KeyError, RuntimeError):  # a damaged cache entry: made again
-                if self.cold:
-                    raise
-                shutil.rmtree(folder, ignore_errors=True)
-                self.cold = True
-                self.map_names, self.compiled_model = _load(model, folder, ov, settings, convert=True)
-        except OSError as exc:
-            raise ConfigError(f"{folder}: cannot keep the OpenVINO model there ({exc.strerror}); set XDG_CACHE_HOME "
-                              "to a writable folder") from None
+            self.map_names, self.compiled_model = _load(model, folder, ov, settings, self.cold, say)
+        except (ValueError, KeyError, RuntimeError, OSError):  # a damaged or unreadable cache entry: made again
+            if self.cold:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            self.cold = True
+            self.map_names, self.compiled_model = _load(model, folder, ov, settings, True, say)
         # One infer request per lane, each warmed here, one after the other: requests that make
         # their first inference at the same time (two lanes starting together) deadlocked
         # (OpenVINO 2026.4, 2 cores: both threads waiting in the first input copy, found in a

@@ -4,6 +4,7 @@
 import copy
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,6 +85,29 @@ def test_a_damaged_cache_entry_is_made_again():
     ours.write_text("not xml")
     runner = OpenVinoRunner(copy.deepcopy(model), torch.float32, key="sha-damaged")
     assert runner.cold and np.isfinite(runner.score(*crops(model.config, 1))[0]).all()
+
+
+def test_a_cache_that_cannot_take_the_model_costs_a_note_not_the_scan(tmp_path):
+    """A real write failure (a file-size limit: OpenVINO's writer fails as it would on a full
+    disk): the converted model is used from memory, with one note, and nothing half-written is kept."""
+    code = ("import copy, numpy as np, torch\n"
+            "from deepscan.openvino_backend import OpenVinoRunner, cache_root\n"
+            "from deepscan.scan import Runner\n"
+            "from tests.test_openvino import spread_model, crops\n"
+            "m = spread_model(seed=5)\n"
+            "notes = []\n"
+            "r = OpenVinoRunner(copy.deepcopy(m), torch.float32, key='sha-full', say=notes.append)\n"
+            "want = Runner(copy.deepcopy(m), torch.device('cpu'), torch.float32).score(*crops(m.config, 3))[0]\n"
+            "np.testing.assert_allclose(r.score(*crops(m.config, 3))[0], want, atol=1e-4)\n"
+            "print(notes)\n"
+            "print(sorted(p.name for p in cache_root().rglob('*')))\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent.parent)}
+    r = subprocess.run(["bash", "-c", 'ulimit -f 64; exec "$0" -c "$1"', sys.executable, code], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    notes, kept = r.stdout.splitlines()
+    assert "cannot keep the converted model" in notes and "from memory" in notes, notes
+    assert kept == "[]", kept  # no entry, no temporary folder
 
 
 def test_openvino_telemetry_stays_out(tmp_path):
