@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .config import CROP_MARGIN, ModelConfig
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, WeightsError, io_reason
 from .model import LDADetector
 
 FORMAT_VERSION = 1
@@ -98,7 +97,7 @@ def save_checkpoint(
     except (OSError, SafetensorError) as exc:
         # safetensors reports its own I/O failures (a full disk, a file-size limit) as
         # SafetensorError("... I/O error: No space left on device (os error 28)")
-        why = getattr(exc, "strerror", None) or _io_reason(str(exc))
+        why = io_reason(exc)
         if any(p.is_file() for p in path.parents):
             why = "a part of the path is a file, not a folder"
         raise WeightsError(f"{path}: cannot write the checkpoint there ({why}); choose a writable place with room for it") from None
@@ -106,12 +105,6 @@ def save_checkpoint(
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def _io_reason(message: str) -> str:
-    """The operating system's words inside a library's I/O message, else the message."""
-    m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", message)
-    return m.group(1) if m else message
 
 
 def check_safetensors(path: Path) -> None:

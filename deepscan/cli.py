@@ -420,6 +420,16 @@ def evaluate(
     result = run_eval(str(weights), videos, device)
     result.update({"data": str(data), "layout": kind, "split": split, "compression": compression})
     per_video = result.pop("scores")
+    # the metrics first: a --scores or --plots place that fails (a full disk) must not take them along
+    if json_out:
+        emit_json(result)
+    else:
+        from .output import warn_untrained
+        from .report import eval_table
+
+        stdout_console().print(eval_table(result))
+        if info.untrained:
+            warn_untrained(str(weights))
     if scores is not None:
         from .output import write_lines
 
@@ -431,16 +441,6 @@ def evaluate(
         title = f"{info.variant} on {kind} {split}" + (" (UNTRAINED)" if info.untrained else "")
         written = write_plots(per_video, plots, title)
         notice(f"wrote {len(written)} plot(s) to {printable(str(plots))}")
-    if json_out:
-        emit_json(result)
-        return
-    from .report import eval_table
-
-    stdout_console().print(eval_table(result))
-    if info.untrained:
-        from .output import warn_untrained
-
-        warn_untrained(str(weights))
 
 
 # ---------------------------------------------------------------------------- bench

@@ -23,3 +23,31 @@ class WeightsError(DeepscanError):
 
 class OutputError(DeepscanError):
     """Writing results failed (a full disk, an unwritable file): the run ends with exit code 2."""
+
+
+def io_reason(exc: BaseException, where=None) -> str:
+    """The operating system's words for a failed write. Libraries that write for us do not all
+    raise OSError with them: numpy's short write says "N requested and M written", safetensors
+    wraps "No space left on device (os error 28)", OpenVINO's writer "basic_ios::clear". Near-empty
+    free space at ``where`` is named as the reason it most likely is."""
+    import re
+    import shutil
+
+    why = getattr(exc, "strerror", None)
+    if why:
+        return why
+    text = str(exc)
+    m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+    if m:
+        return m.group(1)
+    short = re.search(r"\d+ requested and \d+ written", text) is not None
+    if where is not None:
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            free = None
+        if free is not None and free < 64 * 2**20:
+            return f"No space left on device: {free / 2**20:.1f} MB free"
+    if short:
+        return "the disk took only part of a write: it is full, or a file-size limit (ulimit -f) was reached"
+    return text or type(exc).__name__

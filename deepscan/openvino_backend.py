@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, io_reason
 
 EXPORT_VERSION = 1  # in the cache key: a change to the export makes a new entry
 BACKENDS = ("auto", "torch", "openvino")
@@ -123,20 +123,12 @@ def _convert(model: nn.Module, folder: Path, ov, say: Callable[[str], None] | No
     try:
         _keep(converted, meta, folder, ov)
     except (OSError, RuntimeError) as exc:  # OpenVINO's writer fails as RuntimeError("basic_ios::clear ...")
-        why = getattr(exc, "strerror", None) or _why_not_written(folder.parent)
+        why = io_reason(exc, folder.parent)
         if say:
             say(f"note: cannot keep the converted model in {folder.parent} ({why}); using it from memory, "
                 "converting again next time (set XDG_CACHE_HOME to a folder with ~100 MB free)")
         return meta, converted
     return meta, str(folder / "model.xml")
-
-
-def _why_not_written(folder: Path) -> str:
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return f"{free / 2**20:.0f} MB free there" if free < 200 * 2**20 else "OpenVINO could not write it"
 
 
 def _keep(converted, meta: dict, folder: Path, ov) -> None:

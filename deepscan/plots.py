@@ -52,10 +52,7 @@ def write_plots(scores: list[dict], out_dir: str | Path, title: str) -> list[Pat
                title=f"ROC, {level} level\n{title}")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        path = out_dir / f"roc_{level}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"roc_{level}.png", dpi=110))
 
         _, y, s = _curves(scores, level)[0]
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -66,10 +63,7 @@ def write_plots(scores: list[dict], out_dir: str | Path, title: str) -> list[Pat
         ax.set(xlabel="P(fake)", ylabel=f"{level}s", title=f"Scores, {level} level\n{title}")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / f"hist_{level}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"hist_{level}.png", dpi=110))
     return written
 
 
@@ -92,6 +86,21 @@ def timeline_png(path: str | Path, tracks: dict, threshold: float, title: str) -
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, Path(path))
+
+
+def _save(fig, path: Path, **kwargs) -> Path:
+    """Write ``fig`` to ``path`` and close it; a write that fails (a full disk) leaves no partial
+    PNG and raises OutputError naming the file."""
+    import matplotlib.pyplot as plt
+
+    from .errors import OutputError, io_reason
+
+    try:
+        fig.savefig(path, **kwargs)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise OutputError(f"{path}: writing failed ({io_reason(exc, path.parent)}); choose another place") from None
+    finally:
+        plt.close(fig)
+    return path

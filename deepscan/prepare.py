@@ -29,7 +29,7 @@ import numpy as np
 from . import faces as faces_mod
 from .config import CROP_MARGIN
 from .data import VideoItem
-from .errors import ConfigError, DeepscanError
+from .errors import ConfigError, DeepscanError, OutputError, io_reason
 from .video import check_readable, probe, sample_clips
 from .workers import DEEP_EVERY, FULL_EVERY
 
@@ -93,10 +93,20 @@ def _check_settings(cache: Path, settings: PrepareSettings, detector: str | None
             raise ConfigError(f"{cache}: made with other settings ({have}); use another --cache folder")
         if made_with or not detector:
             return
-    cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".cache.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({**want, **({"detector": detector} if detector else {})}, indent=1))
-    os.replace(tmp, path)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**want, **({"detector": detector} if detector else {})}, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _unwritable(cache, exc) from None
+
+
+def _unwritable(cache: Path, exc: OSError) -> OutputError:
+    """The cache cannot take more (a full disk, no permission): the run stops; finished entries stay."""
+    return OutputError(f"{cache}: cannot write the face-clip cache ({io_reason(exc, cache)}); free some space "
+                       "or pass --cache on another disk, then run again: videos prepared so far are kept")
 
 
 def is_done(cache: Path, item: VideoItem) -> bool:
@@ -131,12 +141,18 @@ def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSetti
         meta["error"] = str(exc)
     meta["clips"] = len(images)
     # a unique temporary name: several processes (or nodes sharing the folder) may write at once
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
-    if images:
-        np.save(tmp / "image.npy", np.stack(images))
-        np.save(tmp / "frames.npy", np.stack(frames))
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    tmp = None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
+        if images:
+            np.save(tmp / "image.npy", np.stack(images))
+            np.save(tmp / "frames.npy", np.stack(frames))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(cache, exc) from None
     shutil.rmtree(final, ignore_errors=True)
     try:
         os.replace(tmp, final)  # atomic: the entry appears complete or not at all

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, load_tensors, save_checkpoint
 from .config import config_for_variant
-from .errors import ConfigError
+from .errors import ConfigError, OutputError, io_reason
 from .metrics import by_video, frame_and_video
 from .output import json_line
 from .model import LDADetector, fold_batchnorm, input_normaliser, load_vit_embeddings
@@ -335,8 +335,12 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
             save_checkpoint(model, last, untrained=False, provenance=prov, extra_tensors=extra)
             if improved:
                 save_checkpoint(model, out / "best.safetensors", untrained=False, provenance=prov)
-            with open(metrics_log, "a") as f:
-                f.write(json_line(record) + "\n")
+            try:
+                with open(metrics_log, "a") as f:
+                    f.write(json_line(record) + "\n")
+            except OSError as exc:
+                raise OutputError(f"{metrics_log}: writing failed ({io_reason(exc, out)}); free some space, then "
+                                  "continue with --resume (this epoch's checkpoint is written)") from None
             log(record)
         history.append(record)
         if world > 1:

@@ -9,6 +9,7 @@ one fails within seconds.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -266,6 +267,9 @@ def cached(entry: ManifestEntry) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EROFS)
+
+
 def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
     """The verified local path of an entry's file, downloading it if needed."""
     if entry.package:  # installed with deepscan (README's first command); nothing to download
@@ -284,14 +288,21 @@ def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
     if say:
         say(f"downloading {entry.name} ({entry.size / 1e6:.1f} MB) from {entry.source}; "
             f"licence: {entry.license}")
+    import warnings
+
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(
-            entry.repo_id, entry.filename, revision=entry.revision, force_download=force,
-            library_name="deepscan", etag_timeout=5, endpoint=url, cache_dir=cache_dir(),
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its "not enough free disk space" note: the error below says it
+            path = hf_hub_download(
+                entry.repo_id, entry.filename, revision=entry.revision, force_download=force,
+                library_name="deepscan", etag_timeout=5, endpoint=url, cache_dir=cache_dir(),
+            )
     except Exception as exc:  # network, HTTP and consistency errors of every kind
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:  # requests' errors are OSErrors too, without errno
+            raise WeightsError(f"{entry.name}: cannot store it in {cache_dir()} ({exc.strerror}); make "
+                               f"{max(entry.size / 1e6, 0.1):.1f} MB free there, or set HF_HOME to a folder with room") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsError(f"{entry.name}: download from {url} failed ({type(exc).__name__}: {first}); try again, or {fix}") from None
     return verify(Path(path), entry, fresh=True)

@@ -357,6 +357,32 @@ def test_shared_memory_refused_by_a_file_size_limit_is_one_line(media_dir, tiny_
     assert r.returncode == 2
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_face_clip_cache_that_cannot_be_written_is_one_line_and_leaves_nothing_half_done(tmp_path, workers):
+    from . import media
+
+    data = media.make_dataset(tmp_path / "data", "folders", per_split=1)
+    r = _limited(16, "prepare", "--data", data, "--cache", tmp_path / "cache", "--image-size", "62", "--lda-size",
+                 "32", "--clips", "2", "--detector", "dlib", "--workers", workers)
+    one_line_error(r, "cache", "cannot write the face-clip cache", "ulimit -f", "kept")
+    assert r.returncode == 2
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["cache.json"]  # no temporary entries
+
+
+def test_plots_that_cannot_be_written_leave_the_metrics_printed_and_no_partial_png(tmp_path, tiny_ckpt):
+    from . import media
+
+    data = media.make_dataset(tmp_path / "data", "folders", per_split=1)
+    common = ["eval", "--data", data, "--cache", tmp_path / "cache", "--weights", tiny_ckpt, "--split", "val",
+              "--detector", "dlib", "--clips", "2", "--json"]
+    first = _limited(1 << 20, *common)  # prepares the cache
+    assert first.returncode == 0, first.stderr
+    r = _limited(16, *common, "--plots", tmp_path / "plots")  # a PNG is ~30 KB
+    one_line_error(r, "roc_frame.png", "writing failed (File too large)")
+    assert r.returncode == 2 and json.loads(r.stdout)["overall"] == json.loads(first.stdout)["overall"]
+    assert list((tmp_path / "plots").iterdir()) == []
+
+
 # ---------------------------------------------------------------------------- frames that lie
 def _ff(*args):
     from deepscan.video import ffmpeg_exe
