@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -715,6 +716,15 @@ def main(argv: list[str] | None = None) -> None:
         if exc.code in (130, 143):
             _exit_now(exc.code)
         raise
+    except OSError as exc:
+        # a write that failed outside a command (--help, --version into a full disk or /dev/full)
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO) or debug_enabled():
+            raise
+        from .output import silence_stdout
+
+        silence_stdout()  # Python's final flush would fail again
+        notice(f"deepscan: error: {exc.filename or 'standard output'}: writing failed ({exc.strerror})")
+        raise SystemExit(2) from None
     except KeyboardInterrupt as exc:  # a second Ctrl-C while the first one was being handled
         import signal
 

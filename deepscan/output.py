@@ -22,7 +22,33 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 def stdout_console() -> Console:
-    return Console(file=sys.stdout, soft_wrap=False)
+    return Console(file=_Stdout(), soft_wrap=False)
+
+
+class _Stdout:
+    """Standard output for rich's tables: a reader that went away (``| head``) ends the output
+    quietly; a stream that cannot take it (a full disk) is one line, not a traceback."""
+
+    def write(self, text: str) -> int:
+        return self._guard(sys.stdout.write, text)
+
+    def flush(self) -> None:
+        self._guard(sys.stdout.flush)
+
+    def __getattr__(self, name):  # isatty, encoding, fileno...: rich asks the real stream
+        return getattr(sys.stdout, name)
+
+    @staticmethod
+    def _guard(fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            silence_stdout()
+            return 0
+        except OSError as exc:
+            silence_stdout()  # Python's final flush would fail again
+            raise OutputError(f"standard output: writing failed ({exc.strerror or exc}); "
+                              "write results with --output FILE instead") from None
 
 
 def stderr_console() -> Console:

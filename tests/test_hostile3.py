@@ -383,6 +383,24 @@ def test_plots_that_cannot_be_written_leave_the_metrics_printed_and_no_partial_p
     assert list((tmp_path / "plots").iterdir()) == []
 
 
+@pytest.mark.parametrize("args", [[], ["--json"]], ids=["table", "json"])
+def test_standard_output_on_a_full_disk_is_one_line(media_dir, tiny_ckpt, args):
+    with open("/dev/full", "w") as full:  # every write fails with ENOSPC
+        r = subprocess.run([sys.executable, "-m", "deepscan", media_dir / "astronaut.mp4", "--weights", tiny_ckpt,
+                            *FAST, *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=180)
+    one_line_error(r, "standard output", "No space left on device", "--output")
+    assert r.returncode == 2
+
+
+@pytest.mark.parametrize("args", [["--version"], ["scan", "--help"], ["weights", "list"]])
+def test_help_version_and_lists_on_a_full_disk_are_one_line(args):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "deepscan", *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=120)
+    one_line_error(r, "standard output", "No space left on device")
+    assert r.returncode == 2
+
+
 # ---------------------------------------------------------------------------- frames that lie
 def _ff(*args):
     from deepscan.video import ffmpeg_exe
