@@ -237,6 +237,17 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, params: list) -> dict:
     return out
 
 
+def _remove_leftovers(out: Path, log) -> None:
+    """Checkpoints are written to a temporary file and renamed (checkpoint.save_checkpoint): a run
+    killed while saving leaves that file (~190 MB with the optimizer state). The next run in the
+    same folder removes them."""
+    leftovers = [p for p in out.glob("*.safetensors.*.tmp") if p.is_file()]
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    if leftovers:
+        log({"removed": [p.name for p in leftovers], "why": "half-written checkpoints of a killed run"})
+
+
 def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[CachedVideo], *,
           resume: bool = False, log=print) -> dict:
     rank, world = _dist()
@@ -288,6 +299,8 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
     dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _remove_leftovers(out, log)
     metrics_log = out / "metrics.jsonl"
     history = []
     for epoch in range(start_epoch, cfg.epochs):

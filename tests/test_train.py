@@ -140,8 +140,10 @@ def test_train_checkpoints_resumes_exactly_and_evaluates(tmp_path, datasets):
     lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1] and "auc" in lines[0]["val"]["frame"]
     assert deepscan("train", *common, "--out", split, "--epochs", "1").returncode == 0
+    (split / "last.safetensors.k1ll3d.tmp").write_bytes(b"\0" * 1000)  # a run killed while saving left it
     r = deepscan("train", *common, "--out", split, "--epochs", "2", "--resume")
     assert r.returncode == 0, r.stderr
+    assert not list(split.glob("*.tmp")) and "last.safetensors.k1ll3d.tmp" in r.stderr
 
     def weights(p):
         with safe_open(str(p / "last.safetensors"), "pt") as f:
