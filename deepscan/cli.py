@@ -722,8 +722,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         from .output import silence_stdout
 
+        printed = {"--help", "-h", "--version", "--show-completion"} & set(argv)  # click writes these to stdout
+        where = f"{exc.filename}: " if exc.filename else "standard output: " if printed else ""
         silence_stdout()  # Python's final flush would fail again
-        notice(f"deepscan: error: {exc.filename or 'standard output'}: writing failed ({exc.strerror})")
+        notice(f"deepscan: error: {where}writing failed ({exc.strerror})")
         raise SystemExit(2) from None
     except KeyboardInterrupt as exc:  # a second Ctrl-C while the first one was being handled
         import signal
