@@ -19,6 +19,19 @@ from . import media
 TINY = dict(image_size=62, lda_size=32)
 
 
+def pytest_sessionstart(session):
+    """Say so at once when the temporary folder is nearly full: the suite writes ~1 GB there at a
+    time, and a full disk otherwise shows up as failures of whichever test writes next."""
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < 3 * 2**30:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"WARNING: {tempfile.gettempdir()} has {free / 2**30:.1f} GB free; the tests need "
+                                "~1 GB there at a time", yellow=True, bold=True)
+
+
 def tiny_config(variant: str = "spatial-temporal", **kw):
     return config_for_variant(variant, **{**TINY, **kw})
 
