@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import ConfigError, DeepscanError, WeightsError
+from .errors import NO_ROOM, ConfigError, DeepscanError, WeightsError
 from .output import debug_enabled, emit_json, json_line, notice, printable, shown, stdout_console
 
 app = typer.Typer(
@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except OSError as exc:
         # a write that failed outside a command (--help, --version into a full disk or /dev/full)
-        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO) or debug_enabled():
+        if exc.errno not in (*NO_ROOM, errno.EIO) or debug_enabled():
             raise
         from .output import silence_stdout
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
+# a write refused for want of room: a full disk, a file-size limit (ulimit -f), a quota
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
 
 class DeepscanError(Exception):
     """A failure the user can act on. The message names the file and what to do."""

@@ -47,8 +47,12 @@ class _Stdout:
             return 0
         except OSError as exc:
             silence_stdout()  # Python's final flush would fail again
-            raise OutputError(f"standard output: writing failed ({exc.strerror or exc}); "
-                              "write results with --output FILE instead") from None
+            raise stdout_failed(exc) from None
+
+
+def stdout_failed(exc: OSError) -> OutputError:
+    return OutputError(f"standard output: writing failed ({exc.strerror or exc}); write results with --output FILE "
+                       "instead")
 
 
 def stderr_console() -> Console:
@@ -342,8 +346,7 @@ class ScanSink:
                 if self.file is None:
                     raise OutputClosed from None
             except OSError as exc:
-                raise OutputError(f"standard output: writing failed ({exc.strerror}); "
-                                  "write results with --output FILE instead") from None
+                raise stdout_failed(exc) from None
 
 
 def silence_stdout() -> None:

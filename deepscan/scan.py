@@ -35,7 +35,7 @@ import torch
 from . import faces as faces_mod
 from .checkpoint import CheckpointInfo
 from .config import CROP_MARGIN
-from .errors import ConfigError, DeepscanError
+from .errors import ConfigError, DeepscanError, io_reason
 from .inputs import ScanInput
 from .model import LDADetector, fold_batchnorm, input_normaliser
 from .workers import PreparePool, PrepSettings, cpu_count
@@ -899,8 +899,7 @@ class Scanner:
                 timeline = ({tid: [(f.time_s, f.score) for f in fr] for tid, fr in vs.tracks.items()}, s.threshold)
                 folder = write_heatmaps(vs.path, verdict, score, frames, self.heatmaps, timeline)
             except (OSError, ValueError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                warnings.append(f"heatmaps not written ({why})")
+                warnings.append(f"heatmaps not written ({io_reason(exc)})")
         vs.top = []
         box_scale = vs.head.get("box_scale", 1.0)
         timings = dict(tail.get("timings", {}))

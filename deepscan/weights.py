@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import VARIANTS
-from .errors import WeightsError
+from .errors import NO_ROOM, WeightsError
 from .hashing import sha256_file
 
 MANIFEST_SCHEMA = 1
@@ -267,7 +267,7 @@ def cached(entry: ManifestEntry) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
-_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EROFS)
+_CANNOT_STORE = NO_ROOM + (errno.EACCES, errno.EROFS)
 
 
 def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
@@ -300,7 +300,7 @@ def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
                 library_name="deepscan", etag_timeout=5, endpoint=url, cache_dir=cache_dir(),
             )
     except Exception as exc:  # network, HTTP and consistency errors of every kind
-        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:  # requests' errors are OSErrors too, without errno
+        if isinstance(exc, OSError) and exc.errno in _CANNOT_STORE:  # requests' errors are OSErrors too, without errno
             raise WeightsError(f"{entry.name}: cannot store it in {cache_dir()} ({exc.strerror}); make "
                                f"{max(entry.size / 1e6, 0.1):.1f} MB free there, or set HF_HOME to a folder with room") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

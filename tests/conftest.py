@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,16 @@ def pytest_sessionstart(session):
         if reporter is not None:
             reporter.write_line(f"WARNING: {tempfile.gettempdir()} has {free / 2**30:.1f} GB free; the tests need "
                                 "~1 GB there at a time", yellow=True, bold=True)
+
+
+def under_file_size_limit(limit_kb: int, *argv, env: dict | None = None, timeout: float = 180):
+    """Run ``argv`` (``-c CODE`` or ``-m deepscan ...``: Python's arguments) under ``ulimit -f``: the
+    kernel refuses writes past it (EFBIG, as a full disk refuses them with ENOSPC; Python ignores
+    SIGXFSZ), a real I/O failure without filling a disk or mounting one. The project's root is
+    on PYTHONPATH."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.run(["bash", "-c", f'ulimit -f {int(limit_kb)}; exec "$@"', "-", sys.executable,
+                           *map(str, argv)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def tiny_config(variant: str = "spatial-temporal", **kw):

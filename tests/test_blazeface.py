@@ -239,17 +239,12 @@ def test_prepare_goes_on_with_the_detector_a_cache_was_begun_with(tmp_path, medi
 def test_an_export_the_cache_cannot_take_names_the_folder_not_onnx(tmp_path):
     """A real write failure (a file-size limit, as a full disk): the error says where and why, not
     'pip install onnx', and nothing half-written is left."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from .conftest import under_file_size_limit
 
     code = ("from deepscan.blazeface import onnx_path\n"
             "from deepscan.errors import WeightsError\n"
             "try:\n    onnx_path('full')\nexcept WeightsError as exc:\n    print(exc)\n")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent.parent)}
-    r = subprocess.run(["bash", "-c", 'ulimit -f 64; exec "$0" -c "$1"', sys.executable, code], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = under_file_size_limit(64, "-c", code, env={"XDG_CACHE_HOME": str(tmp_path)}, timeout=300)
     assert r.returncode == 0 and "cannot write BlazeFace's ONNX export" in r.stdout, (r.stdout, r.stderr)
     assert "File too large" in r.stdout and "pip install" not in r.stdout
     assert not list(tmp_path.rglob("*.onnx*"))

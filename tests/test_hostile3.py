@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .conftest import under_file_size_limit
 from .test_hostile import FAST, cli, one_line_error, run
 
 HOSTILE = {
@@ -338,11 +338,7 @@ def test_a_low_address_space_limit_is_one_line(media_dir, tiny_ckpt):
 
 
 def _limited(limit_kb: int, *args) -> subprocess.CompletedProcess:
-    """deepscan under a file-size limit: the kernel refuses writes past it (EFBIG, as a full disk
-    refuses them with ENOSPC; Python ignores SIGXFSZ), a real I/O failure without filling a disk."""
-    cmd = " ".join(map(shlex.quote, [sys.executable, "-m", "deepscan", *map(str, args)]))
-    return subprocess.run(["bash", "-c", f"ulimit -f {limit_kb}; exec {cmd}"], capture_output=True, text=True,
-                          timeout=180)
+    return under_file_size_limit(limit_kb, "-m", "deepscan", *args)
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):

@@ -4,7 +4,6 @@
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from deepscan.errors import ConfigError
 from deepscan.openvino_backend import OpenVinoRunner, installed, pick_backend
 from deepscan.scan import Runner
 
-from .conftest import tiny_model
+from .conftest import tiny_model, under_file_size_limit
 from .test_hostile import cli, one_line_error
 
 # not importorskip: importing openvino here, before deepscan does, would load its telemetry
@@ -101,9 +100,7 @@ def test_a_cache_that_cannot_take_the_model_costs_a_note_not_the_scan(tmp_path):
             "np.testing.assert_allclose(r.score(*crops(m.config, 3))[0], want, atol=1e-4)\n"
             "print(notes)\n"
             "print(sorted(p.name for p in cache_root().rglob('*')))\n")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent.parent)}
-    r = subprocess.run(["bash", "-c", 'ulimit -f 64; exec "$0" -c "$1"', sys.executable, code], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = under_file_size_limit(64, "-c", code, env={"XDG_CACHE_HOME": str(tmp_path)}, timeout=300)
     assert r.returncode == 0, r.stderr
     notes, kept = r.stdout.splitlines()
     assert "cannot keep the converted model" in notes and "from memory" in notes, notes

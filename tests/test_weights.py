@@ -77,13 +77,9 @@ def test_server_down_fails_within_seconds(entry, monkeypatch):
 
 def test_a_cache_without_room_says_so_not_try_again(hub, entry):
     """A real write failure (a file-size limit, as a full disk does) while storing the download."""
-    import os
-    import subprocess
-    import sys
+    from .conftest import under_file_size_limit
 
-    cmd = [sys.executable, "-m", "deepscan", "weights", "download", "test-det"]
-    r = subprocess.run(["bash", "-c", 'ulimit -f 16; exec "$@"', "-", *cmd], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ))
+    r = under_file_size_limit(16, "-m", "deepscan", "weights", "download", "test-det", timeout=120)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("deepscan: error:")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "cannot store it in" in errors[0] and "File too large" in errors[0] and "try again" not in errors[0]
