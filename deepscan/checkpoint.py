@@ -4,8 +4,8 @@ The safetensors header carries one metadata key, ``deepscan``, whose JSON value 
 everything needed to rebuild and use the model:
 
     {"format": 1, "variant": ..., "config": {...ModelConfig...},
-     "preprocessing": {"image_size", "lda_size", "mean", "std", "clip_len", "crop_margin"},
-     "provenance": {"data", "epochs", "metrics", "created", "deepscan_version", ...},
+     "preprocessing": {"image_size", "lda_size", "mean", "std", "clip_len", "crop_margin", "alignment"},
+     "provenance": {"data", "epochs", "metrics", "created", "deepscan_version", "name", "license", ...},
      "untrained": bool}
 
 Nothing is ever unpickled: a file that is not safetensors is refused before it is parsed.
@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .config import CROP_MARGIN, ModelConfig
+from .config import ALIGNMENTS, CROP_MARGIN, ModelConfig
 from .errors import ConfigError, WeightsError, io_reason
 from .model import LDADetector
 
@@ -49,15 +49,37 @@ class CheckpointInfo:
     def variant(self) -> str:
         return self.config.variant
 
+    @property
+    def name(self) -> str:
+        """The published model's name (e.g. xception-ffpp-c23), else the file's stem."""
+        return str(self.provenance.get("name") or Path(self.path).stem)
 
-def preprocessing_for(cfg: ModelConfig) -> dict:
+    @property
+    def license(self) -> str | None:
+        lic = self.provenance.get("license")
+        return lic if isinstance(lic, str) else None
+
+    @property
+    def crop_margin(self) -> float:
+        return float(self.preprocessing.get("crop_margin", CROP_MARGIN))
+
+    @property
+    def alignment(self) -> str:
+        return str(self.preprocessing.get("alignment", "none"))
+
+
+def preprocessing_for(cfg: ModelConfig, *, crop_margin: float = CROP_MARGIN, alignment: str = "none") -> dict:
+    """How faces are cut for this model: sizes and n from its config, the margin around the
+    detector's box, and the alignment ("none": a square around the box; "deepfakebench-5pt": a
+    similarity transform of the landmarks onto DeepfakeBench's template, see faces.align_template)."""
     return {
         "image_size": cfg.image_size,
         "lda_size": cfg.lda_size,
         "mean": list(cfg.mean),
         "std": list(cfg.std),
         "clip_len": cfg.clip_len,
-        "crop_margin": CROP_MARGIN,
+        "crop_margin": crop_margin,
+        "alignment": alignment,
     }
 
 
@@ -68,16 +90,23 @@ def save_checkpoint(
     untrained: bool,
     provenance: dict | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    crop_margin: float = CROP_MARGIN,
+    alignment: str = "none",
+    dated: bool = True,
 ) -> Path:
-    """Write model weights (and optional extra tensors, e.g. optimizer state) atomically."""
+    """Write model weights (and optional extra tensors, e.g. optimizer state) atomically.
+    ``dated=False`` leaves the creation time out, so the same weights give the same bytes (a
+    converted published model has one sha256 everywhere)."""
     cfg = model.config
-    prov = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "deepscan_version": __version__}
+    prov = {"deepscan_version": __version__}
+    if dated:
+        prov["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     prov.update(provenance or {})
     meta = {
         "format": FORMAT_VERSION,
         "variant": cfg.variant,
         "config": cfg.to_dict(),
-        "preprocessing": preprocessing_for(cfg),
+        "preprocessing": preprocessing_for(cfg, crop_margin=crop_margin, alignment=alignment),
         "provenance": prov,
         "untrained": bool(untrained),
     }
@@ -162,6 +191,17 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
         if not isinstance(pre.get(key), int) or isinstance(pre.get(key), bool) or pre[key] != want[key]:
             raise WeightsError(f"{path}: damaged deepscan metadata, field 'preprocessing' needs {key} = "
                                f"{want[key]} (the model's), not {pre.get(key)!r}")
+    margin = pre.get("crop_margin", CROP_MARGIN)
+    if type(margin) not in (int, float) or not 1.0 <= margin <= 4.0:
+        raise WeightsError(f"{path}: damaged deepscan metadata, field 'preprocessing' needs a crop_margin between "
+                           f"1 and 4, not {margin!r}")
+    if pre.get("alignment", "none") not in ALIGNMENTS:
+        raise WeightsError(f"{path}: preprocessing alignment {pre.get('alignment')!r} is not one this deepscan knows "
+                           f"({', '.join(ALIGNMENTS)}); upgrade deepscan")
+    for key in ("mean", "std"):  # the normaliser uses the config's: a file that says otherwise is damaged
+        if key in pre and pre[key] != list(getattr(cfg, key)):
+            raise WeightsError(f"{path}: damaged deepscan metadata, preprocessing {key} {pre[key]!r} differs from "
+                               f"the config's {list(getattr(cfg, key))}")
     return CheckpointInfo(
         config=cfg,
         untrained=bool(meta.get("untrained", True)),

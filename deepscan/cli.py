@@ -118,7 +118,7 @@ def report_target(path: Path, option: str) -> Path:
     return path
 
 
-def existing_file(path: Path, option: str) -> Path:
+def existing_file(path: Path, option: str, what: str = ".safetensors file") -> Path:
     """A file the command reads: it must exist and be a regular file (not a folder, a FIFO that
     would block, or a device such as /dev/zero that never ends)."""
     import stat
@@ -126,13 +126,13 @@ def existing_file(path: Path, option: str) -> Path:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise WeightsError(f"{option} {path}: not found; pass an existing .safetensors file") from None
+        raise WeightsError(f"{option} {path}: not found; pass an existing {what}") from None
     except OSError as exc:
         raise WeightsError(f"{option} {path}: cannot be read ({exc.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
-        raise WeightsError(f"{option} {path}: is a folder; pass a .safetensors file")
+        raise WeightsError(f"{option} {path}: is a folder; pass a {what}")
     if not stat.S_ISREG(st.st_mode):
-        raise WeightsError(f"{option} {path}: not a regular file (a FIFO or a device); pass a .safetensors file")
+        raise WeightsError(f"{option} {path}: not a regular file (a FIFO or a device); pass a {what}")
     return path
 
 
@@ -148,8 +148,8 @@ def _sigterm(signum, frame):
 @friendly
 def scan(
     paths: Annotated[list[str], typer.Argument(help="Video files and/or folders (searched recursively).", show_default=False)],
-    weights: Annotated[Optional[Path], typer.Option("--weights", "-w", help="A deepscan .safetensors checkpoint (default: the manifest's for --variant).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", "-v", help="Model variant: xception, spatial, temporal or spatial-temporal (default: the checkpoint's; spatial-temporal from the manifest).")] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", "-w", help="A deepscan .safetensors checkpoint (default: the manifest's best published model, for --variant if given; fetched once).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", "-v", help="Model variant: xception, spatial, temporal or spatial-temporal (default: the checkpoint's).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout, one object per input, nothing else.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Append JSON Lines records to this file, one complete line per input, as each finishes.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs that already have a record in --output (same path, size and mtime, or same sha256).")] = False,
@@ -217,7 +217,8 @@ def scan(
     if not json_out:
         from .report import results_table
 
-        stdout_console().print(results_table(outcome.sink.rows, outcome.info, outcome.detector, threshold, aggregate))
+        stdout_console().print(results_table(outcome.sink.rows, outcome.info, outcome.detector, threshold, aggregate,
+                                             sha256=outcome.sha256))
     if report is not None:
         from .html_report import write_report
 
@@ -250,13 +251,14 @@ def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, nu
              workers: int | None = None):
     from .faces import resolve_detector
     from .output import progress
-    from .prepare import PrepareSettings, is_done, prepare, recorded_detector
+    from .prepare import PrepareSettings, check_cache, is_done, prepare, recorded_detector
     from .workers import cpu_count
 
     cache = writable_folder(cache or data / ".deepscan-cache", "--cache")
     settings = PrepareSettings(image_size=image_size, lda_size=lda_size, clip_len=num_frames, clips=clips)
     if workers is not None and workers < 0:
         raise ConfigError(f"--workers {workers}: give 0 (this process only) or more")
+    check_cache(cache, settings)  # also when every video is cached already
     todo = [i for i in items if not is_done(cache, i)]
     if todo:
         made_with = recorded_detector(cache)
@@ -331,6 +333,7 @@ def train(
     no_augment: Annotated[bool, typer.Option("--no-augment", help="No flips or colour jitter.")] = False,
     self_blend: Annotated[float, typer.Option(help="Probability that a real clip becomes a self-blended pseudo-fake (0 = off; --self-blend 0.5 as in SBI).")] = 0.0,
     vit_init: Annotated[str, typer.Option(help="LDA embeddings: imagenet (timm ViT-B/16 from the Hub), random, or a .safetensors path.")] = "imagenet",
+    backbone_init: Annotated[str, typer.Option(help="Backbone: random (the paper's), a published model such as xception-ffpp-c23 (FF++-trained Xception), or a deepscan .safetensors checkpoint.")] = "random",
     num_maps: Annotated[int, typer.Option("--maps", help="m attention maps (Table IX).")] = 4,
     num_frames: Annotated[int, typer.Option("--frames-per-clip", help="n consecutive frames (Table X).")] = 3,
     recalibration: Annotated[str, typer.Option(help="multiply (paper: f*a) or residual (f*(1+a)).")] = "multiply",
@@ -349,11 +352,18 @@ def train(
     # the options are checked before any video is prepared
     cfg = TrainConfig(out=str(out), variant=variant, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                       momentum=momentum, weight_decay=weight_decay, seed=seed, workers=workers, balance=not no_balance,
-                      augment=not no_augment, self_blend=self_blend, vit_init=vit_init, num_maps=num_maps,
+                      augment=not no_augment, self_blend=self_blend, vit_init=vit_init, backbone_init=backbone_init,
+                      num_maps=num_maps,
                       num_frames=num_frames, recalibration=recalibration, image_size=image_size, lda_size=lda_size,
                       max_steps_per_epoch=max_steps, device=device,
                       data={"root": str(data), "compression": compression, "methods": methods})
     writable_folder(out, "--out")
+    if backbone_init != "random":
+        from .weights import load_manifest
+
+        if backbone_init not in {e.name for e in load_manifest().models()}:
+            existing_file(Path(backbone_init), "--backbone-init", "published model name (see `deepscan weights list`), "
+                                                               "random, or .safetensors checkpoint")
     rank = int(os.environ.get("RANK", "0"))
     kind, items = _dataset(data, layout, compression, methods, splits, seed)
     if rank == 0:
@@ -586,11 +596,17 @@ def report_cmd(
         if not f.is_file():
             raise ConfigError(f"{f}: not a file; give the JSON Lines files `deepscan scan --output` wrote")
     report_target(out, "--out")
-    items = read_records(records, say=notice)
+    for f in records:
+        if out.exists() and os.path.samefile(f, out):
+            raise ConfigError(f"--out {out}: is one of the records files; give the page another name")
+    notes: list[str] = []
+    items = read_records(records, say=notice, notes=notes)
     if not items:
-        raise ConfigError(f"{', '.join(map(str, records))}: no deepscan records in them; give the files `deepscan scan "
-                          "--output` wrote")
-    notice(f"report: {printable(str(write_report(items, out, thumbs_for=thumbs)))} ({len(items)} input(s))")
+        why = f" ({'; '.join(notes)})" if notes else ""
+        raise ConfigError(f"{', '.join(map(str, records))}: no deepscan records in them{why}; give the files "
+                          "`deepscan scan --output` wrote")
+    notice(f"report: {printable(str(write_report(items, out, thumbs_for=thumbs, notes=notes, say=notice)))} "
+           f"({len(items)} input(s))")
 
 
 # ---------------------------------------------------------------------------- weights
@@ -631,13 +647,48 @@ def weights_list(json_out: Annotated[bool, typer.Option("--json", help="Print JS
     table = Table(title=Text(f"Weights manifest ({shown(manifest.source)})"), title_justify="left")
     for col in ("name", "kind", "variant", "cached", "size", "license", "metrics"):
         table.add_column(col, overflow="fold")
-    for r in rows:
-        metrics = ", ".join(f"{k} {v}" for k, v in (r["metrics"] or {}).items()) or "-"
+    for r, e in zip(rows, manifest.entries):
+        metrics = _metrics_text(e.metrics)
         table.add_row(*(Text(shown(str(x))) for x in (r["name"], r["kind"], r["variant"] or "-", "yes" if r["cached"] else "no",
-                                               f"{r['size'] / 1e6:.1f} MB", r["license"], metrics)))
+                                               e.size_text, r["license"], metrics)))
     stdout_console().print(table)
     if not manifest.models():
-        notice("No trained deepscan checkpoint is published yet: train one (`deepscan train`) or pass --weights.")
+        notice("No trained checkpoint is published yet: train one (`deepscan train`) or pass --weights.")
+    else:
+        best = manifest.models()[0]
+        notice(f"scans without --weights use {best.name} ({best.variant}; licence: {best.license})")
+
+
+def _metrics_text(metrics: dict | None) -> str:
+    """Reported figures as 'key value' pairs, nested ones flattened ('frame_auc FF++ c23 96.37')."""
+    parts = []
+    for k, v in (metrics or {}).items():
+        if isinstance(v, dict):
+            parts += [f"{k} {k2} {v2}" for k2, v2 in v.items()]
+        else:
+            parts.append(f"{k} {v}")
+    return ", ".join(parts) or "-"
+
+
+@weights_app.command("import")
+@friendly
+def weights_import(
+    source: Annotated[Path, typer.Argument(help="A checkpoint file of another project (a .pth pickle).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The deepscan .safetensors checkpoint to write.")],
+    from_: Annotated[str, typer.Option("--from", help="The file's layout: deepfakebench (its Xception, e.g. xception_best.pth).")] = "deepfakebench",
+) -> None:
+    """Convert a checkpoint you already have into a deepscan checkpoint. The pickle is read with
+    torch's tensors-only loader: anything but tensors is refused, and nothing in it runs."""
+    from .weights import import_checkpoint, load_manifest
+
+    existing_file(source, "FILE", ".pth file")
+    writable_file(out, "--out")
+    path, entry = import_checkpoint(source, out, fmt=from_, manifest=load_manifest())
+    if entry is not None:
+        notice(f"wrote {path}: {entry.name}, the published file (sha256 matches the manifest); licence: {entry.license}")
+    else:
+        notice(f"wrote {path} (xception, {from_} layout; not a file the manifest pins: its origin and licence are "
+               "yours to know)")
 
 
 @weights_app.command("download")
@@ -701,6 +752,9 @@ KNOWN_COMMANDS = COMMANDS | {"--help", "-h", "--version", "--install-completion"
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: route `deepscan PATH...` to `deepscan scan PATH...`."""
+    from .output import show_warnings_escaped
+
+    show_warnings_escaped()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS and os.path.exists(argv[0]):
         notice(f"note: {argv[0]!r} is a deepscan command; to scan the file or folder {argv[0]}, "

@@ -23,6 +23,10 @@ INPUT_STD = (0.5, 0.5, 0.5)
 # Face crops: a square around the detector box, enlarged this much (common for FF++ crops). A
 # preprocessing constant: it travels with every checkpoint, so crops are made the same way.
 CROP_MARGIN = 1.3
+# How faces are cut (travels with every checkpoint): "none", a square around the detector's box;
+# "deepfakebench-5pt", a similarity transform of the landmarks onto DeepfakeBench's template
+# (faces.align_template), as the published FF++ Xception was trained on.
+ALIGNMENTS = ("none", "deepfakebench-5pt")
 
 
 _INT_BOUNDS = {  # generous for research, small enough that nothing absurd is ever allocated

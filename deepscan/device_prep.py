@@ -55,6 +55,7 @@ class DeviceClip:
     box: tuple[float, float, float, float]
     image: torch.Tensor = field(repr=False)  # (S, S, 3) uint8
     frames: torch.Tensor = field(repr=False)  # (n, s, s, 3) uint8
+    det_score: float = 1.0  # the detector's confidence (a single sighting must be sure: scan.CONFIRM_SINGLE)
 
 
 class DevicePreparer:
@@ -98,8 +99,8 @@ class DevicePreparer:
             ids = self.trackers[c.key].assign(dets)
             squares = [crop_box(d.box, self.margin) for d in dets]
             images, frames = self.crop_clip(c.frames, squares, self.image_size, self.lda_size)
-            out.append([DeviceClip(c.key, tid, c.index, c.frame_indices[0], c.times[0], d.box, images[j], frames[j])
-                        for j, (d, tid) in enumerate(zip(dets, ids))])
+            out.append([DeviceClip(c.key, tid, c.index, c.frame_indices[0], c.times[0], d.box, images[j], frames[j],
+                                   d.score) for j, (d, tid) in enumerate(zip(dets, ids))])
         return out
 
     def forget(self, key) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .config import CROP_MARGIN
+from .config import ALIGNMENTS, CROP_MARGIN  # noqa: F401 - ALIGNMENTS: faces.ALIGNMENTS
 from .errors import ConfigError, WeightsError
 from .video import Clip
 
@@ -64,6 +64,7 @@ class FaceClip:
     landmarks: tuple[tuple[float, float], ...] | None
     image: np.ndarray = field(repr=False)  # (S, S, 3) uint8: frame t at the backbone size
     frames: np.ndarray = field(repr=False)  # (n, s, s, 3) uint8: frames t..t+n-1 at the LDA size
+    aligned: bool = False  # cut by a similarity transform of the landmarks (face_clips' alignment)
 
 
 # ---------------------------------------------------------------------------- detectors
@@ -124,17 +125,18 @@ class DlibDetector:
             if len(found) >= len(follow):
                 return found
         found = self._run(frame, self.det_size)
-        if found:
+        if not found:
+            for box in hints:
+                found += self._around(frame, box)
+            found = nms_detections(found)
+        if found and not deep:
             return found
-        for box in hints:
-            found += self._around(frame, box)
-        if found:
-            return nms_detections(found)
         side = max(frame.shape[:2])
         larger = min(side, self.retry_size)
-        if deep:
+        if deep:  # small faces, also beside larger ones (a crowd): on the deep clips' cadence
             larger = max(larger, round(min(side * MAX_UPSAMPLE, side * DLIB_WINDOW / max(min_face, 1))))
-        return self._run(frame, larger) if larger > self.det_size else []
+        small = self._run(frame, larger) if larger > self.det_size else []
+        return nms_detections([*found, *small]) if found else small
 
 
 class ScrfdDetector:
@@ -304,7 +306,9 @@ def blazeface_search(h: int, w: int, size: int, hints=(), *, follow=(), deep: bo
     (``full=False``); the whole frame (by the short-range model too if the full-range one
     finds nothing: a face that fills the frame, like a 112 px aligned crop, is one it misses);
     around earlier faces (``hints``); with ``deep``, tiles small enough that a ``min_face``
-    face is BLAZE_MIN_FACE px in the input. A stage runs only if the ones before found nothing."""
+    face is BLAZE_MIN_FACE px in the input. A stage runs only if the ones before found nothing,
+    except the tiles: on ``deep`` clips they run also when larger faces were found (in a crowd
+    the whole frame shows the large faces only), merged with them by NMS."""
     from .blazeface import tiles
 
     if follow and not full:
@@ -313,12 +317,12 @@ def blazeface_search(h: int, w: int, size: int, hints=(), *, follow=(), deep: bo
             return found
     whole = [(0, 0, max(h, w))]
     found = (yield whole, False) or (yield whole, True)  # near: a close-up filling the frame
-    if found:
+    if not found and hints:
+        found = yield BlazeFaceDetector.around(h, w, hints), True
+    if not deep:
         return found
-    found = (yield BlazeFaceDetector.around(h, w, hints), True) if hints else []
-    if found or not deep:
-        return found
-    return (yield tiles(h, w, max(size, round(max(min_face, 1) * size / BLAZE_MIN_FACE))), False)
+    small = yield tiles(h, w, max(size, round(max(min_face, 1) * size / BLAZE_MIN_FACE))), False
+    return nms_detections([*found, *small]) if found else small
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
@@ -556,15 +560,95 @@ def crop_square(frame: np.ndarray, square: tuple[int, int, int, int], size: int)
     return np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC if side < size else Image.BOX))
 
 
+# ---------------------------------------------------------------------------- alignment
+# ArcFace's 5-point template for 112x112 faces (left eye, right eye, nose tip, left and right mouth
+# corners, as seen in the image), which DeepfakeBench's preprocessing (preprocess.py,
+# img_align_crop) shifts 8 px right, scales to the output size and shrinks by the margin.
+_TEMPLATE_112 = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
+                          [33.5493, 92.3655], [62.7299, 92.2041]])
+
+
+def align_template(size: int, margin: float) -> np.ndarray:
+    """DeepfakeBench's destination points in an output square of ``size`` px with ``margin``
+    (1.3: the face fills 1/1.3 of the side): (template + (8, 0)) * size / 112, moved in by the
+    margin and scaled back to ``size``."""
+    dst = (_TEMPLATE_112 + [8.0, 0.0]) * (size / 112.0)
+    return (dst + size * (margin - 1) / 2) / margin
+
+
+def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The least-squares similarity transform (rotation, uniform scale, shift) taking points
+    ``src`` onto ``dst``, as a 3x3 matrix: Umeyama's closed form, what skimage's
+    SimilarityTransform.estimate computes (written here: scikit-image is not a runtime dependency
+    and this is ten lines)."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    u, sig, vt = np.linalg.svd(d.T @ s / len(src))
+    sign = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[1, 1] = -1
+    rot = u @ sign @ vt
+    scale = np.trace(np.diag(sig) @ sign) / s.var(0).sum()
+    out = np.eye(3)
+    out[:2, :2] = scale * rot
+    out[:2, 2] = mu_d - scale * rot @ mu_s
+    return out
+
+
+def align_points(landmarks) -> tuple[np.ndarray, list[int]] | None:
+    """The detector's landmarks that meet DeepfakeBench's template, and which template rows they
+    meet: SCRFD's 5 points are the template's own; BlazeFace's 6 keypoints give both eyes, the nose
+    tip and the mouth's centre (the mean of the template's mouth corners). None without landmarks."""
+    if not landmarks:
+        return None
+    pts = np.asarray(landmarks, np.float64)
+    if len(pts) == 5:
+        return pts, [0, 1, 2, 3, 4]
+    if len(pts) == 6:  # BlazeFace: right eye, left eye (the person's: image left, right), nose, mouth, ears
+        return pts[:4], [0, 1, 2, -1]
+    return None
+
+
+def align_matrix(landmarks, size: int, margin: float) -> np.ndarray | None:
+    """The 3x3 transform from frame pixels to an aligned ``size`` px crop, or None."""
+    found = align_points(landmarks)
+    if found is None:
+        return None
+    pts, rows = found
+    template = align_template(size, margin)
+    dst = np.stack([template[3:].mean(0) if r == -1 else template[r] for r in rows])
+    return similarity(pts, dst)
+
+
+def crop_aligned(frame: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` px crop of ``frame`` under ``matrix`` (frame -> crop), bilinear, black outside
+    the frame: cv2.warpAffine's defaults, as DeepfakeBench cut its training faces."""
+    inv = np.linalg.inv(matrix)  # PIL maps each output pixel back into the input
+    coeffs = tuple(float(v) for v in inv[:2].reshape(-1))
+    img = Image.fromarray(np.ascontiguousarray(frame)).transform((size, size), Image.AFFINE, coeffs, Image.BILINEAR)
+    return np.asarray(img)
+
+
 def face_clips(video: str, clip: Clip, detections: list[Detection], track_ids: list[int],
-               image_size: int, lda_size: int, margin: float = CROP_MARGIN) -> list[FaceClip]:
+               image_size: int, lda_size: int, margin: float = CROP_MARGIN,
+               alignment: str = "none") -> list[FaceClip]:
+    """Each detection's face clip. With ``alignment`` "deepfakebench-5pt" and landmarks, the
+    crops are a similarity transform of the landmarks onto DeepfakeBench's template (one transform
+    for the whole clip, from its first frame); without landmarks (dlib) the square crop."""
     out = []
     for det, tid in zip(detections, track_ids):
         square = crop_box(det.box, margin)
-        image = crop_square(clip.frames[0], square, image_size)
-        frames = np.stack([crop_square(f, square, lda_size) for f in clip.frames])
+        matrix = align_matrix(det.landmarks, image_size, margin) if alignment != "none" else None
+        if matrix is not None:
+            image = crop_aligned(clip.frames[0], matrix, image_size)
+            small = np.diag([lda_size / image_size, lda_size / image_size, 1.0]) @ matrix
+            frames = np.stack([crop_aligned(f, small, lda_size) for f in clip.frames])
+        else:
+            image = crop_square(clip.frames[0], square, image_size)
+            frames = np.stack([crop_square(f, square, lda_size) for f in clip.frames])
         out.append(FaceClip(video, tid, clip.index, clip.frame_indices, clip.times, det.box, square,
-                            det.score, det.landmarks, image, frames))
+                            det.score, det.landmarks, image, frames, matrix is not None))
     return out
 
 

@@ -131,17 +131,47 @@ def _convert(model: nn.Module, folder: Path, ov, say: Callable[[str], None] | No
     return meta, str(folder / "model.xml")
 
 
+IR_FILES = ("model.xml", "model.bin")
+
+
+def _fingerprint(folder: Path) -> dict:
+    """Size and sha256 of each IR file: what identifies an entry's content (its folder name only
+    says what it was made from). Hashing ~90 MB takes ~0.1 s, compiling takes more."""
+    from .hashing import sha256_file
+
+    return {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in IR_FILES}
+
+
+def valid_meta(folder: Path) -> dict | None:
+    """The entry's meta.json when it is whole and its IR files are the ones it recorded; None
+    for a missing, damaged or foreign entry (made again by the caller)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if not (isinstance(meta, dict) and isinstance(meta.get("maps"), list)
+                and all(isinstance(m, str) for m in meta["maps"]) and isinstance(meta.get("files"), dict)):
+            return None
+        return meta if meta["files"] == _fingerprint(folder) else None
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def _keep(converted, meta: dict, folder: Path, ov) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
     try:
         ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
+        meta["files"] = _fingerprint(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another scan made it meanwhile: use theirs
-            if not (folder / "meta.json").is_file():
-                raise
+        for attempt in (0, 1):
+            try:
+                os.replace(tmp, folder)
+                break
+            except OSError:
+                if valid_meta(folder) is not None:  # another scan made it meanwhile: use theirs
+                    break
+                if attempt:
+                    raise
+                shutil.rmtree(folder, ignore_errors=True)  # a broken entry (no meta.json, damaged): replaced once
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -155,7 +185,10 @@ def _load(model: nn.Module, folder: Path, ov, settings: dict, convert: bool, say
     if convert:
         meta, source = _convert(fold_batchnorm(model).eval(), folder, ov, say)
     else:
-        meta, source = json.loads((folder / "meta.json").read_text()), str(folder / "model.xml")
+        meta = valid_meta(folder)
+        if meta is None:
+            raise ValueError(f"{folder}: not a whole cache entry")
+        source = str(folder / "model.xml")
     return list(meta["maps"]), ov.Core().compile_model(source, "CPU", settings)
 
 
@@ -182,8 +215,13 @@ class OpenVinoRunner:
         digest = hashlib.sha256(json.dumps([key, ov.__version__, shapes, EXPORT_VERSION]).encode()).hexdigest()
         folder = cache_root() / f"{self.cfg.variant}-{digest[:24]}"
         t = time.perf_counter()
-        self.cold = not (folder / "meta.json").is_file()
-        if self.cold and say:
+        self.cold = valid_meta(folder) is None
+        if self.cold and folder.exists():
+            if say:
+                say(f"note: the OpenVINO cache entry {folder} is damaged or not what it recorded (a file changed, "
+                    "missing or replaced); converting the model again")
+            shutil.rmtree(folder, ignore_errors=True)
+        elif self.cold and say:
             say(f"converting the model for OpenVINO (once per checkpoint, kept in {folder.parent})")
         settings = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self.threads,
                     "NUM_STREAMS": self.lanes, "PERFORMANCE_HINT": "THROUGHPUT"}

@@ -127,6 +127,18 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _HIDDEN = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")  # controls, format (bidi, zero-width), separators...
 
 
+def show_warnings_escaped() -> None:
+    """Library warnings (matplotlib's "Glyph 27 ... missing" quotes a file name's raw ESC) reach
+    stderr as one line through ``shown``, like every other message: nothing a library says can
+    act on the terminal."""
+    import warnings
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        notice(f"warning: {shown(str(message))} ({category.__name__})")
+
+    warnings.showwarning = showwarning
+
+
 def shown(text: str) -> str:
     """``text`` as it may reach a person's terminal: every character a terminal would act on
     rather than show (escape sequences, bell, newline, bidi overrides, zero-width characters,
@@ -147,6 +159,23 @@ def shown(text: str) -> str:
             code = ord(ch)
             out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
     return "".join(out)
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The process holding a flock on ``fd``'s file, from /proc/locks (Linux), else None."""
+    try:
+        st = os.fstat(fd)
+        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "FLOCK" in parts and ident in parts:
+                    pid = parts[parts.index(ident) - 1]
+                    if pid.isdigit():
+                        return int(pid)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class JsonlFile:
@@ -192,10 +221,36 @@ class JsonlFile:
                 os.set_blocking(self.fd, True)
                 return
             if st is not None and st.st_size:
-                self._read(on_record, shown)
+                self._check_ours(shown)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._lock(shown)  # before reading: nobody else appends while this scan reads, cuts or writes
+            if os.fstat(self.fd).st_size:
+                self._read(on_record, shown)
         except OSError as exc:
             raise OutputError(f"--output {shown}: cannot open it ({exc.strerror}); choose a writable file") from None
+
+    def _lock(self, shown: str) -> None:
+        """An exclusive lock on the file for the whole scan (flock: released whenever this
+        process ends, however it ends): two scans appending to one file (a cron rerun with
+        --resume while the last run still writes) would cut each other's records."""
+        import fcntl
+
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(self.fd)
+            os.close(self.fd)
+            who = f"process {holder}" if holder else "another process"
+            raise OutputError(f"--output {shown} is being written by {who} (another deepscan scan?); wait for it "
+                              "to end, or give another file") from None
+        except OSError:
+            pass  # a file system without locks (some network mounts): as before
+
+    def _check_ours(self, shown: str) -> None:
+        with open(self.path, "rb") as f:
+            if not _begins_record(f.read(len(RECORD_PREFIX))):
+                raise OutputError(f"--output {shown}: exists and does not hold deepscan records; nothing was "
+                                  "changed; give a new file name (or the output file of an earlier scan)")
 
     def _read(self, on_record, shown: str) -> None:
         refuse = OutputError(f"--output {shown}: exists and does not hold deepscan records; nothing was changed; "
@@ -213,7 +268,7 @@ class JsonlFile:
                     continue
                 try:
                     rec = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     rec = None
                 if not _is_record(rec):
                     if not complete:
@@ -230,11 +285,12 @@ class JsonlFile:
                     on_record(rec)
                 end += len(line)
                 self._newline = not complete
-        size = self.path.stat().st_size
-        if end < size:
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-            self.dropped = size - end
+            read = f.tell()
+        # cut the torn last line, and only it: never below what was read (the lock keeps other
+        # deepscan scans out; a file that grew meanwhile is left as it is)
+        if end < read and os.fstat(self.fd).st_size == read:
+            os.ftruncate(self.fd, end)
+            self.dropped = read - end
 
     def write(self, record: dict) -> None:
         line = (json_line(record) + "\n").encode("utf-8")
@@ -287,9 +343,10 @@ def write_lines(path, records) -> None:
     write_atomically(path, "".join(json_line(r) + "\n" for r in records))
 
 
-def write_atomically(path, text: str) -> None:
+def write_atomically(path, text: str, *, shared: bool = False) -> None:
     """``text`` into ``path``, whole or not at all (a temporary file renamed into place); a
-    failure (a full disk) is one line naming the file."""
+    failure (a full disk) is one line naming the file. ``shared``: the file gets the mode a new
+    file gets under the umask (a page to share), not the temporary file's 0600."""
     import tempfile
     from pathlib import Path
 
@@ -299,6 +356,10 @@ def write_atomically(path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            if shared:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.fchmod(f.fileno(), 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"{path}: writing failed ({exc.strerror}); choose another place") from None

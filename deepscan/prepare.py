@@ -89,8 +89,7 @@ def _check_settings(cache: Path, settings: PrepareSettings, detector: str | None
         if detector and made_with and made_with != detector:
             raise ConfigError(f"{cache}: made with the {made_with} face detector, not {detector}; pass "
                               f"--detector {made_with}, or use another --cache folder")
-        if {k: v for k, v in have.items() if k != "detector"} != want:
-            raise ConfigError(f"{cache}: made with other settings ({have}); use another --cache folder")
+        check_cache(cache, settings)
         if made_with or not detector:
             return
     tmp = path.with_name(f".cache.json.tmp-{os.getpid()}")
@@ -110,7 +109,28 @@ def _unwritable(cache: Path, exc: OSError) -> OutputError:
 
 
 def is_done(cache: Path, item: VideoItem) -> bool:
-    return (cache / entry_name(item.key) / "meta.json").is_file()
+    """The video has an entry that finished: with face clips, or without a face. One whose
+    preparation failed (an unreadable file, a worker that died) is tried again, as `scan --resume`
+    tries errors again."""
+    try:
+        meta = json.loads((cache / entry_name(item.key) / "meta.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("error") is None
+
+
+def check_cache(cache: Path, settings: PrepareSettings) -> None:
+    """A cache's recorded settings must be the run's, whether or not anything is left to prepare
+    (a 398 px model must never train on a cache of 62 px crops)."""
+    have = _read_settings(cache)
+    if have is None:
+        return
+    want = {**asdict(settings), "layout": CACHE_LAYOUT}
+    if {k: v for k, v in have.items() if k != "detector"} != want:
+        differ = sorted(k for k in set(want) | set(have) - {"detector"} if have.get(k) != want.get(k))
+        shown_ = ", ".join(f"{k} {have.get(k)!r} (this run: {want.get(k)!r})" for k in differ)
+        raise ConfigError(f"{cache}: made with other settings: {shown_}; use another --cache folder or the same "
+                          "settings")
 
 
 def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSettings) -> dict:
@@ -291,8 +311,32 @@ def load_cache(cache: str | Path, items: list[VideoItem]) -> list[CachedVideo]:
             raise ConfigError(f"{meta_path}: damaged; delete the folder {meta_path.parent} and run again "
                               "(that video is prepared again)") from None
         if clips:
-            out.append(CachedVideo(item.key, item.label, item.split, item.method, clips, str(meta_path.parent)))
+            video = CachedVideo(item.key, item.label, item.split, item.method, clips, str(meta_path.parent))
+            _check_arrays(video, _read_settings(cache))
+            out.append(video)
     return out
+
+
+def _check_arrays(video: CachedVideo, settings: dict | None) -> None:
+    """A cached video's arrays must open, hold at least ``clips`` clips and have the cache's crop
+    shapes: a truncated or foreign array is one line naming the folder to delete, before any epoch."""
+    folder = Path(video.folder)
+
+    def damaged(why: str) -> ConfigError:
+        return ConfigError(f"{folder}: damaged face-clip cache entry ({why}); delete that folder and run again "
+                           "(that video is prepared again)")
+
+    try:
+        image, frames = open_arrays(video)
+    except (OSError, ValueError, EOFError) as exc:
+        raise damaged(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}") from None
+    if image.ndim != 4 or frames.ndim != 5 or image.shape[0] < video.clips or frames.shape[0] < video.clips:
+        raise damaged(f"arrays of shapes {list(image.shape)} and {list(frames.shape)} for {video.clips} clips")
+    if settings:
+        s, n, lda = settings.get("image_size"), settings.get("clip_len"), settings.get("lda_size")
+        if tuple(image.shape[1:]) != (s, s, 3) or tuple(frames.shape[1:]) != (n, lda, lda, 3):
+            raise damaged(f"crops of {list(image.shape[1:])} and {list(frames.shape[1:])}, the cache's settings say "
+                          f"{[s, s, 3]} and {[n, lda, lda, 3]}")
 
 
 def open_arrays(video: CachedVideo) -> tuple[np.ndarray, np.ndarray]:

@@ -10,10 +10,14 @@ from .output import shown
 _STYLE = {"fake": "bold red", "real": "green", "no-face": "yellow", "error": "magenta"}
 
 
-def results_table(rows, info, detector: str, threshold: float, aggregation: str = "mean") -> Table:
+def results_table(rows, info, detector: str, threshold: float, aggregation: str = "mean",
+                  sha256: str | None = None) -> Table:
     """One line per video from the scan's small rows. User strings (paths, notes) go in as
-    ``Text``, never as markup: "clip [1080p].mp4" is a file name, not a style."""
-    title = f"deepscan: {info.variant} model, {detector} faces, threshold {threshold}"
+    ``Text``, never as markup: "clip [1080p].mp4" is a file name, not a style. The title names the
+    model, its variant, the checkpoint's sha256 and its licence."""
+    sha = f", sha256 {sha256[:12]}" if sha256 else ""
+    lic = f", licence: {info.license}" if info.license else ""
+    title = f"deepscan: {info.name} ({info.variant}{sha}{lic}), {detector} faces, threshold {threshold}"
     if aggregation != "mean":
         title += f", track score = {aggregation} of frames (paper: mean)"
     if info.untrained:

@@ -21,7 +21,7 @@ class ScanRequest:
     paths: tuple[str, ...]
     settings: ScanSettings
     weights: Path | None = None
-    variant: str | None = None  # None: the checkpoint's (spatial-temporal from the manifest)
+    variant: str | None = None  # None: the checkpoint's (the manifest's best model without --weights)
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None  # None: default_workers()
@@ -48,6 +48,7 @@ class ScanOutcome:
     detector: str
     interrupted: KeyboardInterrupt | None = None
     workers: int | None = None  # preparation workers started (None on Ray)
+    sha256: str | None = None  # the checkpoint's
 
 
 @contextlib.contextmanager
@@ -71,12 +72,27 @@ def _checkpoint(req: ScanRequest, manifest, say):
     from .output import printable
     from .weights import resolve_checkpoint
 
-    ckpt, ckpt_sha = resolve_checkpoint(req.variant or "spatial-temporal", req.weights, manifest, say=say)
+    ckpt, ckpt_sha = resolve_checkpoint(req.variant, req.weights, manifest, say=say)
     info = read_info(ckpt)
     if req.variant is not None and req.variant != info.variant:
         raise ConfigError(f"--variant {req.variant}, but {printable(str(ckpt))} holds a {info.variant} model; "
                           "drop --variant or pass a checkpoint of that variant")
     return ckpt, ckpt_sha, info
+
+
+def _with_preprocessing(req: ScanRequest, info: CheckpointInfo) -> ScanRequest:
+    """The checkpoint's own way of cutting faces (margin, alignment) in the scan's settings."""
+    settings = dataclasses.replace(req.settings, margin=info.crop_margin, alignment=info.alignment)
+    return dataclasses.replace(req, settings=settings)
+
+
+def _say_model(info: CheckpointInfo, say) -> None:
+    """One line naming a trained model and its licence (an untrained one gets its warning)."""
+    from .output import printable
+
+    if not info.untrained:
+        lic = info.license or "not stated in the checkpoint"
+        say(f"model: {printable(info.name)} ({info.variant}); licence: {printable(lic)}")
 
 
 def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
@@ -105,8 +121,9 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     backend = pick_backend("torch" if req.compile and req.backend == "auto" else req.backend, devices[0])
     manifest = load_manifest()
     ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
+    req = _with_preprocessing(req, info)
     spec = resolve_detector(req.detector, manifest=manifest, say=say)
-    preparation = scan_mod.pick_preparation(req.preparation, spec.name)
+    preparation = scan_mod.pick_preparation(req.preparation, spec.name, info.alignment)
     decoder = scan_mod.pick_decoder(req.decoder, preparation, devices[0], say=say)
     req = dataclasses.replace(req, settings=dataclasses.replace(req.settings, preparation=preparation, decoder=decoder))
     file, done = _open_output(req)
@@ -121,6 +138,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
         model, info = load_checkpoint(ckpt)
         if info.untrained:
             warn_untrained(str(ckpt))
+        _say_model(info, say)
         model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt), backend)
         inputs = _plan(req, file, done, _resume_key(req, model_rec, spec.name), say)
         runners = [scan_mod.make_runner(model, devices[0], dtype, backend, key=model_rec["sha256"],
@@ -128,7 +146,7 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
         runners += [runners[0].replica(d) for d in devices[1:]]
         sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
                         on_error=lambda e: say(f"deepscan: {printable(e)}"), keep_items=req.report is not None)
-        outcome = ScanOutcome(sink, info, Path(ckpt), spec.name, workers=workers)
+        outcome = ScanOutcome(sink, info, Path(ckpt), spec.name, workers=workers, sha256=model_rec["sha256"])
         known = len(req.paths) if req.shard[1] == 1 and not req.resume and not any(map(os.path.isdir, req.paths)) \
             else None
         with scan_mod.Scanner(runners, worker_spec.build, spec.name, req.settings, model=model_rec,
@@ -230,8 +248,10 @@ def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
 
     manifest = load_manifest()
     ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
+    req = _with_preprocessing(req, info)
     if info.untrained:
         warn_untrained(str(ckpt))
+    _say_model(info, say)
     spec = resolve_detector(req.detector, manifest=manifest, say=say)
     spec = dataclasses.replace(spec, threads=1, providers=None)  # each actor picks its own providers
     model_rec = model_record(info, ckpt_sha or sha256_file(ckpt))
@@ -239,7 +259,7 @@ def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
     file, done = _open_output(req)
     sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
                     on_error=lambda e: say(f"deepscan: {printable(e)}"), keep_items=req.report is not None)
-    outcome = ScanOutcome(sink, info, Path(ckpt), spec.name)
+    outcome = ScanOutcome(sink, info, Path(ckpt), spec.name, sha256=model_rec["sha256"])
     say(f"ray: {int(resources.get('CPU', 0))} CPU(s), {int(resources.get('GPU', 0))} GPU(s) in the cluster")
     try:
         inputs = _plan(req, file, done, _resume_key(req, model_rec, spec.name), say)

@@ -45,6 +45,8 @@ AGGREGATIONS = ("mean", "median", "max")
 PREPARATIONS = ("workers", "device")
 DEVICE_SLOTS = 6  # slots per worker handing over frames: a clip's frames are 8-19 MB (720p-1080p)
 NVDEC_NEEDS_DEVICE = "--decoder nvdec needs --preparation device (NVDEC's frames stay on the GPU)"
+ALIGNED_NEEDS_WORKERS = ("this checkpoint's faces are aligned on their landmarks, which only the preparation workers "
+                         "do so far; use --preparation workers (or auto)")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ScanSettings:
     timeout_s: float = 600.0  # an input whose preparation makes no progress this long is abandoned
     preparation: str = "workers"  # workers: they detect and crop; device: they decode, the model's device does the rest
     decoder: str = "ffmpeg"  # ffmpeg (in the workers) or nvdec (threads here, with preparation on the device)
+    alignment: str = "none"  # the checkpoint's: "deepfakebench-5pt" aligns crops on the landmarks (faces.ALIGNMENTS)
 
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
@@ -79,6 +82,10 @@ class ScanSettings:
             raise ConfigError(NVDEC_NEEDS_DEVICE)
         if self.preparation not in PREPARATIONS:
             raise ConfigError(f"--preparation must be auto, {' or '.join(PREPARATIONS)}, not {self.preparation!r}")
+        if self.alignment not in faces_mod.ALIGNMENTS:
+            raise ConfigError(f"alignment must be one of {', '.join(faces_mod.ALIGNMENTS)}, not {self.alignment!r}")
+        if self.alignment != "none" and self.preparation == "device":
+            raise ConfigError(ALIGNED_NEEDS_WORKERS)
 
     def record(self) -> dict:
         """The settings every record carries besides threshold and aggregation (what --resume
@@ -91,7 +98,8 @@ class ScanSettings:
         return PrepSettings(clips=self.clips, clip_len=cfg.clip_len, image_size=cfg.image_size,
                             lda_size=cfg.lda_size, margin=self.margin, min_face=self.min_face,
                             strategy=self.strategy, hash_files=self.hash_files, max_side=max_side or MAX_SIDE,
-                            handover="frames" if self.preparation == "device" else "crops")
+                            handover="frames" if self.preparation == "device" else "crops",
+                            alignment=self.alignment)
 
 
 # ---------------------------------------------------------------------------- devices
@@ -166,15 +174,18 @@ def pick_decoder(name: str, preparation: str, device: torch.device, say=None, mo
     return "ffmpeg"
 
 
-def pick_preparation(name: str, detector: str) -> str:
+def pick_preparation(name: str, detector: str, alignment: str = "none") -> str:
     """``auto``: the workers, on every device, until a GPU run has measured device preparation
     (benchmarks/gpu.sh; on this project's CPUs the workers are faster: README 'Preparation on
     the device');
-    ``device`` runs BlazeFace in torch, so it takes no other detector."""
+    ``device`` runs BlazeFace in torch, so it takes no other detector, and cuts square crops only
+    (a checkpoint whose faces are aligned needs the workers)."""
     if name == "auto":
         return "workers"
     if name not in PREPARATIONS:
         raise ConfigError(f"--preparation must be auto, {' or '.join(PREPARATIONS)}, not {name!r}")
+    if name == "device" and alignment != "none":
+        raise ConfigError(ALIGNED_NEEDS_WORKERS)
     if name == "device" and detector != "blazeface":
         raise ConfigError(f"--preparation device runs BlazeFace on the model's device; it cannot run --detector "
                           f"{detector} (use --detector blazeface, or --preparation workers)")
@@ -316,6 +327,7 @@ class FrameScore:
     time_s: float
     score: float
     box: tuple[float, float, float, float]
+    det_score: float = 1.0  # the detector's confidence in the face
     maps: dict | None = field(default=None, repr=False)  # component -> (m, 14, 14), heatmap candidates only
     crop: np.ndarray | None = field(default=None, repr=False)  # (s, s, 3) uint8, heatmap candidates only
 
@@ -367,9 +379,25 @@ def aggregate(scores: list[float], how: str) -> float:
     return float(np.mean(scores))
 
 
+# A face must be confirmed before it counts: seen in two clips or more, or, seen once, with a
+# detector score this sure. BlazeFace on the real faces here (carphone 176x144, the astronaut, two
+# faces; every sampled clip searched in full) scored 0.665-0.97; its false faces, on skimage's
+# photos blurred (letters, coins, a cat), 0.52-0.62 (README "What confirms a face"). dlib's HOG
+# margins are another scale and were not measured: every dlib sighting counts, as before.
+CONFIRM_SINGLE = {"blazeface": 0.65, "scrfd": 0.65}
+
+
+def confirmed(frames: list["FrameScore"], single: float) -> bool:
+    """A track counts when it was seen in more than one clip, or once with a score >= ``single``."""
+    return len(frames) > 1 or any(f.det_score >= single for f in frames)
+
+
 def model_record(info: CheckpointInfo, checkpoint_sha: str, backend: str = "torch") -> dict:
-    return {"variant": info.variant, "checkpoint": Path(info.path).name, "sha256": checkpoint_sha,
-            "untrained": info.untrained, "backend": backend}
+    """What every record says of the model: its name (the published model's, else the file's
+    stem), variant, checkpoint file and sha256, licence (the checkpoint's, null when it states
+    none), whether it is untrained, and the runtime."""
+    return {"name": info.name, "variant": info.variant, "checkpoint": Path(info.path).name, "sha256": checkpoint_sha,
+            "license": info.license, "untrained": info.untrained, "backend": backend}
 
 
 def error_record(path: str, error: str, *, settings: ScanSettings, model: dict, detector: str) -> dict:
@@ -798,7 +826,7 @@ class Scanner:
             vs.face_clips += len(face_clips)
             vs.device_s += share
             for fc in face_clips:
-                meta = ClipMeta(fc.track_id, fc.clip_index, fc.frame_index, fc.time_s, fc.box)
+                meta = ClipMeta(fc.track_id, fc.clip_index, fc.frame_index, fc.time_s, fc.box, fc.det_score)
                 st.pending.append(_Pending(p.index, -1, meta, now, (fc.image, fc.frames)))
             self._maybe_complete(st, vs)
 
@@ -848,7 +876,7 @@ class Scanner:
                 vs.error = (f"{vs.path}: the model gave a non-finite score (a numerical overflow?); "
                             "try --precision fp32, or check the checkpoint")
                 continue
-            fs = FrameScore(meta.frame_index, meta.time_s, float(probs[j]), meta.box)
+            fs = FrameScore(meta.frame_index, meta.time_s, float(probs[j]), meta.box, meta.det_score)
             vs.tracks.setdefault(meta.track_id, []).append(fs)
             if keep:
                 st.seq += 1
@@ -882,10 +910,16 @@ class Scanner:
         s = self.settings
         tail = vs.tail or {}
         warnings = list(tail.get("warnings", []))
-        score, verdict, track_scores = None, "error", {}
+        score, verdict, track_scores, unconfirmed = None, "error", {}, []
         if vs.error is None:
-            if vs.tracks:
-                track_scores = {tid: aggregate([f.score for f in fr], s.aggregation) for tid, fr in vs.tracks.items()}
+            sure = CONFIRM_SINGLE.get(self.detector_name, 0.0)
+            unconfirmed = sorted(tid for tid, fr in vs.tracks.items() if not confirmed(fr, sure))
+            if unconfirmed:
+                warnings.append(f"{len(unconfirmed)} face candidate(s) seen in one clip only with a detector score "
+                                f"below {sure}: not scored into the verdict (record: unconfirmed)")
+            if len(unconfirmed) < len(vs.tracks):
+                track_scores = {tid: aggregate([f.score for f in fr], s.aggregation) for tid, fr in vs.tracks.items()
+                                if tid not in unconfirmed}
                 score = max(track_scores.values())  # a video is as fake as its most fake track
                 verdict = "fake" if score >= s.threshold else "real"
             else:
@@ -894,10 +928,12 @@ class Scanner:
         if self.heatmaps is not None and vs.top and verdict in ("fake", "real"):
             from .heatmaps import write_heatmaps
 
-            frames = [f for _, _, f in sorted(vs.top, key=lambda t: (-t[0], t[1]))]
+            doubtful = {id(f) for tid in unconfirmed for f in vs.tracks[tid]}
+            frames = [f for _, _, f in sorted(vs.top, key=lambda t: (-t[0], t[1])) if id(f) not in doubtful]
             try:
-                timeline = ({tid: [(f.time_s, f.score) for f in fr] for tid, fr in vs.tracks.items()}, s.threshold)
-                folder = write_heatmaps(vs.path, verdict, score, frames, self.heatmaps, timeline)
+                timeline = ({tid: [(f.time_s, f.score) for f in fr] for tid, fr in vs.tracks.items()
+                             if tid in track_scores}, s.threshold)
+                folder = write_heatmaps(vs.path, verdict, score, frames, self.heatmaps, timeline) if frames else None
             except (OSError, ValueError) as exc:
                 warnings.append(f"heatmaps not written ({io_reason(exc)})")
         vs.top = []
@@ -932,6 +968,11 @@ class Scanner:
                 # an error keeps no tracks, even when clips of it were scored before its worker died
                 # (those have no track score: taking one crashed the scan, found by killing workers)
                 for tid, frames in sorted(vs.tracks.items()) if tid in track_scores
+            ],
+            "unconfirmed": [
+                {"id": tid, "frames": [{"index": f.index, "time_s": f.time_s, "detector_score": round(f.det_score, 4),
+                                        "box": [round(v * box_scale, 1) for v in f.box]} for f in vs.tracks[tid]]}
+                for tid in unconfirmed
             ],
             "warnings": warnings,
             "timings": {k: round(v, 3) for k, v in timings.items()},

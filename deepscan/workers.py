@@ -80,6 +80,7 @@ class PrepSettings:
     # what a worker hands over: "crops" (it detects, tracks and crops) or "frames" (it only decodes;
     # the scanning process prepares on its device, see device_prep)
     handover: str = "crops"
+    alignment: str = "none"  # faces.ALIGNMENTS: the checkpoint's (deepfakebench-5pt: on the landmarks)
 
     @property
     def slot_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -106,6 +107,7 @@ class ClipMeta:
     frame_index: int  # the frame the model classifies (the clip's first)
     time_s: float
     box: tuple[float, float, float, float]  # detector box in decoded-frame pixels
+    det_score: float = 1.0  # the detector's confidence in the face (scan.CONFIRM_SINGLE)
 
 
 class FramesMeta(NamedTuple):
@@ -151,7 +153,7 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
         tracker = faces_mod.Tracker()
         timings = tail["timings"]
         timings.update(decode_s=0.0, detect_crop_s=0.0)
-        count = 0
+        count = aligned = 0
         t = time.perf_counter()
         for clip in sample_clips(info, settings.clips, clip_len, settings.strategy, report):
             t1 = time.perf_counter()
@@ -164,16 +166,20 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
                                                    min_face=settings.min_face, deep=clip.index % DEEP_EVERY == 0,
                                                    full=clip.index % FULL_EVERY == 0), settings.min_face)
             ids = tracker.assign(dets)
-            fcs = faces_mod.face_clips(path, clip, dets, ids, settings.image_size, settings.lda_size, settings.margin)
+            fcs = faces_mod.face_clips(path, clip, dets, ids, settings.image_size, settings.lda_size, settings.margin,
+                                       settings.alignment)
             t = time.perf_counter()
             timings["detect_crop_s"] += t - t1
             for fc in fcs:
                 count += 1
+                aligned += fc.aligned
                 yield fc
             t = time.perf_counter()
         tail["face_clips"] = count
         tail["sampling"] = {"clips": report.planned, "n": clip_len, "decoded_clips": report.decoded,
                             "frames": report.decoded * clip_len, "face_clips": count, "strategy": report.strategy}
+        if settings.alignment != "none":  # how many crops the landmarks aligned (dlib gives none: square crops)
+            tail["sampling"]["aligned_face_clips"] = aligned
         tail["video_frames"] = report.frames  # the length the plan used (counted again if the header was wrong)
         tail["warnings"] += report.warnings
         if report.warning:
@@ -261,7 +267,7 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
                         image[...] = ev.image
                         frames[...] = ev.frames
                         conn.send(("clip", job, slot, ClipMeta(ev.track_id, ev.clip_index, ev.frame_indices[0],
-                                                               ev.times[0], ev.box)))
+                                                               ev.times[0], ev.box, ev.score)))
                 pump(block=False)
             if job[0] in cancelled:
                 events.close()  # stops its ffmpeg

@@ -190,10 +190,15 @@ def test_full_size_untrained_scan_end_to_end(media_dir, tmp_path):
     assert 0.0 <= rec["score"] <= 1.0 and rec["model"]["untrained"]
 
 
-def test_no_checkpoint_says_what_to_do():
+def test_no_checkpoint_says_what_to_do(tmp_path, monkeypatch):
+    # the default model cannot be fetched (the Hub is out of reach in tests): what to run, in one line
     result = runner.invoke(app, ["scan", "whatever.mp4"])
     assert result.exit_code == 2
-    assert "no published checkpoint" in result.stderr and "--weights" in result.stderr
+    assert "weights download xception-ffpp-c23" in result.stderr and "--weights" in result.stderr
+    # a variant nothing is published for
+    result = runner.invoke(app, ["scan", "whatever.mp4", "--variant", "temporal"])
+    assert result.exit_code == 2
+    assert "no published checkpoint for variant 'temporal'" in result.stderr and "xception-ffpp-c23" in result.stderr
 
 
 def test_debug_variable_shows_traceback(tmp_path):

@@ -43,7 +43,7 @@ def test_shipped_manifest_is_valid_and_pins_commits():
     m = weights.load_manifest()
     det = m.detector()
     assert det is not None and len(det.revision) == 40 and "non-commercial" in det.license
-    assert m.models() == []  # no checkpoint of this model is published yet
+    assert [e.name for e in m.models()] == ["xception-ffpp-c23"]  # the published Xception (test_published.py)
 
 
 def test_first_download_then_cache_hit_without_network(hub, entry):
@@ -159,8 +159,9 @@ def test_publish_then_download_round_trip(hub, tmp_path, monkeypatch, media_dir)
                                       "--clips", "2", "--detector", "dlib", "--no-hash"])
     assert result.exit_code in (0, 1), result.output
     rec = json.loads(result.stdout)
-    assert rec["model"] == {"variant": "spatial", "checkpoint": "trained.safetensors", "sha256": entry["sha256"],
-                            "untrained": False, "backend": rec["model"]["backend"]}
+    assert rec["model"] == {"name": "trained", "variant": "spatial", "checkpoint": "trained.safetensors",
+                            "sha256": entry["sha256"], "license": None, "untrained": False,
+                            "backend": rec["model"]["backend"]}
     assert rec["model"]["backend"] in ("torch", "openvino")
 
 
