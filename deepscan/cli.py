@@ -52,8 +52,8 @@ def friendly(fn):
 
             # everything complete is written by now: a further Ctrl-C must not cut the exit short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            code = 143 if isinstance(exc, Terminated) else 130
-            notice("deepscan: terminated" if code == 143 else "deepscan: interrupted")
+            code = exc.code if isinstance(exc, Terminated) else 130
+            notice({143: "deepscan: terminated", 129: "deepscan: hung up"}.get(code, "deepscan: interrupted"))
             raise typer.Exit(code) from None
 
     return wrapper
@@ -139,9 +139,19 @@ def existing_file(path: Path, option: str, what: str = ".safetensors file") -> P
 class Terminated(KeyboardInterrupt):
     """SIGTERM: handled like Ctrl-C (stop taking inputs, keep what is complete), exit 143."""
 
+    code = 143
+
+
+class HungUp(Terminated):
+    """SIGHUP (a closed terminal, a dropped ssh): as SIGTERM, exit 129."""
+
+    code = 129
+
 
 def _sigterm(signum, frame):
-    raise Terminated()
+    import signal
+
+    raise HungUp() if signum == signal.SIGHUP else Terminated()
 
 
 @app.command()
@@ -210,15 +220,18 @@ def scan(
                           heatmaps=heatmaps, compile=compile_model, backend=backend, report=report,
                           json_out=json_out, ray=ray, preparation=preparation, decoder=decoder)
     previous = signal.signal(signal.SIGTERM, _sigterm)
+    previous_hup = signal.signal(signal.SIGHUP, _sigterm)  # a closed terminal: the report is still written
     try:
         outcome = run_scan(request, say=notice)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
     if not json_out:
         from .report import results_table
 
-        stdout_console().print(results_table(outcome.sink.rows, outcome.info, outcome.detector, threshold, aggregate,
-                                             sha256=outcome.sha256))
+        console = stdout_console()
+        console.print(results_table(outcome.sink.rows, outcome.info, outcome.detector, threshold, aggregate,
+                                    sha256=outcome.sha256, width=console.width))
     if report is not None:
         from .html_report import write_report
 
@@ -767,7 +780,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="deepscan")
     except SystemExit as exc:
-        if exc.code in (130, 143):
+        if exc.code in (129, 130, 143):
             _exit_now(exc.code)
         raise
     except OSError as exc:

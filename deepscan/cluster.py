@@ -52,8 +52,10 @@ def connect(address: str, *, num_cpus: float | None = None) -> dict:
                      configure_logging=True)
         try:
             if address == "local":
+                from . import watchdog
                 from .scan import cpu_count
 
+                watchdog.start()  # a local runtime ends with this process, however it ends (SIGKILL too)
                 ray.init(num_cpus=num_cpus or cpu_count(), **quiet)
             else:
                 ray.init(address=address, **quiet)

@@ -10,11 +10,18 @@ from .output import shown
 _STYLE = {"fake": "bold red", "real": "green", "no-face": "yellow", "error": "magenta"}
 
 
+def _tail(text: str, limit: int) -> str:
+    """A path cut from the left, keeping its file name: '…/videos/clip.mp4'."""
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
 def results_table(rows, info, detector: str, threshold: float, aggregation: str = "mean",
-                  sha256: str | None = None) -> Table:
-    """One line per video from the scan's small rows. User strings (paths, notes) go in as
-    ``Text``, never as markup: "clip [1080p].mp4" is a file name, not a style. The title names the
-    model, its variant, the checkpoint's sha256 and its licence."""
+                  sha256: str | None = None, width: int | None = None) -> Table:
+    """One line per video from the scan's small rows, at any terminal width (``width``: the
+    console's; paths are cut from the left, notes with an ellipsis: the full text is in --json
+    and the report). User strings (paths, notes) go in as ``Text``, never as markup: "clip
+    [1080p].mp4" is a file name, not a style. The title names the model, its variant, the
+    checkpoint's sha256 and its licence."""
     sha = f", sha256 {sha256[:12]}" if sha256 else ""
     lic = f", licence: {info.license}" if info.license else ""
     title = f"deepscan: {info.name} ({info.variant}{sha}{lic}), {detector} faces, threshold {threshold}"
@@ -23,13 +30,21 @@ def results_table(rows, info, detector: str, threshold: float, aggregation: str 
     if info.untrained:
         title += "  [UNTRAINED CHECKPOINT: scores are meaningless]"
     table = Table(title=Text(shown(title)), title_justify="left")
+    # one line per video: the path (cut from the left, keeping the file name) and the note (cut
+    # with an ellipsis) share what the fixed columns and the borders (52 characters) leave
+    room = max(24, (width or 1000) - 52)
+    paths = [shown(r.path) for r in rows]
+    path_w = min(max([5, *map(len, paths)]), max(12, room * 3 // 5))
+    note_w = max(8, room - path_w)
     for col, just in (("video", "left"), ("verdict", "left"), ("score", "right"), ("faces", "right"),
                       ("frames", "right"), ("seconds", "right"), ("note", "left")):
-        table.add_column(col, justify=just, overflow="fold")
-    for r in rows:
+        table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")
+    for r, path in zip(rows, paths):
         score = "" if r.score is None else f"{r.score:.3f}"
-        table.add_row(Text(shown(r.path)), Text(r.verdict, style=_STYLE[r.verdict]), score, str(r.faces),
-                      str(r.frames), f"{r.seconds:.1f}", Text(shown(r.note)))
+        note = shown(r.note)
+        note = note if len(note) <= note_w else note[:note_w - 1] + "…"
+        table.add_row(Text(_tail(path, path_w)), Text(r.verdict, style=_STYLE[r.verdict]), score,
+                      str(r.faces), str(r.frames), f"{r.seconds:.1f}", Text(note))
     return table
 
 

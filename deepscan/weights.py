@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -367,6 +368,72 @@ class _Retryable(WeightsError):
     """A copy that did not deliver the pinned file (network, HTTP, a wrong file): the next may."""
 
 
+# Downloads that never end: a copy must announce a size no larger than the pinned one (unpinned:
+# approx_size x 1.5, else MAX_UNPINNED), deliver STALL_BYTES within every STALL_S, and finish
+# within max(DEADLINE_MIN_S, size / MIN_RATE); else it is abandoned with one line.
+MAX_UNPINNED = 4 << 30
+STALL_S, STALL_BYTES = 30.0, 64 << 10
+DEADLINE_MIN_S, MIN_RATE = 300.0, 100 << 10
+
+
+def _limit(entry: ManifestEntry) -> int:
+    if entry.size is not None:
+        return entry.size
+    return int(entry.approx_size * 1.5) if entry.approx_size else MAX_UNPINNED
+
+
+def _announced(entry: ManifestEntry, url: str, repo_id: str, revision: str, filename: str) -> int:
+    """The size the copy announces, refused at once when above the pinned one (before any body
+    is read: a server that announces 1 TB and streams for ever was read into memory)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=url), timeout=PROBE_TIMEOUT_S,
+                                library_name="deepscan", endpoint=url)
+    size = meta.size
+    if size is None or size > _limit(entry):
+        said = "no size" if size is None else f"{size} bytes"
+        raise _Retryable(f"{entry.name}: {url} announces {said} for {filename}, more than the {_limit(entry)} bytes "
+                         "pinned; refused before reading it")
+    return size
+
+
+def _watched(entry: ManifestEntry, repo_id: str, size: int, run):
+    """``run()`` (hf_hub_download) in a thread, watched through the partial file it writes: it must
+    grow by STALL_BYTES every STALL_S (or finish) and end within the deadline; else the download
+    is abandoned with one line (the thread is left to the connection's own end)."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["path"] = run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    folder = cache_dir() / ("models--" + repo_id.replace("/", "--")) / "blobs"
+    thread = threading.Thread(target=target, daemon=True, name=f"download-{entry.name}")
+    start = time.monotonic()
+    deadline = start + max(DEADLINE_MIN_S, size / MIN_RATE)
+    last_size, last_t = -1, start
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        now = time.monotonic()
+        have = sum(p.stat().st_size for p in folder.glob("*.incomplete")) if folder.is_dir() else 0
+        if have >= last_size + STALL_BYTES or last_size < 0:
+            last_size, last_t = have, now
+        if thread.is_alive() and now - last_t > STALL_S:
+            raise _Retryable(f"{entry.name}: the download from {endpoint()} stalled (under {STALL_BYTES >> 10} KB in "
+                             f"{STALL_S:.0f} s); try again later, or {offline_fix(entry)}")
+        if thread.is_alive() and now > deadline:
+            raise _Retryable(f"{entry.name}: the download from {endpoint()} did not finish within {deadline - start:.0f} "
+                             f"s; try again later, or {offline_fix(entry)}")
+    if "error" in box:
+        raise box["error"]
+    return box["path"]
+
+
 def _download(entry: ManifestEntry, repo_id: str, revision: str, filename: str, *, force: bool) -> Path:
     import warnings
 
@@ -374,12 +441,15 @@ def _download(entry: ManifestEntry, repo_id: str, revision: str, filename: str, 
 
     url = endpoint()
     try:
+        size = _announced(entry, url, repo_id, revision, filename)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its "not enough free disk space" note: the error below says it
-            path = hf_hub_download(
+            path = _watched(entry, repo_id, size, lambda: hf_hub_download(
                 repo_id, filename, revision=revision, force_download=force,
                 library_name="deepscan", etag_timeout=5, endpoint=url, cache_dir=cache_dir(),
-            )
+            ))
+    except _Retryable:
+        raise
     except Exception as exc:  # network, HTTP and consistency errors of every kind
         if isinstance(exc, OSError) and exc.errno in _CANNOT_STORE:  # requests' errors are OSErrors too, without errno
             room = max((entry.size or entry.approx_size or 0) / 1e6, 0.1)

@@ -3,7 +3,9 @@
 It answers HEAD and GET for ``/{repo_id}/resolve/{revision}/{filename}`` with the headers the
 real huggingface_hub client reads (X-Repo-Commit, ETag, Content-Length), so tests drive the
 real client through HF_ENDPOINT. ``mode`` switches on failures: "tamper" serves other bytes
-than were announced, "truncate" closes the connection half-way through the body.
+than were announced, "truncate" closes the connection half-way through the body, "huge"
+announces a terabyte and streams zeros without end, "trickle" sends a byte every half second,
+"silent" accepts the request and never answers it (until the server stops).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class FakeHub:
         self.files: dict[tuple[str, str, str], bytes] = {}
         self.mode = "ok"
         self.requests: list[str] = []
+        self.stopping = threading.Event()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,7 +43,7 @@ class FakeHub:
                 self.send_response(200)
                 self.send_header("X-Repo-Commit", key[1])
                 self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(10**12 if hub.mode == "huge" else len(body)))
                 self.send_header("Content-Type", "application/octet-stream")
                 self.end_headers()
                 return body
@@ -94,7 +97,20 @@ class FakeHub:
                 found = self._find()
                 if not found or found[1] is None:
                     return self._missing()
+                if hub.mode == "silent":
+                    hub.stopping.wait(60)
+                    return
                 body = self._headers(*found)
+                if hub.mode in ("huge", "trickle"):
+                    try:
+                        while not hub.stopping.is_set():
+                            self.wfile.write(b"\0" * 65536 if hub.mode == "huge" else b"\0")
+                            self.wfile.flush()
+                            if hub.mode == "trickle":
+                                hub.stopping.wait(0.5)
+                    except OSError:
+                        pass
+                    return
                 if hub.mode == "truncate":
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
@@ -111,6 +127,7 @@ class FakeHub:
         return self
 
     def stop(self):
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 

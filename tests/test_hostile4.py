@@ -344,3 +344,93 @@ def test_a_second_scan_into_the_same_output_is_refused_and_cuts_nothing(tmp_path
     r = cli(media_dir / "carphone.mp4", "--weights", tiny_ckpt, "--clips", "2", "--output", out, "--resume")
     assert r.returncode in (0, 1), r.stderr
     assert out.read_bytes().startswith(complete) and len(out.read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------- 7. frames
+@pytest.mark.parametrize("cut", ["0.3", "1.1"])
+def test_an_intact_file_with_an_edit_list_decodes_every_clip_without_a_truncation_warning(tmp_path, cut):
+    """A file cut with stream copy: its container hides the packets before the cut (an edit
+    list), so it holds more packets than frames it shows; AAC audio beside it."""
+    from deepscan.video import DecodeReport, probe, sample_clips
+
+    from . import media
+
+    src, out = tmp_path / "src.mp4", tmp_path / f"cut{cut}.mp4"
+    media.ffmpeg("-f", "lavfi", "-i", "testsrc=size=320x240:rate=24", "-f", "lavfi", "-i", "sine=frequency=440",
+                 "-t", "6", "-c:v", "libx264", "-g", "48", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(src))
+    media.ffmpeg("-ss", cut, "-i", str(src), "-c", "copy", str(out))
+    info = probe(out)
+    for clips in (8, 32):
+        report = DecodeReport()
+        got = list(sample_clips(info, clips, 3, "auto", report))
+        assert len(got) == clips and report.warning is None and report.warnings == [], (clips, report)
+
+
+# ---------------------------------------------------------------------------- 8. downloads that never end
+@pytest.mark.parametrize("mode, words", [("huge", "announces 1000000000000 bytes"), ("trickle", "stalled"),
+                                         ("silent", "stalled")])
+def test_downloads_that_never_end_are_abandoned_in_one_line(tmp_path, monkeypatch, mode, words):
+    import resource
+
+    from deepscan import weights
+    from deepscan.errors import WeightsError
+
+    from .fakehub import FakeHub
+    from .test_weights import FILE, PAYLOAD, REPO, REV, entry_dict
+
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"schema": 1, "entries": [entry_dict()]}))
+    monkeypatch.setenv("DEEPSCAN_MANIFEST", str(manifest))
+    monkeypatch.setattr(weights, "STALL_S", 2.0)
+    with FakeHub() as hub:
+        hub.files[(REPO, REV, FILE)] = PAYLOAD
+        hub.mode = mode
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.monotonic()
+        with pytest.raises(WeightsError, match=words) as exc:
+            weights.fetch(weights.load_manifest().get("test-det"))
+        took = time.monotonic() - t
+        assert took < 20 and "\n" not in str(exc.value) and hub.url in str(exc.value)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200_000  # KB: nothing held in memory
+        assert weights.cached(weights.load_manifest().get("test-det")) is None
+
+
+# ---------------------------------------------------------------------------- 9. the table
+@pytest.mark.parametrize("columns", [80, 160])
+def test_the_table_is_one_line_per_video_at_any_width(tmp_path, media_dir, tiny_ckpt, columns):
+    d = tmp_path / ("a_folder_with_a_rather_long_name_" * 2)
+    d.mkdir()
+    shutil.copy(media_dir / "truncated.mp4", d / "a_truncated_video_whose_warning_is_long.mp4")
+    shutil.copy(media_dir / "astronaut.mp4", d / "astronaut.mp4")
+    (d / "broken.mp4").write_bytes(b"\0" * 300)
+    r = cli(d, "--weights", tiny_ckpt, "--clips", "4", "--workers", "1", env={"COLUMNS": str(columns)})
+    rows = [line for line in r.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 3, r.stdout
+    assert all(len(line) <= columns for line in r.stdout.splitlines()), r.stdout
+    assert any("…" in line for line in rows) and any("astronaut.mp4" in line for line in rows)
+
+
+def test_a_validation_split_of_one_class_chooses_by_loss_and_says_so(tmp_path):
+    from deepscan.data import load_dataset
+    from deepscan.faces import DlibDetector
+    from deepscan.prepare import PrepareSettings, load_cache, prepare
+    from deepscan.train import TrainConfig, train
+
+    from . import media
+
+    root = media.make_dataset(tmp_path / "data", "folders", per_split=1)
+    _, items = load_dataset(root, "folders")
+    cache = tmp_path / "cache"
+    prepare(items, cache, DlibDetector(), PrepareSettings(image_size=62, lda_size=32, clip_len=3, clips=2))
+    train_v = load_cache(cache, [i for i in items if i.split == "train"])
+    val_v = [v for v in load_cache(cache, [i for i in items if i.split == "val"]) if v.label == 0]  # reals only
+    assert train_v and val_v
+    logged = []
+    cfg = TrainConfig(out=str(tmp_path / "run"), variant="xception", image_size=62, lda_size=32, vit_init="random",
+                      epochs=2, batch_size=2, workers=0, max_steps_per_epoch=1, device="cpu")
+    result = train(cfg, train_v, val_v, log=logged.append)
+    assert any("only one class" in str(r.get("note", "")) for r in logged)
+    assert result["best"]["by"] == "val loss" and result["best"]["value"] > 0 and result["best"]["epoch"] in (0, 1)
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+    assert all("val_loss" in r for r in logged if "epoch" in r)

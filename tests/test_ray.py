@@ -150,3 +150,36 @@ def test_ray_prepare_cli_then_train_uses_the_cache(local_ray, tmp_path):
     assert t.returncode == 0, t.stderr[-2000:]
     assert "prepared 0 video(s)" not in t.stderr  # nothing left to prepare: the Ray cache was used as is
     assert (tmp_path / "run" / "last.safetensors").is_file()
+
+
+def test_a_killed_local_driver_leaves_no_ray_process_behind(corpus, tiny_ckpt, tmp_path):
+    """SIGKILL of `scan --ray local`: Ray's agents and workers go with it within seconds (they
+    lingered 30-70 s: only the raylet and GCS shared the driver's fate)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from deepscan.watchdog import _stat, descendants
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deepscan", "scan", str(corpus), "--ray", "local", "--weights",
+                             str(tiny_ckpt), "--json", *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline(), proc.stderr.read()[-2000:]  # a record: the runtime and its actors are up
+        tree = descendants(proc.pid)
+        names = {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:60] for pid in tree if _stat(pid)}
+        assert any(b"Agent" in n for n in names.values()), names
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = {pid: names.get(pid) for pid, start in tree.items() if (_stat(pid) or (0, None))[1] == start}
+            if not alive:
+                break
+            time.sleep(0.25)
+        assert not alive, alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -76,10 +76,11 @@ def test_resume_after_sigkill_gives_exactly_one_record_per_input(folder, tiny_ck
     assert again.returncode == 0 and again.stdout == "" and out.read_text().splitlines() == lines
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_a_signal_stops_the_scan_cleanly_and_keeps_what_is_complete(folder, tiny_ckpt, tmp_path, sig, code):
     out = tmp_path / "records.jsonl"
-    proc = start(folder, "--weights", tiny_ckpt, "--output", out, "--json", "--workers", "1", *FAST)
+    proc = start(folder, "--weights", tiny_ckpt, "--output", out, "--json", "--workers", "1",
+                 "--report", tmp_path / "page.html", *FAST)
     first = proc.stdout.readline()
     assert json.loads(first)["schema"] == "deepscan.scan/1"
     proc.send_signal(sig)
@@ -90,7 +91,9 @@ def test_a_signal_stops_the_scan_cleanly_and_keeps_what_is_complete(folder, tiny
     assert len(printed) < 10 and [r["path"] for r in printed] == [r["path"] for r in saved]
     assert out.read_bytes().endswith(b"\n")
     assert "Traceback" not in err and "terminate called" not in err
-    assert err.strip().splitlines()[-1] == ("deepscan: interrupted" if code == 130 else "deepscan: terminated")
+    assert err.strip().splitlines()[-1] == {130: "deepscan: interrupted", 143: "deepscan: terminated",
+                                            129: "deepscan: hung up"}[code]
+    assert "interrupted" in (tmp_path / "page.html").read_text()  # the page of what was finished is written
 
 
 def test_shards_partition_the_inputs_stably(folder, tmp_path):
