@@ -72,6 +72,9 @@ def root(
     ] = None,
 ) -> None:
     """Scan videos for deepfaked faces. `deepscan VIDEO_OR_FOLDER...` is short for `deepscan scan ...`."""
+    from .output import show_warnings_escaped
+
+    show_warnings_escaped()  # every command: a library's warning is one escaped line
 
 
 # ---------------------------------------------------------------------------- scan
@@ -261,14 +264,17 @@ def _dataset(data, layout, compression, methods, splits, seed=0):
 
 
 def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, num_frames, quiet=False, ray=None,
-             workers: int | None = None):
+             workers: int | None = None, margin: float | None = None, alignment: str = "none"):
     from .faces import resolve_detector
     from .output import progress
     from .prepare import PrepareSettings, check_cache, is_done, prepare, recorded_detector
     from .workers import cpu_count
 
     cache = writable_folder(cache or data / ".deepscan-cache", "--cache")
-    settings = PrepareSettings(image_size=image_size, lda_size=lda_size, clip_len=num_frames, clips=clips)
+    from .config import CROP_MARGIN
+
+    settings = PrepareSettings(image_size=image_size, lda_size=lda_size, clip_len=num_frames, clips=clips,
+                               margin=CROP_MARGIN if margin is None else margin, alignment=alignment)
     if workers is not None and workers < 0:
         raise ConfigError(f"--workers {workers}: give 0 (this process only) or more")
     check_cache(cache, settings)  # also when every video is cached already
@@ -436,7 +442,8 @@ def evaluate(
         raise ConfigError(f"{data}: no videos in the {split!r} split")
     pre = info.preprocessing
     cache = _prepare(items, data, cache, clips, detector, pre["image_size"], pre["lda_size"],
-                     max(pre["clip_len"], info.config.num_frames), quiet=json_out)
+                     max(pre["clip_len"], info.config.num_frames), quiet=json_out, margin=info.crop_margin,
+                     alignment=info.alignment)  # the checkpoint's own crops (the published Xception: aligned)
     videos = load_cache(cache, items)
     if not videos:
         raise ConfigError(f"{data}: none of the {len(items)} video(s) of the {split!r} split has a usable face clip "
@@ -673,13 +680,16 @@ def weights_list(json_out: Annotated[bool, typer.Option("--json", help="Print JS
 
 
 def _metrics_text(metrics: dict | None) -> str:
-    """Reported figures as 'key value' pairs, nested ones flattened ('frame_auc FF++ c23 96.37')."""
+    """The figures of a metrics entry as 'key value' pairs, nested ones flattened ('frame_auc
+    FF++ c23 0.9637'); its text (source, level) is in `weights list --json`."""
     parts = []
     for k, v in (metrics or {}).items():
         if isinstance(v, dict):
-            parts += [f"{k} {k2} {v2}" for k2, v2 in v.items()]
-        else:
+            parts += [f"{k} {k2} {v2}" for k2, v2 in v.items() if isinstance(v2, (int, float))]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
             parts.append(f"{k} {v}")
+    if parts and isinstance((metrics or {}).get("source"), str):
+        parts.append("reported (--json: source)")
     return ", ".join(parts) or "-"
 
 
@@ -711,15 +721,20 @@ def weights_download(
     all_: Annotated[bool, typer.Option("--all", help="Download every entry.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Fetch again even if cached (replaces a corrupt file).")] = False,
 ) -> None:
-    """Download (and verify) manifest entries into the Hugging Face cache."""
-    from .weights import fetch, load_manifest
+    """Download (and verify) manifest entries into the Hugging Face cache. A model published in
+    another project's format is converted too: the path printed is the deepscan checkpoint (for
+    --weights, eval, train --backbone-init)."""
+    from .weights import converted, fetch, load_manifest
 
     manifest = load_manifest()
     if not names and not all_:
         raise typer.BadParameter("name one or more entries, or pass --all")
     entries = manifest.entries if all_ else [manifest.get(n) for n in names]
     for e in entries:
-        print(shown(str(fetch(e, force=force, say=notice))))
+        path = fetch(e, force=force, say=notice)
+        if e.format:
+            path = converted(e, say=notice)[0]
+        print(shown(str(path)))
 
 
 @weights_app.command("verify")
@@ -765,9 +780,6 @@ KNOWN_COMMANDS = COMMANDS | {"--help", "-h", "--version", "--install-completion"
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: route `deepscan PATH...` to `deepscan scan PATH...`."""
-    from .output import show_warnings_escaped
-
-    show_warnings_escaped()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS and os.path.exists(argv[0]):
         notice(f"note: {argv[0]!r} is a deepscan command; to scan the file or folder {argv[0]}, "

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import faces as faces_mod
-from .faces import Detection, Tracker, blazeface_search, crop_box, filter_faces, nms_detections
+from .faces import CROWD_EVERY, Detection, Tracker, blazeface_search, crop_box, filter_faces, nms_detections
 
 
 @dataclass
@@ -91,7 +91,7 @@ class DevicePreparer:
         for c in clips:
             tracker = self.trackers.setdefault(c.key, Tracker())
             items.append((c.frames[0], tracker.recent(), tracker.active(), c.index % DEEP_EVERY == 0,
-                          c.index % FULL_EVERY == 0))
+                          c.index % FULL_EVERY == 0, c.index % CROWD_EVERY == 0))
         found = self.search(items)
         out = []
         for c, dets in zip(clips, found):
@@ -108,16 +108,17 @@ class DevicePreparer:
 
     # ---- detection
     def search(self, items) -> list[list[Detection]]:
-        """Faces in each frame of ``items`` ((frame, hints, follow, deep, full): frames (H, W, 3)
+        """Faces in each frame of ``items`` ((frame, hints, follow, deep, full[, crowd]): frames (H, W, 3)
         uint8 on the device, of any sizes), by ``faces.blazeface_search``'s stages: every round
         takes the next stage of each frame still searching, in one batch per network."""
         from .blazeface import VARIANTS
 
         size = VARIANTS["full"].size
         gens, asks, out = {}, {}, [None] * len(items)
-        for i, (frame, hints, follow, deep, full) in enumerate(items):
+        for i, (frame, hints, follow, deep, full, *crowd) in enumerate(items):
             h, w = frame.shape[:2]
-            gens[i] = blazeface_search(h, w, size, hints, follow=follow, deep=deep, min_face=self.min_face, full=full)
+            gens[i] = blazeface_search(h, w, size, hints, follow=follow, deep=deep, min_face=self.min_face, full=full,
+                                       crowd=crowd[0] if crowd else None)
             asks[i] = next(gens[i])  # every search looks at something first
         while asks:
             keys = list(asks)

@@ -115,7 +115,7 @@ class DlibDetector:
         return [Detection((d.box[0] + x1, d.box[1] + y1, d.box[2] + x1, d.box[3] + y1), d.score) for d in found]
 
     def __call__(self, frame: np.ndarray, hints=(), deep: bool = False, min_face: int = MIN_FACE,
-                 follow=(), full: bool = True) -> list[Detection]:
+                 follow=(), full: bool = True, **_) -> list[Detection]:
         """Faces in ``frame``, in the stages of the class docstring. With ``full=False``, the
         surroundings of the faces being followed (``follow``: boxes in the previous clip) are
         searched first and, if each is found again there, the whole frame is not (the caller asks
@@ -125,18 +125,17 @@ class DlibDetector:
             if len(found) >= len(follow):
                 return found
         found = self._run(frame, self.det_size)
-        if not found:
-            for box in hints:
-                found += self._around(frame, box)
-            found = nms_detections(found)
-        if found and not deep:
+        if found:
             return found
+        for box in hints:
+            found += self._around(frame, box)
+        if found:
+            return nms_detections(found)
         side = max(frame.shape[:2])
         larger = min(side, self.retry_size)
-        if deep:  # small faces, also beside larger ones (a crowd): on the deep clips' cadence
+        if deep:
             larger = max(larger, round(min(side * MAX_UPSAMPLE, side * DLIB_WINDOW / max(min_face, 1))))
-        small = self._run(frame, larger) if larger > self.det_size else []
-        return nms_detections([*found, *small]) if found else small
+        return self._run(frame, larger) if larger > self.det_size else []
 
 
 class ScrfdDetector:
@@ -199,6 +198,9 @@ class ScrfdDetector:
         return out
 
 
+SURE_FACE = 0.8  # BlazeFace's score of a face it is sure of (the real faces here: 0.8-0.97 but carphone's)
+LARGE_FACE = 8  # a face at least 1/8 of the frame's shorter side: a talking head more likely than a crowd
+CROWD_EVERY = 32  # clips between small-face searches beside sure, large faces (a 32-clip scan: its first)
 BLAZE_MIN_FACE = 20  # px in BlazeFace's 192 px input: the smallest face it finds reliably (a 3x3 grid of faces: 9/9 at 16 and 20 px, 2/9 at 13)
 
 
@@ -250,10 +252,11 @@ class BlazeFaceDetector:
         return list(dict.fromkeys(out))
 
     def __call__(self, frame: np.ndarray, hints=(), *, follow=(), deep: bool = False, min_face: int = MIN_FACE,
-                 full: bool = True, **_) -> list[Detection]:
+                 full: bool = True, crowd: bool | None = None, **_) -> list[Detection]:
         """Faces in ``frame``, by ``blazeface_search``'s stages, each one batch through a network."""
         h, w = frame.shape[:2]
-        stages = blazeface_search(h, w, self.size, hints, follow=follow, deep=deep, min_face=min_face, full=full)
+        stages = blazeface_search(h, w, self.size, hints, follow=follow, deep=deep, min_face=min_face, full=full,
+                                  crowd=crowd)
         try:
             views, near = next(stages)
             while True:
@@ -297,7 +300,7 @@ class BlazeFaceDetector:
 
 
 def blazeface_search(h: int, w: int, size: int, hints=(), *, follow=(), deep: bool = False, min_face: int = MIN_FACE,
-                     full: bool = True):
+                     full: bool = True, crowd: bool | None = None):
     """The stages of a search in an h x w frame, as a generator: it yields ``(views, near)``
     (square views to look at, and whether through the short-range model), is sent the faces
     found in them, and returns the frame's faces. Written so, the same decisions drive this
@@ -307,8 +310,10 @@ def blazeface_search(h: int, w: int, size: int, hints=(), *, follow=(), deep: bo
     finds nothing: a face that fills the frame, like a 112 px aligned crop, is one it misses);
     around earlier faces (``hints``); with ``deep``, tiles small enough that a ``min_face``
     face is BLAZE_MIN_FACE px in the input. A stage runs only if the ones before found nothing,
-    except the tiles: on ``deep`` clips they run also when larger faces were found (in a crowd
-    the whole frame shows the large faces only), merged with them by NMS."""
+    except the tiles: on ``deep`` clips they run also when faces were found (the whole frame
+    shows some of a crowd's faces only), and their faces are merged with the others by NMS;
+    beside faces that are all sure and large (a talking head) only when ``crowd`` (a scan: every
+    CROWD_EVERY-th clip; None: whenever ``deep``)."""
     from .blazeface import tiles
 
     if follow and not full:
@@ -321,8 +326,26 @@ def blazeface_search(h: int, w: int, size: int, hints=(), *, follow=(), deep: bo
         found = yield BlazeFaceDetector.around(h, w, hints), True
     if not deep:
         return found
+    # Small faces are looked for beside the faces found too (a crowd: the whole frame shows some
+    # of its faces only); beside faces that are all sure and large (a talking head, where the
+    # tiles cost 0.18 s a 720p frame and 0.36 s at 1080p, mostly for nothing), less often
+    if found and not (deep if crowd is None else crowd) and all(
+            d.score >= SURE_FACE and d.size >= min(h, w) / LARGE_FACE for d in found):
+        return found
     small = yield tiles(h, w, max(size, round(max(min_face, 1) * size / BLAZE_MIN_FACE))), False
-    return nms_detections([*found, *small]) if found else small
+    if not found:
+        return small
+    # a doubtful whole-frame box around a much smaller face the tiles found is that face seen
+    # coarsely (or a group of them), not a face of its own
+    found = [d for d in found if d.score >= SURE_FACE
+             or not any(_inside(s.box, d.box) and s.size < d.size / 2 for s in small)]
+    return nms_detections([*found, *small])
+
+
+def _inside(box, outer) -> bool:
+    """``box``'s centre lies in ``outer``."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return outer[0] <= cx <= outer[2] and outer[1] <= cy <= outer[3]
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:

@@ -42,6 +42,15 @@ class PrepareSettings:
     clips: int = 32  # evenly spaced clips per video, as common FF++ protocols
     margin: float = CROP_MARGIN
     min_face: int = faces_mod.MIN_FACE
+    alignment: str = "none"  # the checkpoint's way of cutting faces (eval of the published Xception: aligned)
+
+    def recorded(self) -> dict:
+        """What cache.json holds of these settings ("none" alignment left out: caches made before
+        alignment existed read the same)."""
+        out = {**asdict(self), "layout": CACHE_LAYOUT}
+        if out["alignment"] == "none":
+            del out["alignment"]
+        return out
 
 
 CACHE_LAYOUT = 2  # 2: entry names end with a hash of the key (1 merged keys that differ in punctuation)
@@ -82,7 +91,7 @@ def _check_settings(cache: Path, settings: PrepareSettings, detector: str | None
     it is made, and a run with others is refused (a cache from before detectors were recorded
     takes the detector of its next run)."""
     path = cache / "cache.json"
-    want = {**asdict(settings), "layout": CACHE_LAYOUT}
+    want = settings.recorded()
     have = _read_settings(cache)
     if have is not None:
         made_with = have.get("detector")
@@ -125,7 +134,7 @@ def check_cache(cache: Path, settings: PrepareSettings) -> None:
     have = _read_settings(cache)
     if have is None:
         return
-    want = {**asdict(settings), "layout": CACHE_LAYOUT}
+    want = settings.recorded()
     if {k: v for k, v in have.items() if k != "detector"} != want:
         differ = sorted(k for k in set(want) | set(have) - {"detector"} if have.get(k) != want.get(k))
         shown_ = ", ".join(f"{k} {have.get(k)!r} (this run: {want.get(k)!r})" for k in differ)
@@ -146,13 +155,14 @@ def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSetti
             hints = [last_box] if last_box else []
             dets = faces_mod.filter_faces(detector(clip.frames[0], hints=hints, follow=hints, min_face=settings.min_face,
                                                    deep=clip.index % DEEP_EVERY == 0,
+                                                   crowd=clip.index % faces_mod.CROWD_EVERY == 0,
                                                    full=clip.index % FULL_EVERY == 0), settings.min_face)
             if not dets:
                 continue
             det = max(dets, key=lambda d: (d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))
             last_box = det.box
             (fc,) = faces_mod.face_clips(item.path, clip, [det], [0], settings.image_size, settings.lda_size,
-                                         settings.margin)
+                                         settings.margin, settings.alignment)
             images.append(fc.image)
             frames.append(fc.frames)
             meta["frame_indices"].append(list(fc.frame_indices))

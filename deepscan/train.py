@@ -330,9 +330,13 @@ def train(cfg: TrainConfig, train_videos: list[CachedVideo], val_videos: list[Ca
     if len(ds) == 0:
         raise ConfigError("no training clips: prepare found no faces in the train split")
     sampler = EpochSampler(ds.labels, cfg.balance, cfg.seed, rank, world)
+    # forkserver, not fork: this process has native thread pools by now (onnxruntime's from the
+    # preparation, OpenVINO's or CUDA's), which a forked child inherits half-copied (a test process
+    # that had run OpenVINO crashed with SIGSEGV on forking loader workers)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=False,
-                                         persistent_workers=cfg.workers > 0)
+                                         persistent_workers=cfg.workers > 0,
+                                         multiprocessing_context="forkserver" if cfg.workers > 0 else None)
     to_input = input_normaliser(mcfg, device)
     amp = device.type == "cuda"
     dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16

@@ -164,6 +164,7 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
                 continue
             dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent(), follow=tracker.active(),
                                                    min_face=settings.min_face, deep=clip.index % DEEP_EVERY == 0,
+                                                   crowd=clip.index % faces_mod.CROWD_EVERY == 0,
                                                    full=clip.index % FULL_EVERY == 0), settings.min_face)
             ids = tracker.assign(dets)
             fcs = faces_mod.face_clips(path, clip, dets, ids, settings.image_size, settings.lda_size, settings.margin,

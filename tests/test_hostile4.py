@@ -248,6 +248,9 @@ def test_a_face_seen_once_with_a_doubtful_score_is_not_scored(tmp_path, tiny_ckp
 
 
 def test_small_faces_are_searched_beside_large_ones():
+    """A crowd: 25 faces of ~63 px in a grid. BlazeFace's whole-frame pass finds some of them (7 of
+    25 in a 640x480 frame) and the search stopped there; on the deep clips the tiles now look
+    beside them too, for faces down to half the smallest found."""
     import numpy as np
     from PIL import Image
 
@@ -256,17 +259,17 @@ def test_small_faces_are_searched_beside_large_ones():
 
     from . import media
 
-    a = media.astronaut()[20:240, 120:340]
-    frame = np.full((720, 1280, 3), 120, np.uint8)
-    frame[20:320, 20:320] = np.asarray(Image.fromarray(a).resize((300, 300), Image.BICUBIC))  # one large face
-    small = np.asarray(Image.fromarray(a).resize((100, 100), Image.BICUBIC))  # faces of ~55 px
-    for i in range(3):
-        for j in range(6):
-            frame[350 + i * 92:450 + i * 92, 360 + j * 150:460 + j * 150] = small
-    for det in (faces.resolve_detector("blazeface", manifest=load_manifest(), say=print).build(), faces.DlibDetector()):
-        found = faces.filter_faces(det(frame, deep=True, full=True), faces.MIN_FACE)
-        assert len(found) == 19, (det.name, len(found))
-        assert len(det(frame, deep=False, full=True)) >= 1  # between deep clips, the large face alone
+    head = Image.fromarray(media.astronaut()[:300, 100:400])
+    head = np.asarray(head.resize((round(300 * 63 / 110),) * 2, Image.BICUBIC))  # a face of ~63 px in it
+    det = faces.resolve_detector("blazeface", manifest=load_manifest(), say=print).build()
+    for gap in (4, 80):  # a tight group (880 px square) and a spread one (1260 px)
+        cell = head.shape[0] + gap
+        frame = np.full((5 * cell, 5 * cell, 3), 100, np.uint8)
+        for r in range(5):
+            for c in range(5):
+                frame[r * cell:r * cell + head.shape[0], c * cell:c * cell + head.shape[1]] = head
+        assert len(faces.filter_faces(det(frame, deep=True, full=True), faces.MIN_FACE)) == 25, gap
+        assert len(det(frame, deep=False, full=True)) < 25  # between deep clips: what the whole frame shows
 
 
 # ---------------------------------------------------------------------------- 2. the training cache
@@ -434,3 +437,16 @@ def test_a_validation_split_of_one_class_chooses_by_loss_and_says_so(tmp_path):
     assert result["best"]["by"] == "val loss" and result["best"]["value"] > 0 and result["best"]["epoch"] in (0, 1)
     assert (tmp_path / "run" / "best.safetensors").is_file()
     assert all("val_loss" in r for r in logged if "epoch" in r)
+
+
+def test_a_name_with_escapes_reaches_stderr_escaped_through_matplotlib(tmp_path, media_dir, tiny_ckpt):
+    import sys
+
+    video = tmp_path / "a\x1b[2Jred\x07.mp4"
+    shutil.copy(media_dir / "astronaut.mp4", video)
+    r = subprocess.run([sys.executable, "-m", "deepscan", str(video), "--weights", str(tiny_ckpt), "--clips", "2",
+                        "--heatmaps", str(tmp_path / "hm"), "--json"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode in (0, 1), r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert list((tmp_path / "hm").rglob("timeline.png"))

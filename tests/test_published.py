@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from deepscan import weights
 from deepscan.checkpoint import load_checkpoint, read_info
 from deepscan.cli import app
-from deepscan.convert import convert, read_tensor_pickle
+from deepscan.convert import convert
 from deepscan.errors import ConfigError, WeightsError
 
 from . import deepfakebench
@@ -174,6 +174,14 @@ def test_default_scan_fetches_verifies_converts_and_names_the_model(published, m
     assert f"{NAME} (xception, sha256 {sha[:12]}, licence: CC BY-NC" in " ".join(table.stdout.split())
 
 
+def test_weights_download_prints_the_converted_checkpoint(published):
+    _, entry = published
+    result = runner.invoke(app, ["weights", "download", NAME])
+    assert result.exit_code == 0, result.output
+    path = Path(result.stdout.strip())
+    assert path.suffix == ".safetensors" and read_info(path).name == NAME and "licence: CC BY-NC" in result.stderr
+
+
 def test_a_damaged_conversion_is_made_again_from_the_verified_file(published):
     _, entry = published
     path, sha = weights.converted(entry)
@@ -277,3 +285,29 @@ def test_lda_training_can_start_from_the_published_backbone(published, tmp_path)
     with pytest.raises(ConfigError, match="neither a published model"):
         build(TrainConfig(out=str(tmp_path / "r2"), variant="spatial", vit_init="random", backbone_init="nope"))
     assert "--backbone-init" in runner.invoke(app, ["train", "--help"]).stdout
+
+
+def test_eval_crops_faces_the_checkpoints_way(tmp_path):
+    """`eval` of an aligned checkpoint prepares aligned crops (in their own cache: the settings
+    differ), and a cache made before alignment existed still reads as unaligned."""
+    from deepscan.data import load_dataset
+    from deepscan.faces import resolve_detector
+    from deepscan.prepare import PrepareSettings, check_cache, load_cache, open_arrays, prepare
+
+    from . import media
+
+    root = media.make_dataset(tmp_path / "data", "folders", per_split=1)
+    _, items = load_dataset(root, "folders")
+    det = resolve_detector("blazeface", manifest=weights.load_manifest(), say=print).build()
+    crops = {}
+    for alignment in ("none", "deepfakebench-5pt"):
+        cache = tmp_path / alignment
+        settings = PrepareSettings(image_size=64, lda_size=32, clip_len=1, clips=2, alignment=alignment)
+        prepare(items, cache, det, settings)
+        recorded = json.loads((cache / "cache.json").read_text())
+        assert ("alignment" in recorded) == (alignment != "none")
+        with pytest.raises(ConfigError, match="other settings"):
+            check_cache(cache, PrepareSettings(image_size=64, lda_size=32, clip_len=1, clips=2,
+                                               alignment="none" if alignment != "none" else "deepfakebench-5pt"))
+        crops[alignment] = open_arrays(load_cache(cache, items)[0])[0][0].astype(float)
+    assert np.abs(crops["none"] - crops["deepfakebench-5pt"]).mean() > 5  # another cut of the same face

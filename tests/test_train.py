@@ -267,7 +267,8 @@ def test_persistent_loader_workers_draw_each_epochs_augmentation(tmp_path):
 
     def two_epochs(workers):
         loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers,
-                                             persistent_workers=workers > 0)
+                                             persistent_workers=workers > 0,
+                                             multiprocessing_context="forkserver" if workers else None)  # as train()
         out = []
         for epoch in (0, 1):
             # as train() does; persistent workers keep the data set as it was when they started,
