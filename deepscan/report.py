@@ -34,7 +34,7 @@ def results_table(rows, info, detector: str, threshold: float, aggregation: str 
     # with an ellipsis) share what the fixed columns and the borders (52 characters) leave
     room = max(24, (width or 1000) - 52)
     paths = [shown(r.path) for r in rows]
-    path_w = min(max([5, *map(len, paths)]), max(12, room * 3 // 5))
+    path_w = min(max([5, *map(len, paths)]), max(12, room - 10))  # the name first, what is left to the note
     note_w = max(8, room - path_w)
     for col, just in (("video", "left"), ("verdict", "left"), ("score", "right"), ("faces", "right"),
                       ("frames", "right"), ("seconds", "right"), ("note", "left")):

@@ -211,7 +211,7 @@ def probe(path: str | os.PathLike, max_side: int | None = None, count: bool | No
     copied_s = _progress_seconds(proc.stdout)
     if (counted is not None and copied_s is not None and copied_s < COUNT_BELOW_S - 1 and count is not False
             and not (damage and num_frames > counted)):  # a damaged file may decode further than it copies
-        return info.with_frames(_displayed(counted, duration * fps))  # the whole stream was counted
+        return info.with_frames(_displayed(counted, duration * fps, fps))  # the whole stream was counted
     if count or duration <= 0 or (count is None and index != 0 and duration < COUNT_BELOW_S):
         counted = count_frames(info)
         if counted is not None:
@@ -229,16 +229,19 @@ def _damage(text: str) -> str:
     return ""
 
 
-def _displayed(counted: int, header: float) -> int:
+EDIT_LIST_MAX_S = 10.0  # the packets an edit list hides: one group of pictures at most (2-10 s)
+
+
+def _displayed(counted: int, header: float, fps: float = 0.0) -> int:
     """Frames a stream displays, from its packets (``counted``) and its header's duration x fps:
     an edit list (cut points set in the container, e.g. a file cut with stream copy) hides the
     packets before the cut, up to a whole group of pictures (144 packets, 136 frames shown; 144
     and 117 when cut 1.1 s into a 2 s GOP), so a count above the header's length is the header's,
     rounded down (5.7 s at 24 fps shows 136 frames): the plan stays within the frames that exist.
     A count equal to the rounded length stands (carphone: 120 frames, 4.00 s at 29.97 fps)."""
-    if header > 0 and counted > round(header):
+    if header > 0 and round(header) < counted <= header + max(3.0, fps * EDIT_LIST_MAX_S):
         return max(1, int(header + 1e-6))
-    return counted
+    return counted  # far more packets than the header's length: the header is what is wrong
 
 
 def _progress_frames(text: str) -> int | None:
@@ -265,7 +268,8 @@ def count_packets(info: VideoInfo) -> tuple[int | None, float | None]:
         stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=600,
     )
     frames = _progress_frames(proc.stdout)
-    return (None if frames is None else _displayed(frames, info.duration * info.fps)), _progress_seconds(proc.stdout)
+    return (None if frames is None else _displayed(frames, info.duration * info.fps, info.fps)), \
+        _progress_seconds(proc.stdout)
 
 
 def plan_clips(num_frames: int, clips: int, clip_len: int) -> list[int]:
