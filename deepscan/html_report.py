@@ -295,7 +295,9 @@ def page(items: list[dict], out_file: Path, *, thumbs: dict | None = None, notes
     thresholds = sorted({i["threshold"] for i in items if isinstance(i.get("threshold"), (int, float))})
     threshold = thresholds[0] if thresholds else 0.5
     head = [f"<h1>{_t(title)}</h1>",
-            f'<p class="meta">model {_t(model.get("variant", "?"))}, checkpoint {_t(model.get("checkpoint", "?"))} '
+            f'<p class="meta">model {_t(model.get("name") or "?")} ({_t(model.get("variant", "?"))}'
+            f'{", licence: " + _t(model["license"]) if model.get("license") else ""}), '
+            f'checkpoint {_t(model.get("checkpoint", "?"))} '
             f'(sha256 {_t(str(model.get("sha256") or "?")[:12])}), backend {_t(model.get("backend", "torch"))}; '
             f'detector {_t(", ".join(detectors) or "?")}; threshold {_t(", ".join(map(str, thresholds)) or "?")}</p>']
     if any((i.get("model") or {}).get("untrained") for i in items):

@@ -65,7 +65,9 @@ def _pct(x) -> str:
 
 
 def eval_table(result: dict) -> Table:
-    title = f"{result['variant']} on {result['layout']} {result['split']} ({result['checkpoint']})"
+    title = (f"{result.get('model') or result['variant']} ({result['variant']}, sha256 {str(result.get('sha256'))[:12]}"
+             f"{', licence: ' + result['license'] if result.get('license') else ''}) on {result['layout']} "
+             f"{result['split']} ({result['checkpoint']})")
     if result.get("untrained"):
         title += "  [UNTRAINED CHECKPOINT]"
     table = Table(title=Text(shown(title)), title_justify="left")

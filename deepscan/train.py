@@ -433,10 +433,13 @@ def evaluate(checkpoint: str, videos: list[CachedVideo], device: str = "auto", b
     ``video_scores``); the CLI writes them with ``--scores`` and leaves them out of ``--json``."""
     from .scan import pick_device
 
+    from .hashing import sha256_file
+
     dev = pick_device(device)
     model, info = load_checkpoint(checkpoint, dev)
     records = predict(fold_batchnorm(model), videos, dev)
-    result = {"checkpoint": checkpoint, "variant": info.variant, "untrained": info.untrained,
+    result = {"checkpoint": checkpoint, "model": info.name, "license": info.license, "variant": info.variant,
+              "sha256": sha256_file(checkpoint), "untrained": info.untrained,
               "metrics": "scikit-learn: roc_auc_score, average_precision_score; EER at the ROC crossing",
               "overall": frame_and_video(records)}
     if by_method:
