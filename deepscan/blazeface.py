@@ -107,7 +107,9 @@ def onnx_path(variant: str = "full", manifest=None) -> Path:
     manifest = manifest or weights.load_manifest()
     source = tflite_path(variant, manifest)  # verified each time (1 MB): the export is named after its sha256
     pinned = manifest.get(v.entry).sha256
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepscan"
+    from .errors import cache_home
+
+    base = cache_home()
     out = base / f"blazeface-{variant}-{pinned[:16]}-e{EXPORT_VERSION}.onnx"
     if out.is_file():
         return out

@@ -72,7 +72,7 @@ def root(
     ] = None,
 ) -> None:
     """Scan videos for deepfaked faces. `deepscan VIDEO_OR_FOLDER...` is short for `deepscan scan ...`."""
-    from .output import show_warnings_escaped
+    from .errors import show_warnings_escaped
 
     show_warnings_escaped()  # every command: a library's warning is one escaped line
 

@@ -56,3 +56,28 @@ def io_reason(exc: BaseException, where=None) -> str:
     if short:
         return "the disk took only part of a write: it is full, or a file-size limit (ulimit -f) was reached"
     return text or type(exc).__name__
+
+
+def show_warnings_escaped() -> None:
+    """Library warnings (matplotlib's "Glyph 27 ... missing" quotes a file name's raw ESC) reach
+    stderr as one line through ``output.shown``, like every other message, in the scanning process
+    and in the preparation workers: nothing a library says can act on the terminal. ``shown`` is
+    imported only when a warning comes (workers do not otherwise load rich)."""
+    import sys
+    import warnings
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        from .output import shown
+
+        sys.stderr.write(f"warning: {shown(str(message))} ({category.__name__})\n")
+
+    warnings.showwarning = showwarning
+
+
+def cache_home():
+    """deepscan's own cache folder ($XDG_CACHE_HOME/deepscan, else ~/.cache/deepscan): BlazeFace's
+    ONNX export, OpenVINO's converted models, converted published checkpoints."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepscan"

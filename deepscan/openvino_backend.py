@@ -95,7 +95,9 @@ class _Exported(nn.Module):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepscan" / "openvino"
+    from .errors import cache_home
+
+    return cache_home() / "openvino"
 
 
 def _shapes(cfg) -> dict:

@@ -127,18 +127,6 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _HIDDEN = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")  # controls, format (bidi, zero-width), separators...
 
 
-def show_warnings_escaped() -> None:
-    """Library warnings (matplotlib's "Glyph 27 ... missing" quotes a file name's raw ESC) reach
-    stderr as one line through ``shown``, like every other message: nothing a library says can
-    act on the terminal."""
-    import warnings
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        notice(f"warning: {shown(str(message))} ({category.__name__})")
-
-    warnings.showwarning = showwarning
-
-
 def shown(text: str) -> str:
     """``text`` as it may reach a person's terminal: every character a terminal would act on
     rather than show (escape sequences, bell, newline, bidi overrides, zero-width characters,

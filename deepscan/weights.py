@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from .config import VARIANTS
 from .convert import FORMATS as CONVERTED_FORMATS
-from .errors import NO_ROOM, WeightsError
+from .errors import NO_ROOM, WeightsError, cache_home
 from .hashing import sha256_file
 
 MANIFEST_SCHEMA = 1
@@ -467,7 +467,7 @@ def _download(entry: ManifestEntry, repo_id: str, revision: str, filename: str, 
 # ---------------------------------------------------------------------------- converted models
 def converted_dir() -> Path:
     """deepscan's checkpoints converted from other projects' files (XDG_CACHE_HOME/deepscan/checkpoints)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepscan" / "checkpoints"
+    return cache_home() / "checkpoints"
 
 
 def entry_provenance(entry: ManifestEntry) -> dict:

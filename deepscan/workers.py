@@ -55,7 +55,7 @@ import numpy as np
 
 from . import faces as faces_mod
 from .config import CROP_MARGIN
-from .errors import DeepscanError, MediaError
+from .errors import DeepscanError, MediaError, show_warnings_escaped
 from .hashing import sha256_file
 from .video import MAX_SIDE, Clip, DecodeReport, check_readable, plan_clips, probe, sample_clips
 
@@ -386,24 +386,10 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _warnings_escaped() -> None:
-    """A library's warning in a worker reaches stderr as one escaped line, as in the scanning
-    process (output.show_warnings_escaped; imported only when a warning comes: rich is not
-    otherwise loaded here)."""
-    import warnings
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        from .output import shown
-
-        sys.stderr.write(f"warning: {shown(str(message))} ({category.__name__})\n")
-
-    warnings.showwarning = showwarning
-
-
 def _process_main(conn, block, slots: list[int], make_detector, settings: PrepSettings) -> None:
     """Entry point of a worker process; ``block`` arrives attached (see ``SharedBlock``)."""
     _die_with_parent()
-    _warnings_escaped()
+    show_warnings_escaped()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scanning process decides when workers stop
     try:
         os.setpgrp()  # ... and Ctrl-C in a terminal reaches neither us nor our ffmpeg processes

@@ -147,7 +147,7 @@ def test_report_never_overwrites_its_records(tmp_path):
 
 
 def test_library_warnings_reach_stderr_escaped(capfd):
-    from deepscan.output import show_warnings_escaped
+    from deepscan.errors import show_warnings_escaped
 
     previous = warnings.showwarning
     try:
