@@ -19,11 +19,11 @@ import torch
 
 from deepscan.config import config_for_variant
 from deepscan.faces import DetectorSpec
-from deepscan.inputs import ScanInput
+from deepscan.scan.plan import ScanInput
 from deepscan.model import LDADetector
 from deepscan.perf import benchmark_inputs, emit, make_folder, model_only
 from deepscan.scan import Runner, ScanSettings, Scanner, default_workers, model_lanes, pick_devices, pick_precision
-from deepscan.workers import prepare_video
+from deepscan.scan.workers import prepare_video
 
 
 def main() -> None:

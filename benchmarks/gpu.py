@@ -5,7 +5,7 @@ only itself. Writes ``gpu-result.json`` (and the stages' logs, one file) to --ou
 Stages, in order of importance: env (versions, GPU, providers), nvdec (the driver's libnvcuvid,
 PyNvVideoCodec, a 720p decode: frames/s alone and in threads, colours against ffmpeg), blazeface
 (the batched detector on CUDA: frames/s at batch 64 and 256, boxes against the CPU's), device_prep
-(deepscan.device_prep: detection and crops of 64 clips on the device, against PIL's crops), model (clips/s per variant and
+(deepscan.scan.device: detection and crops of 64 clips on the device, against PIL's crops), model (clips/s per variant and
 precision, a batch sweep, cudnn.benchmark), tests (the CUDA-marked tests), prep (preparation
 workers 1..cores, model off), folder (a folder scan on the GPU against the model alone, with the
 per-stage breakdown of one video), train (a full-size training run with AMP and loader workers on a
@@ -167,7 +167,7 @@ def stage_blazeface(part: dict, work: Path) -> None:
     import torch
 
     from deepscan.blazeface import build
-    from deepscan.device_prep import letterbox_many
+    from deepscan.scan.device import letterbox_many
     from deepscan.faces import resolve_detector
     from deepscan.video import plan_clips, probe, read_clips
 
@@ -293,13 +293,13 @@ def _prep_rows(part: dict, work: Path, name: str, videos: int, counts, detector:
 
 
 def stage_device_prep(part: dict, work: Path) -> None:
-    """deepscan.device_prep on the device: 64 clips (3 frames of 720p each) already there,
+    """deepscan.scan.device on the device: 64 clips (3 frames of 720p each) already there,
     detection over their first frames in one batch, then the crops for the model (398 and 224 px):
     clips/s of each step, and the crops against the workers' PIL crops."""
     import numpy as np
     import torch
 
-    from deepscan.device_prep import DevicePreparer
+    from deepscan.scan.device import DevicePreparer
     from deepscan.faces import crop_box, face_clips, resolve_detector
     from deepscan.video import plan_clips, probe, read_clips
 
@@ -379,7 +379,7 @@ def stage_folder(part: dict, work: Path) -> None:
             traceback.print_exc()
         print(key, json.dumps(part[key]), flush=True)
         _save(part, work, "folder")
-    from deepscan.nvdec import available
+    from deepscan.scan.nvdec import available
 
     part["nvdec_unavailable"] = available(runner.device)  # None: NVDEC works here
     runs = [("device", "ffmpeg"), ("workers", "ffmpeg")] + ([("device", "nvdec")] if part["nvdec_unavailable"] is None

@@ -190,11 +190,11 @@ def scan(
     """Scan videos for deepfaked faces: a verdict per video (exit 0 none fake, 1 fake found, 2 errors)."""
     import signal
 
-    from .inputs import parse_shard
+    from .scan.plan import parse_shard
 
     if weights is not None:  # before loading torch: a typo fails in a blink
         existing_file(weights, "--weights")
-    from .run import ScanRequest, run_scan
+    from .scan.run import ScanRequest, run_scan
     from .scan import ScanSettings, default_batch_size, exit_code
 
     if workers is not None and workers < 0:
@@ -268,7 +268,7 @@ def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, nu
     from .faces import resolve_detector
     from .output import progress
     from .prepare import PrepareSettings, check_cache, is_done, prepare, recorded_detector
-    from .workers import cpu_count
+    from .scan.workers import cpu_count
 
     cache = writable_folder(cache or data / ".deepscan-cache", "--cache")
     from .config import CROP_MARGIN
@@ -286,11 +286,12 @@ def _prepare(items, data: Path, cache, clips, detector, image_size, lda_size, nu
         spec = resolve_detector(detector, say=notice)
         with progress(len(items), "preparing face clips", enabled=not quiet) as advance:
             if ray:
-                from . import cluster
+                from . import prepare_ray
+                from .scan import cluster
 
                 resources = cluster.connect(ray)
                 notice(f"ray: {int(resources.get('CPU', 0))} CPU(s) in the cluster prepare {len(todo)} video(s)")
-                counts = cluster.prepare(items, cache, spec, settings, advance)
+                counts = prepare_ray.prepare(items, cache, spec, settings, advance)
             else:
                 # every core by default: nothing else runs while a cache is made
                 workers = min(cpu_count() if workers is None else workers, len(todo))

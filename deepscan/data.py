@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .inputs import VIDEO_EXTENSIONS
+from .video import VIDEO_EXTENSIONS
 
 FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 LAYOUTS = ("auto", "ffpp", "celebdf", "folders")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import unicodedata
 
 # a write refused for want of room: a full disk, a file-size limit (ulimit -f), a quota
 NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -60,15 +61,12 @@ def io_reason(exc: BaseException, where=None) -> str:
 
 def show_warnings_escaped() -> None:
     """Library warnings (matplotlib's "Glyph 27 ... missing" quotes a file name's raw ESC) reach
-    stderr as one line through ``output.shown``, like every other message, in the scanning process
-    and in the preparation workers: nothing a library says can act on the terminal. ``shown`` is
-    imported only when a warning comes (workers do not otherwise load rich)."""
+    stderr as one line through ``shown``, like every other message, in the scanning process
+    and in the preparation workers: nothing a library says can act on the terminal."""
     import sys
     import warnings
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
-        from .output import shown
-
         sys.stderr.write(f"warning: {shown(str(message))} ({category.__name__})\n")
 
     warnings.showwarning = showwarning
@@ -81,3 +79,36 @@ def cache_home():
     from pathlib import Path
 
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepscan"
+
+
+# ---------------------------------------------------------------------------- text for people
+def printable(text: str) -> str:
+    """A string that any terminal encoding can print: bytes of non-UTF-8 file names (held as
+    lone surrogates by Python) become \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_HIDDEN = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")  # controls, format (bidi, zero-width), separators...
+
+
+def shown(text: str) -> str:
+    """``text`` as it may reach a person's terminal: every character a terminal would act on
+    rather than show (escape sequences, bell, newline, bidi overrides, zero-width characters,
+    line separators) becomes visible text (``\\x1b``, ``\\n``, ``\\u202e``), as do the bytes of
+    non-UTF-8 names. A file name can then neither erase a row, clear the screen, set the
+    title, spoof its own name nor split a one-line error. JSON output is not shown: it keeps
+    the real names (JSON escapes controls itself)."""
+    text = printable(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or unicodedata.category(ch) not in _HIDDEN:
+            out.append(ch)  # (isprintable() is also False for harmless spaces such as U+00A0)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)

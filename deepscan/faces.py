@@ -291,12 +291,19 @@ class BlazeFaceDetector:
         """The network's outputs for ``views`` of ``frame`` as detections in frame pixels."""
         out = []
         for (x, y, s), b, k, sc in zip(views, boxes, keypoints, scores):
-            factor = max(frame[y:y + s, x:x + s].shape[:2])  # the letterbox square's side in frame pixels
-            for j in np.where(sc >= self.threshold)[0]:
-                box = tuple(float(v) for v in (b[j] * factor + np.array([x, y, x, y])))
-                lm = tuple((float(px * factor + x), float(py * factor + y)) for px, py in k[j])
-                out.append(Detection(box, float(sc[j]), lm))
+            keep = np.where(sc >= self.threshold)[0]
+            out += view_detections(x, y, max(frame[y:y + s, x:x + s].shape[:2]), b[keep], k[keep], sc[keep])
         return nms_detections(out, self.nms)
+
+
+def view_detections(x: int, y: int, factor: int, boxes, keypoints, scores) -> list[Detection]:
+    """BlazeFace's kept anchors of one view at (x, y), whose letterbox square is ``factor`` frame
+    pixels on a side (boxes (k, 4) and keypoints (k, 6, 2) in the unit square), as detections in
+    frame pixels: the one decoder of the onnxruntime detector and the device's (``scan.device``)."""
+    offset = np.array([x, y, x, y])
+    return [Detection(tuple(float(v) for v in (b * factor + offset)), float(sc),
+                      tuple((float(px * factor + x), float(py * factor + y)) for px, py in k))
+            for b, k, sc in zip(boxes, keypoints, scores)]
 
 
 def blazeface_search(h: int, w: int, size: int, hints=(), *, follow=(), deep: bool = False, min_face: int = MIN_FACE,
@@ -305,7 +312,7 @@ def blazeface_search(h: int, w: int, size: int, hints=(), *, follow=(), deep: bo
     (square views to look at, and whether through the short-range model), is sent the faces
     found in them, and returns the frame's faces. Written so, the same decisions drive this
     detector (``__call__``) and the device's, which batches the stages of many frames
-    (``device_prep``). The stages, like DlibDetector's: around the faces being followed
+    (``scan.device``). The stages, like DlibDetector's: around the faces being followed
     (``full=False``); the whole frame (by the short-range model too if the full-range one
     finds nothing: a face that fills the frame, like a 112 px aligned crop, is one it misses);
     around earlier faces (``hints``); with ``deep``, tiles small enough that a ``min_face``
@@ -559,6 +566,30 @@ class Tracker:
             self.last[tid] = detections[j].box
             self.seen[tid] = self.clip
         return result
+
+    def pick(self, detections: list[Detection]) -> tuple[list[Detection], list[int]]:
+        """The detections a scan keeps (all of them) and their track ids."""
+        return detections, self.assign(detections)
+
+
+class LargestFace:
+    """The training cache's "tracker": one face per clip, the largest, looked for first where
+    the previous clip's was (``Tracker``'s interface, for ``workers.clip_faces``)."""
+
+    def __init__(self):
+        self.last = None
+
+    def recent(self) -> list[tuple]:
+        return [self.last] if self.last else []
+
+    active = recent
+
+    def pick(self, detections: list[Detection]) -> tuple[list[Detection], list[int]]:
+        if not detections:
+            return [], []
+        det = max(detections, key=lambda d: (d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))
+        self.last = det.box
+        return [det], [0]
 
 
 # ---------------------------------------------------------------------------- crops

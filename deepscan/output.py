@@ -11,13 +11,11 @@ import json
 import math
 import os
 import sys
-import unicodedata
-from collections import Counter
 from contextlib import contextmanager
 
 from rich.console import Console
 
-from .errors import OutputError
+from .errors import OutputError, printable, shown  # noqa: F401 - printable, shown: output.printable, output.shown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
@@ -105,12 +103,6 @@ def warn_untrained(where: str) -> None:
     )
 
 
-def printable(text: str) -> str:
-    """A string that any terminal encoding can print: bytes of non-UTF-8 file names (held as
-    lone surrogates by Python) become \\xNN escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 RECORD_PREFIX = b'{"schema": "deepscan.scan/'  # how every record line of an --output file begins
 
 
@@ -121,32 +113,6 @@ def _begins_record(data: bytes) -> bool:
 
 def _is_record(obj) -> bool:
     return isinstance(obj, dict) and str(obj.get("schema", "")).startswith("deepscan.scan/")
-
-
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_HIDDEN = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")  # controls, format (bidi, zero-width), separators...
-
-
-def shown(text: str) -> str:
-    """``text`` as it may reach a person's terminal: every character a terminal would act on
-    rather than show (escape sequences, bell, newline, bidi overrides, zero-width characters,
-    line separators) becomes visible text (``\\x1b``, ``\\n``, ``\\u202e``), as do the bytes of
-    non-UTF-8 names. A file name can then neither erase a row, clear the screen, set the
-    title, spoof its own name nor split a one-line error. JSON output is not shown: it keeps
-    the real names (JSON escapes controls itself)."""
-    text = printable(text)
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if ch.isprintable() or unicodedata.category(ch) not in _HIDDEN:
-            out.append(ch)  # (isprintable() is also False for harmless spaces such as U+00A0)
-        elif ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        else:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out)
 
 
 def _lock_holder(fd: int) -> int | None:
@@ -354,48 +320,6 @@ def write_atomically(path, text: str, *, shared: bool = False) -> None:
     finally:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
-
-
-class OutputClosed(Exception):
-    """Standard output went away (``| head -1``) and no --output file takes the records."""
-
-
-class ScanSink:
-    """Where a scan's records go: JSON Lines on stdout (``--json``), an ``--output`` file, and
-    one small row per video for the final table. A closed stdout (broken pipe) stops the scan
-    unless a file still takes the records; the exit code stays the one the results earned."""
-
-    def __init__(self, *, json_out: bool, file: "JsonlFile | None", keep_rows: bool, on_error=None,
-                 keep_items: bool = False):
-        self.json_out, self.file, self.keep_rows, self.on_error = json_out, file, keep_rows, on_error
-        self.rows: list = []
-        self.keep_items = keep_items  # --report: what the page needs of each record (html_report.compact)
-        self.items: list = []
-        self.stdout_closed = False
-        self.verdicts: Counter = Counter()
-
-    def __call__(self, record: dict, row) -> None:
-        self.verdicts[record["verdict"]] += 1
-        if self.file is not None:
-            self.file.write(record)
-        if self.keep_rows:
-            self.rows.append(row)
-        if self.keep_items:
-            from .html_report import compact
-
-            self.items.append(compact(record))
-        if record.get("error") and not self.json_out and self.on_error:
-            self.on_error(record["error"])
-        if self.json_out and not self.stdout_closed:
-            try:
-                emit_json(record)
-            except BrokenPipeError:
-                self.stdout_closed = True
-                silence_stdout()
-                if self.file is None:
-                    raise OutputClosed from None
-            except OSError as exc:
-                raise stdout_failed(exc) from None
 
 
 def silence_stdout() -> None:

@@ -88,7 +88,7 @@ def backend_throughput(variant: str, device: torch.device, batch: int, pairs: in
     import copy
     import shutil
 
-    from .openvino_backend import OpenVinoRunner, cache_root, installed
+    from .scan.score_openvino import OpenVinoRunner, cache_root, installed
     from .scan import Runner, cpu_lanes, pick_precision, score_in_lanes
 
     if device.type != "cpu" or not installed():
@@ -200,8 +200,8 @@ def end_to_end(video: Path, runner, spec, clips: int, batch: int, workers: int, 
     under another name in the same scanner (warm: workers, model and caches in use), then the
     model alone on the same face clips."""
     from .scan import Scanner, ScanSettings
-    from .inputs import ScanInput
-    from .workers import prepare_video
+    from .scan.plan import ScanInput
+    from .scan.workers import prepare_video
 
     settings = ScanSettings(clips=clips, batch_size=batch, hash_files=False, keep_crops=0, preparation=preparation,
                             decoder=decoder)
@@ -229,7 +229,8 @@ def end_to_end(video: Path, runner, spec, clips: int, batch: int, workers: int, 
 def preparation_throughput(videos: list[Path], spec, prep, counts: list[int], say=print) -> list[dict]:
     """Face clips/s of ``n`` preparation workers for each n in ``counts``, model switched off: every
     clip's slot is handed back at once. Worker start-up is outside the clock."""
-    from .workers import PreparePool
+    from .scan.events import Clip, Done, Lost
+    from .scan.workers import PreparePool
 
     out = []
     for n in counts:
@@ -244,10 +245,10 @@ def preparation_throughput(videos: list[Path], spec, prep, counts: list[int], sa
                     pool.submit(*todo.pop(0))
                 events, _ = pool.poll(1.0)
                 for ev in events:
-                    if ev[0] == "clip":
+                    if isinstance(ev, Clip):
                         clips += 1
-                        pool.free([ev[2]])
-                    elif ev[0] in ("done", "lost"):
+                        pool.free([ev.slot])
+                    elif isinstance(ev, (Done, Lost)):
                         done += 1
             dt = time.perf_counter() - t
         out.append({"detector": spec.name, "workers": n, "clips_per_s": round(clips / dt, 2), "face_clips": clips,
@@ -263,9 +264,9 @@ def folder_throughput(videos: list[Path], runner, spec, weights: Path, clips: in
     """End-to-end clips/s over a folder of videos (in this process, workers started before the
     clock), the model alone at the same batch size on real face clips, and the peak RSS of a
     `deepscan scan` of the same folder in a fresh process."""
-    from .inputs import ScanInput
+    from .scan.plan import ScanInput
     from .scan import Scanner, ScanSettings
-    from .workers import prepare_video
+    from .scan.workers import prepare_video
 
     settings = ScanSettings(clips=clips, batch_size=batch, hash_files=False, keep_crops=0, preparation=preparation,
                             decoder=decoder)
@@ -411,7 +412,7 @@ def run_all(device: torch.device, variants: list[str], precisions: list[str], ba
     model = LDADetector(cfg)
     weights = save_checkpoint(model, work / "bench-untrained.safetensors", untrained=True)
     from .hashing import sha256_file
-    from .openvino_backend import pick_backend
+    from .scan.score_openvino import pick_backend
 
     result["backend"] = pick_backend(backend, device)
     runner = make_runner(model, device, pick_precision("auto", device), result["backend"], batch_size=batch,

@@ -30,8 +30,8 @@ from . import faces as faces_mod
 from .config import CROP_MARGIN
 from .data import VideoItem
 from .errors import ConfigError, DeepscanError, OutputError, io_reason
-from .video import check_readable, probe, sample_clips
-from .workers import DEEP_EVERY, FULL_EVERY
+from .video import sample_clips
+from .scan.workers import clip_faces, open_video
 
 
 @dataclass(frozen=True)
@@ -148,25 +148,14 @@ def prepare_video(item: VideoItem, cache: Path, detector, settings: PrepareSetti
     meta = {**asdict(item), "clips": 0, "frame_indices": [], "boxes": [], "error": None}
     images, frames = [], []
     try:
-        check_readable(item.path)
-        info = probe(item.path)
-        last_box = None  # where the face was in the previous clip: the detector looks there first
+        info, _ = open_video(item.path, None)  # full size: training crops from unscaled frames
+        tracker = faces_mod.LargestFace()
         for clip in sample_clips(info, settings.clips, settings.clip_len):
-            hints = [last_box] if last_box else []
-            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=hints, follow=hints, min_face=settings.min_face,
-                                                   deep=clip.index % DEEP_EVERY == 0,
-                                                   crowd=clip.index % faces_mod.CROWD_EVERY == 0,
-                                                   full=clip.index % FULL_EVERY == 0), settings.min_face)
-            if not dets:
-                continue
-            det = max(dets, key=lambda d: (d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))
-            last_box = det.box
-            (fc,) = faces_mod.face_clips(item.path, clip, [det], [0], settings.image_size, settings.lda_size,
-                                         settings.margin, settings.alignment)
-            images.append(fc.image)
-            frames.append(fc.frames)
-            meta["frame_indices"].append(list(fc.frame_indices))
-            meta["boxes"].append([round(v, 1) for v in fc.box])
+            for fc in clip_faces(item.path, clip, detector, tracker, settings):
+                images.append(fc.image)
+                frames.append(fc.frames)
+                meta["frame_indices"].append(list(fc.frame_indices))
+                meta["boxes"].append([round(v, 1) for v in fc.box])
     except DeepscanError as exc:
         meta["error"] = str(exc)
     meta["clips"] = len(images)
@@ -263,7 +252,7 @@ def _in_processes(todo: list[VideoItem], cache: Path, spec, settings: PrepareSet
     from concurrent.futures.process import BrokenProcessPool
     from dataclasses import replace
 
-    from .workers import _main_module_hidden, default_context
+    from .scan.workers import _main_module_hidden, default_context
 
     if getattr(spec, "name", None) == "scrfd":
         spec = replace(spec, threads=1)  # one onnxruntime thread per process: the processes are the parallelism

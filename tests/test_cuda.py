@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from deepscan.config import config_for_variant
 from deepscan.faces import DetectorSpec
-from deepscan.inputs import ScanInput
+from deepscan.scan.plan import ScanInput
 from deepscan.model import LDADetector
 from deepscan.scan import Runner, ScanSettings, scan
 
@@ -203,7 +203,7 @@ def test_a_scan_decoded_by_nvdec_equals_the_ffmpeg_decoded_scan(media_dir):
     """--decoder nvdec on the GPU, where the driver has NVDEC and PyNvVideoCodec is installed:
     the same tracks as ffmpeg-decoded frames, scores within the colour conversion's effect."""
     from deepscan.faces import resolve_detector
-    from deepscan.nvdec import available
+    from deepscan.scan.nvdec import available
 
     why = available(CUDA)
     if why:

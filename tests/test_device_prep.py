@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from deepscan.blazeface import letterbox
-from deepscan.device_prep import DevicePreparer, letterbox_many, pil_resize
+from deepscan.scan.device import DevicePreparer, letterbox_many, pil_resize
 from deepscan.faces import box_iou, crop_box, crop_square, face_clips, resolve_detector
 from deepscan.scan import Runner, ScanSettings, scan
 from deepscan.video import plan_clips, probe, read_clips
@@ -177,7 +177,7 @@ def test_a_decoding_worker_killed_mid_video_costs_that_video_only(media_dir):
     import threading
     import time
 
-    from deepscan.inputs import ScanInput
+    from deepscan.scan.plan import ScanInput
     from deepscan.scan import Scanner
 
     names = ["astronaut.mp4", "two_faces.mp4", "carphone.mp4"]
@@ -213,7 +213,7 @@ def test_nvdec_threads_feed_device_preparation_and_hand_the_rest_to_the_workers(
     scan of the same inputs."""
     import shutil
 
-    from deepscan.inputs import ScanInput
+    from deepscan.scan.plan import ScanInput
     from deepscan.scan import Scanner
 
     from . import fake_nvc
@@ -276,7 +276,7 @@ def test_a_decoder_thread_that_hangs_costs_its_video_only(media_dir, tmp_path):
     stalled worker's), the thread is abandoned and replaced, and the other videos are scanned."""
     import shutil
 
-    from deepscan.inputs import ScanInput
+    from deepscan.scan.plan import ScanInput
     from deepscan.scan import Scanner
 
     from . import fake_nvc

@@ -167,7 +167,7 @@ def test_a_huge_file_that_is_no_video_is_not_hashed(tmp_path, tiny_ckpt):
 
 
 def test_workers_are_capped_by_the_inputs(media_dir, tiny_ckpt):
-    from deepscan.run import ScanRequest, run_scan
+    from deepscan.scan.run import ScanRequest, run_scan
     from deepscan.scan import ScanSettings
 
     req = ScanRequest(paths=(str(media_dir / "astronaut.mp4"),), settings=ScanSettings(clips=2, batch_size=2),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deepscan import html_report
-from deepscan.openvino_backend import installed as ov_installed
+from deepscan.scan.score_openvino import installed as ov_installed
 
 from .test_hostile import cli, one_line_error
 from .test_html_report import Page, _chromium, fetches_nothing
@@ -161,7 +161,7 @@ def test_library_warnings_reach_stderr_escaped(capfd):
 
 # ---------------------------------------------------------------------------- 2. caches that lie
 def _ov_entry(model, key):
-    from deepscan.openvino_backend import OpenVinoRunner, cache_root
+    from deepscan.scan.score_openvino import OpenVinoRunner, cache_root
 
     before = set(cache_root().glob("*/model.bin"))
     import torch
@@ -178,7 +178,7 @@ def test_an_openvino_entry_replaced_in_place_is_rebuilt_not_trusted():
     import numpy as np
     import torch
 
-    from deepscan.openvino_backend import OpenVinoRunner
+    from deepscan.scan.score_openvino import OpenVinoRunner
     from deepscan.scan import Runner
 
     from .test_openvino import crops, spread_model

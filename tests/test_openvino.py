@@ -13,7 +13,7 @@ import torch
 
 from deepscan.checkpoint import save_checkpoint
 from deepscan.errors import ConfigError
-from deepscan.openvino_backend import OpenVinoRunner, installed, pick_backend
+from deepscan.scan.score_openvino import OpenVinoRunner, installed, pick_backend
 from deepscan.scan import Runner
 
 from .conftest import tiny_model, under_file_size_limit
@@ -75,7 +75,7 @@ def test_the_converted_model_is_kept_and_made_again_for_another_checkpoint(monke
 
 
 def test_a_damaged_cache_entry_is_made_again():
-    from deepscan.openvino_backend import cache_root
+    from deepscan.scan.score_openvino import cache_root
 
     model = spread_model(seed=4)
     before = set(cache_root().glob("*/model.xml"))
@@ -90,7 +90,7 @@ def test_a_cache_that_cannot_take_the_model_costs_a_note_not_the_scan(tmp_path):
     """A real write failure (a file-size limit: OpenVINO's writer fails as it would on a full
     disk): the converted model is used from memory, with one note, and nothing half-written is kept."""
     code = ("import copy, numpy as np, torch\n"
-            "from deepscan.openvino_backend import OpenVinoRunner, cache_root\n"
+            "from deepscan.scan.score_openvino import OpenVinoRunner, cache_root\n"
             "from deepscan.scan import Runner\n"
             "from tests.test_openvino import spread_model, crops\n"
             "m = spread_model(seed=5)\n"
@@ -114,7 +114,7 @@ def test_openvino_telemetry_stays_out(tmp_path):
 
     code = (
         "import sys, torch\n"
-        "from deepscan.openvino_backend import OpenVinoRunner\n"
+        "from deepscan.scan.score_openvino import OpenVinoRunner\n"
         "from tests.test_openvino import spread_model\n"
         "OpenVinoRunner(spread_model(seed=5), torch.float32, key='sha-telemetry')\n"
         "import openvino.tools.ovc.telemetry_utils as t\n"

@@ -19,7 +19,7 @@ import torch
 
 from deepscan.errors import DeepscanError
 from deepscan.faces import DetectorSpec
-from deepscan.inputs import ScanInput, walk
+from deepscan.scan.plan import ScanInput, walk
 from deepscan.scan import Runner, Scanner, ScanSettings, exit_code, scan
 
 from .conftest import tiny_model
@@ -303,7 +303,7 @@ def test_timeout_needs_worker_processes(media_dir, tiny_ckpt):
 
 def test_preparation_benchmark_counts_every_clip(media_dir):
     from deepscan.perf import preparation_throughput
-    from deepscan.workers import PrepSettings
+    from deepscan.scan.workers import PrepSettings
 
     rows = preparation_throughput([media_dir / "astronaut.mp4", media_dir / "two_faces.mp4"], DetectorSpec("dlib"),
                                   PrepSettings(clips=3, image_size=62, lda_size=32, hash_files=False), [1, 2],
@@ -326,13 +326,17 @@ def test_a_worker_killed_before_its_first_input_costs_nothing(corpus, tiny_ckpt)
 def test_an_input_whose_worker_died_after_some_clips_were_scored_is_an_error_without_tracks():
     """Clips of a video scored, then its worker killed: the record is an error, without tracks
     (it has no track score). Taking one crashed the whole scan (KeyError), seen once in CI."""
-    from deepscan.scan import FrameScore, Scanner, ScanSettings, VideoState
+    from deepscan.scan.assemble import Assembler, FrameScore, row_of
+    from deepscan.scan.events import ClipMeta, Tail
+    from deepscan.scan import ScanSettings
 
-    scanner = Scanner.__new__(Scanner)  # only what _record reads
-    scanner.settings, scanner.heatmaps, scanner.model, scanner.detector_name = ScanSettings(), None, {}, "dlib"
-    scanner.device_prep = None
-    vs = VideoState(0, "v.mp4", 0.0, error="v.mp4: preparation stopped: its worker died (SIGKILL)")
-    vs.tracks[0] = [FrameScore(0, 0.0, 0.7, (1.0, 2.0, 3.0, 4.0))]
-    record, row = scanner._record(vs)
+    asm = Assembler(ScanSettings(), model={}, detector="dlib")
+    asm.open(0, "v.mp4")
+    asm.expect(0, 2)
+    asm.scored([(0, ClipMeta(0, 0, 0, 0.0, (1.0, 2.0, 3.0, 4.0)))], [0.7], {}, 0.1, None)
+    assert asm.videos[0].tracks[0] == [FrameScore(0, 0.0, 0.7, (1.0, 2.0, 3.0, 4.0))]
+    asm.dropped(0, 1)
+    asm.ended(0, Tail(), "v.mp4: preparation stopped: its worker died (SIGKILL)")
+    ((record, row),) = list(asm.take())
     assert record["verdict"] == "error" and record["tracks"] == [] and record["score"] is None
-    assert row.faces == 0 and row.frames == 0
+    assert row == row_of(record) and row.faces == 0 and row.frames == 0

@@ -114,7 +114,7 @@ def test_compiled_runner_scores_like_eager_with_one_graph_for_partial_batches():
 
 
 def test_compile_failure_falls_back_to_eager_with_a_note(monkeypatch):
-    import deepscan.scan as scan_mod
+    import deepscan.scan.score as scan_mod
 
     def broken(model, device):
         def forward(*a, **k):

@@ -13,9 +13,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is part of the test extra (deepscan[ray])")
 
-from deepscan import cluster  # noqa: E402
+from deepscan import prepare_ray  # noqa: E402
+from deepscan.scan import cluster  # noqa: E402
 from deepscan.faces import DetectorSpec  # noqa: E402
-from deepscan.inputs import walk  # noqa: E402
+from deepscan.scan.plan import walk  # noqa: E402
 from deepscan.scan import ScanSettings  # noqa: E402
 
 from .detectors import PoisonSpec  # noqa: E402
@@ -117,7 +118,7 @@ def test_ray_prepare_makes_the_cache_a_local_prepare_makes(local_ray, tmp_path):
     _, items = load_dataset(data)
     settings = PrepareSettings(image_size=62, lda_size=32, clips=2)
     local = prepare(items, tmp_path / "local", DlibDetector(), settings)
-    counts = cluster.prepare(items, tmp_path / "ray", DetectorSpec("dlib"), settings)
+    counts = prepare_ray.prepare(items, tmp_path / "ray", DetectorSpec("dlib"), settings)
     assert counts == local and counts["prepared"] == len(items)
     a, b = load_cache(tmp_path / "local", items), load_cache(tmp_path / "ray", items)
     assert [v.key for v in a] == [v.key for v in b] and [v.clips for v in a] == [v.clips for v in b]
@@ -125,7 +126,7 @@ def test_ray_prepare_makes_the_cache_a_local_prepare_makes(local_ray, tmp_path):
         for name in ("image.npy", "frames.npy"):
             assert np.array_equal(np.load(Path(va.folder) / name), np.load(Path(vb.folder) / name))
     assert not list((tmp_path / "ray").glob(".*tmp*"))
-    again = cluster.prepare(items, tmp_path / "ray", DetectorSpec("dlib"), settings)
+    again = prepare_ray.prepare(items, tmp_path / "ray", DetectorSpec("dlib"), settings)
     assert again["done_before"] == len(items) and again["prepared"] == 0
 
 

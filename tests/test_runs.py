@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deepscan.inputs import ResumeIndex, ScanInput, in_shard, parse_shard, settings_key, shard_of, walk
+from deepscan.scan.plan import ResumeIndex, ScanInput, in_shard, parse_shard, settings_key, shard_of, walk
 from deepscan.errors import ConfigError
 
 FAST = ["--clips", "2", "--detector", "dlib", "--batch-size", "2", "--no-hash"]

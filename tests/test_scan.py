@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepscan.faces import DetectorSpec
-from deepscan.inputs import ScanInput
+from deepscan.scan.plan import ScanInput
 from deepscan.scan import Runner, ScanSettings, cpu_lanes, scan
 
 from . import media

@@ -11,9 +11,8 @@ Failures: a bad input gives an ``error`` record inside the actor, as locally; an
 dies is restarted by Ray and the batch it held is tried once more; a batch that fails twice
 gives ``error`` records for its inputs (the job goes on).
 
-Preparation for training (``deepscan prepare --ray``): ``PrepareActor`` writes each video's
-cache folder under a unique temporary name and renames it into the shared cache folder, so a
-folder appears complete or not at all, whichever node made it.
+Preparation for training on Ray (``deepscan prepare --ray``) is ``prepare_ray``'s, on the same
+``connect``.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import ConfigError, DeepscanError
+from ..errors import ConfigError, DeepscanError
 
 TASK_RETRIES = 1  # a batch whose actor died is tried once more, on the restarted actor
 
@@ -52,8 +51,8 @@ def connect(address: str, *, num_cpus: float | None = None) -> dict:
                      configure_logging=True)
         try:
             if address == "local":
-                from . import watchdog
-                from .scan import cpu_count
+                from .. import watchdog
+                from .workers import cpu_count
 
                 watchdog.start()  # a local runtime ends with this process, however it ends (SIGKILL too)
                 ray.init(num_cpus=num_cpus or cpu_count(), **quiet)
@@ -133,8 +132,10 @@ class ScanActor:
                  model: dict, heatmaps: str | None, threads: int = 0):
         import torch
 
-        from .checkpoint import load_checkpoint
-        from .scan import Runner, Scanner, pick_devices, pick_precision
+        from ..checkpoint import load_checkpoint
+        from .pipeline import Scanner
+        from .score import Runner
+        from .settings import pick_devices, pick_precision
 
         if threads:
             # Ray sets OMP_NUM_THREADS to the actor's (fractional, rounded down) CPU request, 1 on a
@@ -148,28 +149,13 @@ class ScanActor:
                                heatmaps=Path(heatmaps) if heatmaps else None)
 
     def __call__(self, batch: dict) -> dict:
-        from .inputs import ScanInput
-        from .output import json_line
+        from ..output import json_line
+        from .plan import ScanInput
 
         records: list[str] = []
         items = [ScanInput(str(p), str(k)) for p, k in zip(batch["path"], batch["key"])]
         self.scanner.run(items, lambda rec, row: records.append(json_line(rec)))  # one per input, in order
         return {"record": records, "id": [int(i) for i in batch["id"]]}
-
-
-def row_of(record: dict):
-    """The summary-table row of a record (what a local scan builds from its state)."""
-    from .scan import Row
-
-    error = record.get("error") or ""
-    path = record["path"]
-    if error.startswith(path + ": "):
-        error = error[len(path) + 2:]
-    note = error or "; ".join(record.get("warnings") or []) or (
-        f"heatmaps: {record['heatmaps']}" if record.get("heatmaps") else "")
-    return Row(path, record["verdict"], record.get("score"), len(record.get("tracks") or []),
-               sum(len(t["frames"]) for t in record.get("tracks") or []),
-               float((record.get("timings") or {}).get("total_s", 0.0)), note)
 
 
 def scan(inputs: Iterable, checkpoint: str | os.PathLike, settings, detector, *, model: dict,
@@ -179,7 +165,7 @@ def scan(inputs: Iterable, checkpoint: str | os.PathLike, settings, detector, *,
     Inputs known to be bad before reading (``error`` set) get their record from the driver."""
     from ray.data import ActorPoolStrategy, from_items
 
-    from .scan import error_record
+    from .assemble import error_record
 
     resources = _ray().cluster_resources()
     plan = plan_actors(resources, workers, max_actors)
@@ -223,82 +209,9 @@ def scan(inputs: Iterable, checkpoint: str | os.PathLike, settings, detector, *,
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise DeepscanError(f"the Ray job failed ({type(exc).__name__}: {first})") from None
     # batches that failed twice (max_errored_blocks): their inputs still get a record
-    from .output import printable
+    from ..output import printable
 
     for i in sorted(set(sent) - got):
         path = sent[i]
         yield error_record(printable(path), f"{printable(path)}: the Ray actor scanning it died twice; skipped",
                            settings=settings, model=model, detector=detector.name)
-
-
-# ---------------------------------------------------------------------------- prepare
-class PrepareActor:
-    """A Ray actor preparing training videos into the shared cache folder."""
-
-    def __init__(self, cache: str, settings, detector):
-        self.cache, self.settings, self.detector = Path(cache), settings, detector.build()
-
-    def __call__(self, batch: dict) -> dict:
-        from .data import VideoItem
-        from .prepare import is_done, prepare_video
-
-        out = {"key": [], "clips": [], "error": [], "done_before": []}
-        for i in range(len(batch["key"])):
-            item = VideoItem(str(batch["path"][i]), int(batch["label"][i]), str(batch["split"][i]),
-                             str(batch["method"][i]), str(batch["key"][i]))
-            if is_done(self.cache, item):  # another node finished it (a retried batch)
-                meta = {"clips": -1, "error": None}
-            else:
-                meta = prepare_video(item, self.cache, self.detector, self.settings)
-            out["key"].append(item.key)
-            out["clips"].append(int(meta["clips"]))
-            out["error"].append(meta["error"] or "")
-            out["done_before"].append(meta["clips"] == -1)
-        return out
-
-
-def prepare(items: list, cache: str | os.PathLike, detector, settings, advance=None) -> dict:
-    """``prepare.prepare`` on a Ray cluster: the videos not yet in the (shared) cache."""
-    from ray.data import ActorPoolStrategy, from_items
-
-    from .prepare import begin, is_done
-
-    cache = Path(cache)
-    begin(cache, settings, detector.name)
-    counts = {"done_before": 0, "prepared": 0, "no_face": 0, "errors": 0}
-    todo = []
-    for item in items:
-        if is_done(cache, item):
-            counts["done_before"] += 1
-            if advance:
-                advance()
-        else:
-            todo.append({"path": item.path, "label": item.label, "split": item.split, "method": item.method,
-                         "key": item.key})
-    if not todo:
-        return counts
-    resources = _ray().cluster_resources()
-    cpus = float(resources.get("CPU", 1))
-    actors = max(1, min(len(todo), int(cpus)))
-    with _remote_args_allowed():
-        ds = from_items(todo).map_batches(
-            PrepareActor, fn_constructor_kwargs=dict(cache=str(cache), settings=settings, detector=detector),
-            batch_size=1, compute=ActorPoolStrategy(min_size=1, max_size=actors),
-            num_cpus=round(max(0.25, 0.75 * cpus / actors), 2), max_task_retries=TASK_RETRIES, max_restarts=-1,
-        )
-    try:
-        for row in ds.iter_rows():
-            if row["done_before"]:
-                counts["done_before"] += 1
-            else:
-                counts["prepared"] += 1
-                counts["errors"] += bool(row["error"])
-                counts["no_face"] += not row["error"] and row["clips"] == 0
-            if advance:
-                advance()
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Ray wraps actor failures in its own types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise DeepscanError(f"the Ray job failed ({type(exc).__name__}: {first})") from None
-    return counts

@@ -8,7 +8,7 @@ input goes to a decoder thread when one is free and the file is one NVDEC decode
 would (``eligible``), else to the workers. A thread probes the file (ffmpeg's description, as
 the workers do), plans the same clips (``video.plan_clips``), decodes their frames by index and
 hands them over as tensors on the device, with the events the workers send (``start``,
-``frames``, ``done``), so the scanner treats both alike.
+``Frames``, ``Done``), so the scanner treats both alike.
 
 Written by hand because no library feeds decoded frames of many files, from several decoders at
 once, into a pipeline that also takes ffmpeg's: PyNvVideoCodec gives a decoder per file
@@ -27,12 +27,13 @@ import queue
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from .errors import DeepscanError
-from .workers import FramesMeta, PrepSettings
+from ..errors import DeepscanError
+from .events import Done, Frames, FramesMeta, Job, Lost, Started, Tail, Token, Waker, overdue
+from .workers import PrepSettings
 
 CODECS = ("h264", "hevc")  # decoded by the NVDEC engine of every GPU this runs on
 PIX_FMTS = ("yuv420p",)  # 8-bit 4:2:0, limited range: NVDEC's RGB conversion matches ffmpeg's (tested)
@@ -65,7 +66,7 @@ def available(device: torch.device, module=None, workdir: str | None = None) -> 
     import subprocess
     import tempfile
 
-    from .video import ffmpeg_exe
+    from ..video import ffmpeg_exe
 
     try:
         nvc = load(module)
@@ -126,22 +127,28 @@ class _Fallback(Exception):
         self.reset = reset
 
 
+class _GiveBack(NamedTuple):
+    """A thread gives an input back to the ffmpeg workers (internal to this module)."""
+
+    job: Job
+    path: str
+    why: str
+
+
 class NvdecPool:
-    """Decoder threads in front of a ``PreparePool`` (see the module docstring); the pool's
-    interface, so the Scanner uses either. Events of NVDEC's inputs carry their frames:
-    ``("frames", job, slot, FramesMeta, tensor)`` with ``slot`` a token (< -1) that ``free``
-    gives back to its thread."""
+    """Decoder threads in front of a ``PreparePool`` (see the module docstring): an
+    ``events.Source`` as the pool is, sharing its ``runs``, so the Scanner uses either. Events of
+    NVDEC's inputs carry their frames: ``Frames(job, Token, FramesMeta, tensor)``, the token given
+    back to its thread by ``free``."""
 
     def __init__(self, pool, settings: PrepSettings, device: torch.device, *, threads: int = THREADS, module=None,
                  say: Callable[[str], None] | None = None, stall_s: float = 600.0):
-        from .scan import _Waker
-
         self.pool, self.settings, self.device, self.say = pool, settings, torch.device(device), say
         self.nvc = load(module)
-        self.run = 0
+        self.runs = pool.runs  # one owner of the run's id: the pool's
         self._jobs: queue.Queue = queue.Queue()
         self._out: queue.Queue = queue.Queue()
-        self._wake = _Waker()
+        self._wake = Waker()
         self._inflight: dict = {}  # job -> path, sent to a thread and not done
         self._backlog: list = []  # (job, path) the threads gave back, for the workers
         self._tokens = [threading.Semaphore(AHEAD) for _ in range(threads)]
@@ -160,19 +167,25 @@ class NvdecPool:
         t.start()
         return t
 
-    def __getattr__(self, name):  # workers, view, replaced, threaded, block ...: the pool's
-        return getattr(self.pool, name)
+    @property
+    def workers(self):
+        return self.pool.workers
 
-    # ---- the pool's interface
+    @property
+    def replaced(self) -> int:
+        return self.pool.replaced
+
+    @property
+    def threaded(self) -> bool:
+        return self.pool.threaded
+
+    # ---- the Source interface
     def begin_run(self) -> int:
-        self.run = self.pool.begin_run()
-        return self.run
+        return self.pool.begin_run()
 
     def end_run(self, run: int) -> None:
         self.pool.end_run(run)
-        if self.run == run:
-            self.run = 0
-        self._backlog = [(j, p) for j, p in self._backlog if j[0] != run]
+        self._backlog = [(j, p) for j, p in self._backlog if j.run != run]
         # queued jobs of the run are skipped by the threads (they check the run), and events of
         # it that arrive are dropped by poll
 
@@ -181,28 +194,31 @@ class NvdecPool:
         return max(0, mine) + max(0, self.pool.capacity() - len(self._backlog))
 
     def outstanding(self, run: int) -> int:
-        return (self.pool.outstanding(run) + sum(1 for j in self._inflight if j[0] == run)
-                + sum(1 for j, _ in self._backlog if j[0] == run))
+        return (self.pool.outstanding(run) + sum(1 for j in self._inflight if j.run == run)
+                + sum(1 for j, _ in self._backlog if j.run == run))
 
-    def submit(self, index: int, path: str) -> tuple[int, int]:
-        job = (self.run, index)
+    def view(self, handle, shape: tuple[int, ...] | None = None):
+        return self.pool.view(handle, shape)  # NVDEC's frames come with their events, in no slot
+
+    def submit(self, index: int, path: str) -> Job:
+        job = Job(self.runs.current, index)
         if len(self._inflight) < 2 * len(self._threads):
             self._inflight[job] = path
             self._jobs.put((job, path))
             return job
         return self.pool.submit(index, path)
 
-    def free(self, slots) -> None:
+    def free(self, handles) -> None:
         now = time.monotonic()
-        for s in (s for s in slots if s < -1):
-            k, generation = divmod(-s - 2, len(self._threads))[::-1]
+        for s in (s for s in handles if isinstance(s, Token)):
+            k, generation = s
             if generation != self._generation[k]:
                 continue  # an abandoned thread's: its successor has its own tokens
             self._tokens[k].release()
             for job, holder in list(self._holder.items()):
                 if holder[0] == k:
                     self._progress[job] = now  # a thread that waited for the device has not stalled
-        theirs = [s for s in slots if s >= 0]
+        theirs = [s for s in handles if not isinstance(s, Token)]
         if theirs:
             self.pool.free(theirs)
 
@@ -217,35 +233,35 @@ class NvdecPool:
                 ev = self._out.get_nowait()
             except queue.Empty:
                 break
-            job = ev[1]
-            if ev[0] == "frames" and job not in self._inflight:  # from an abandoned thread: its job is gone
-                self.free([ev[2]])
+            job = ev.job
+            if isinstance(ev, Frames) and job not in self._inflight:  # from an abandoned thread: its job is gone
+                self.free([ev.slot])
                 continue
             if job not in self._inflight:
                 continue
             self._progress[job] = time.monotonic()
-            if ev[0] in ("done", "fallback"):
+            if isinstance(ev, (Done, _GiveBack)):
                 self._inflight.pop(job, None)
                 self._progress.pop(job, None)
                 self._holder.pop(job, None)
-            if job[0] != self.run or not self.run:  # an ended run's: dropped
-                if ev[0] == "frames":
-                    self.free([ev[2]])
+            if not self.runs.ours(job):  # an ended run's: dropped
+                if isinstance(ev, Frames):
+                    self.free([ev.slot])
                 continue
-            if ev[0] == "fallback":
+            if isinstance(ev, _GiveBack):
                 self.fell_back += 1
-                self._backlog.append((job, ev[2]))
+                self._backlog.append((job, ev.path))
                 if not self._said and self.say:
                     self._said = True
-                    self.say(f"note: NVDEC does not decode every input here (first: {ev[3]}); the ffmpeg workers "
+                    self.say(f"note: NVDEC does not decode every input here (first: {ev.why}); the ffmpeg workers "
                              "decode those")
                 continue
-            if ev[0] == "done" and not ev[2].get("error"):
+            if isinstance(ev, Done) and not ev.tail.error:
                 self.decoded += 1
             events.append(ev)
         while self._backlog and self.pool.capacity() > 0:
             job, path = self._backlog.pop(0)
-            self.pool.submit(job[1], path)
+            self.pool.submit(job.index, path)
         events += self._abandon_stalled()
         return events, ready
 
@@ -255,14 +271,14 @@ class NvdecPool:
         stopped, is abandoned (what it sends later is dropped) and a new one takes its place."""
         now, out = time.monotonic(), []
         for job, since in list(self._progress.items()):
-            if now - since < self.stall_s or job not in self._holder:
+            if not overdue(since, now, self.stall_s) or job not in self._holder:
                 continue
             k, generation = self._holder.pop(job)
             path = self._inflight.pop(job, "?")
             self._progress.pop(job, None)
             self.stalled += 1
-            if job[0] == self.run and self.run:
-                out.append(("lost", job, f"{path}: NVDEC made no progress for {self.stall_s:.0f} s while decoding "
+            if self.runs.ours(job):
+                out.append(Lost(job, f"{path}: NVDEC made no progress for {self.stall_s:.0f} s while decoding "
                                          "it; skipped; raise --timeout if it is just very long, or use --decoder ffmpeg"))
             if generation == self._generation[k]:
                 self._generation[k] += 1
@@ -293,8 +309,8 @@ class NvdecPool:
             if item is None:
                 return
             job, path = item
-            if job[0] != self.run:
-                self._emit(("done", job, {"error": "cancelled", "cancelled": True}))
+            if job.run != self.runs.current:
+                self._emit(Done(job, Tail(error="cancelled", cancelled=True)))
                 continue
             self._holder[job] = (k, generation)
             self._progress.setdefault(job, time.monotonic())
@@ -304,32 +320,29 @@ class NvdecPool:
             except _Fallback as why:
                 if why.reset:
                     decoder = None
-                self._emit(("fallback", job, path, f"{path}: {why}"))
+                self._emit(_GiveBack(job, path, f"{path}: {why}"))
             except Exception as exc:  # noqa: BLE001 - never a silent thread: the input fails or goes to the workers
                 if os.environ.get("DEEPSCAN_DEBUG", "") not in ("", "0"):
                     traceback.print_exc()
                 decoder = None
                 why = f"{type(exc).__name__}: {str(exc)[:200]}"
                 if started:
-                    self._emit(("done", job, {"error": f"{path}: NVDEC failed while reading it ({why})", "sampling": {},
-                                              "warnings": [], "timings": {}}))
+                    self._emit(Done(job, Tail(error=f"{path}: NVDEC failed while reading it ({why})")))
                 else:
-                    self._emit(("fallback", job, path, f"{path}: {why}"))
+                    self._emit(_GiveBack(job, path, f"{path}: {why}"))
 
     def _prepare(self, k: int, generation: int, job, path: str, decoder, started: list):
         """One input: probe, plan, decode its clips' frames, hand them over (events as
         ``workers.prepare_video``'s). Raises _Fallback before its ``start`` when the workers should
         decode it. Returns the decoder, kept for the next file."""
-        from .errors import MediaError
-        from .video import check_readable, plan_clips, probe
-        from .workers import describe
+        from ..errors import MediaError
+        from ..video import plan_clips
+        from .workers import describe, open_video, sampling_of
 
         s = self.settings
-        head: dict = {"sha256": None, "video": None, "file": None, "box_scale": 1.0}
-        tail: dict = {"error": None, "sampling": {}, "warnings": [], "timings": {"decode_s": 0.0}, "face_clips": 0}
+        tail = Tail(timings={"decode_s": 0.0})
         try:
-            p = check_readable(path)
-            info = probe(path, s.max_side)
+            info, file = open_video(path, s.max_side)
         except (MediaError, OSError, ValueError) as exc:
             raise _Fallback(str(exc)) from None  # the workers give it its error record, as for any input
         why = eligible(info)
@@ -346,10 +359,7 @@ class NvdecPool:
             raise
         except Exception as exc:  # noqa: BLE001 - the decoder cannot open it: the workers can try
             raise _Fallback(f"NVDEC cannot open it ({type(exc).__name__}: {str(exc)[:200]})", reset=True) from None
-        st = p.stat()
-        head["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        head.update(describe(path, info, s.hash_files))
-        self._emit(("start", job, head))
+        self._emit(Started(job, describe(path, info, s.hash_files, file)))
         started.append(True)
         n = s.clip_len
         starts = plan_clips(info.num_frames, s.clips, n)
@@ -363,33 +373,32 @@ class NvdecPool:
                     raise MediaError(f"{path}: NVDEC returned {len(frames)} of {len(chunk) * n} frames")
                 clips = [torch.stack([_frame(f, info.height, info.width, self.device) for f in frames[q * n:(q + 1) * n]])
                          for q in range(len(chunk))]  # copies: the decoder reuses its frame buffers
-                tail["timings"]["decode_s"] += time.perf_counter() - t
+                tail.timings["decode_s"] += time.perf_counter() - t
                 for q, (start, clip) in enumerate(zip(chunk, clips)):
                     tokens = self._tokens[k]
                     while not tokens.acquire(timeout=0.5):  # the device is behind: wait
-                        if self._stop.is_set() or job[0] != self.run or generation != self._generation[k]:
+                        if self._stop.is_set() or job.run != self.runs.current or generation != self._generation[k]:
                             raise _Cancelled  # (or this thread was abandoned: nobody frees its tokens)
-                    if job[0] != self.run:
+                    if job.run != self.runs.current:
                         tokens.release()
                         raise _Cancelled
                     idx = tuple(range(start, start + n))
                     meta = FramesMeta(c0 + q, idx, tuple(round(i / info.fps, 4) for i in idx), tuple(clip.shape))
-                    self._emit(("frames", job, -2 - (k + len(self._threads) * generation), meta, clip))
+                    self._emit(Frames(job, Token(k, generation), meta, clip))
                     decoded += 1
         except _Cancelled:
-            self._emit(("done", job, {"error": "cancelled", "cancelled": True}))
+            self._emit(Done(job, Tail(error="cancelled", cancelled=True)))
             return decoder
         except DeepscanError as exc:
-            tail["error"] = str(exc)
+            tail.error = str(exc)
         except Exception as exc:  # noqa: BLE001 - one input's failure, never the scan's
             if os.environ.get("DEEPSCAN_DEBUG", "") not in ("", "0"):
                 traceback.print_exc()
-            tail["error"] = f"{path}: NVDEC failed while decoding it ({type(exc).__name__}: {str(exc)[:200]})"
+            tail.error = f"{path}: NVDEC failed while decoding it ({type(exc).__name__}: {str(exc)[:200]})"
             decoder = None  # a fresh decoder for the next file
-        tail["sampling"] = {"clips": len(starts), "n": n, "decoded_clips": decoded, "frames": decoded * n,
-                            "face_clips": 0, "strategy": "nvdec"}
-        tail["video_frames"] = info.num_frames
-        self._emit(("done", job, tail))
+        tail.sampling = sampling_of(len(starts), decoded, n, 0, "nvdec")
+        tail.video_frames = info.num_frames
+        self._emit(Done(job, tail))
         return decoder
 
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import CheckpointInfo
-from .errors import ConfigError
-from .scan import ScanSettings
+from ..checkpoint import CheckpointInfo
+from ..errors import ConfigError
+from .plan import open_output, plan_inputs, resume_key
+from .settings import ScanSettings
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,17 @@ class ScanRequest:
     resume: bool = False
     heatmaps: Path | None = None
     compile: bool = False
-    backend: str = "auto"  # auto | torch | openvino (openvino_backend.pick_backend)
+    backend: str = "auto"  # auto | torch | openvino (score_openvino.pick_backend)
     report: Path | None = None  # --report FILE.html: the sink keeps what the page needs
     json_out: bool = False
     ray: str | None = None  # a Ray address: local, auto or host:port (see cluster.py)
-    preparation: str = "auto"  # auto | workers | device (scan.pick_preparation)
-    decoder: str = "auto"  # auto | ffmpeg | nvdec (scan.pick_decoder)
+    preparation: str = "auto"  # auto | workers | device (settings.choose)
+    decoder: str = "auto"  # auto | ffmpeg | nvdec (settings.choose)
 
 
 @dataclass
 class ScanOutcome:
-    sink: object  # output.ScanSink: rows, verdicts
+    sink: object  # sink.ScanSink: rows, verdicts
     info: CheckpointInfo
     checkpoint: Path
     detector: str
@@ -55,7 +56,7 @@ class ScanOutcome:
 def _until_stopped(outcome: "ScanOutcome"):
     """Scanning ends early, without an error, when standard output closes (the results so far
     stand) or on Ctrl-C/SIGTERM (kept in ``outcome`` for the exit code)."""
-    from .output import OutputClosed
+    from .sink import OutputClosed
 
     try:
         yield
@@ -68,9 +69,9 @@ def _until_stopped(outcome: "ScanOutcome"):
 def _checkpoint(req: ScanRequest, manifest, say):
     """The checkpoint a scan uses (path, its sha256 when already known, its header), checked
     against an explicit --variant."""
-    from .checkpoint import read_info
-    from .output import printable
-    from .weights import resolve_checkpoint
+    from ..checkpoint import read_info
+    from ..output import printable
+    from ..weights import resolve_checkpoint
 
     ckpt, ckpt_sha = resolve_checkpoint(req.variant, req.weights, manifest, say=say)
     info = read_info(ckpt)
@@ -88,24 +89,50 @@ def _with_preprocessing(req: ScanRequest, info: CheckpointInfo) -> ScanRequest:
 
 def _say_model(info: CheckpointInfo, say) -> None:
     """One line naming a trained model and its licence (an untrained one gets its warning)."""
-    from .output import printable
+    from ..output import printable
 
     if not info.untrained:
         lic = info.license or "not stated in the checkpoint"
         say(f"model: {printable(info.name)} ({info.variant}); licence: {printable(lic)}")
 
 
+def _setup(req: ScanRequest, say):
+    """What a local scan and a Ray scan share: the manifest, the checkpoint and its header, the
+    request in the checkpoint's own preprocessing, the detector, and the model's licence said."""
+    from ..faces import resolve_detector
+    from ..output import warn_untrained
+    from ..weights import load_manifest
+
+    manifest = load_manifest()
+    ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
+    req = _with_preprocessing(req, info)
+    spec = resolve_detector(req.detector, manifest=manifest, say=say)
+    if info.untrained:
+        warn_untrained(str(ckpt))
+    _say_model(info, say)
+    return req, ckpt, ckpt_sha, info, spec
+
+
+def _sink(req: ScanRequest, file, say):
+    from ..output import printable
+    from .sink import ScanSink
+
+    return ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
+                    on_error=lambda e: say(f"deepscan: {printable(e)}"), keep_items=req.report is not None)
+
+
 def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     """Run the scan ``req`` describes. Ctrl-C (KeyboardInterrupt) and SIGTERM (raised as one by
     the caller) stop it: what is complete is kept and the interruption is returned, not raised."""
-    from . import scan as scan_mod
-    from .checkpoint import load_checkpoint
-    from .config import VARIANTS
-    from .faces import resolve_detector
-    from .hashing import sha256_file
-    from .openvino_backend import pick_backend
-    from .output import ScanSink, printable, progress, warn_untrained
-    from .weights import load_manifest
+    from ..checkpoint import load_checkpoint
+    from ..config import VARIANTS
+    from ..hashing import sha256_file
+    from ..output import progress
+    from . import settings as choices
+    from .assemble import model_record
+    from .pipeline import Scanner
+    from .score import make_runner
+    from .score_openvino import pick_backend
 
     if req.variant is not None and req.variant not in VARIANTS:
         raise ConfigError(f"unknown variant {req.variant!r}; choose one of: {', '.join(VARIANTS)}")
@@ -116,42 +143,34 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
             raise ConfigError("--preparation device is not run on Ray yet (its actors prepare in workers); "
                               "drop one of them")
         return _run_on_ray(req, say)
-    devices = scan_mod.pick_devices(req.device)
-    dtype = scan_mod.pick_precision(req.precision, devices[0])
+    devices = choices.pick_devices(req.device)
+    dtype = choices.pick_precision(req.precision, devices[0])
     backend = pick_backend("torch" if req.compile and req.backend == "auto" else req.backend, devices[0])
-    manifest = load_manifest()
-    ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
-    req = _with_preprocessing(req, info)
-    spec = resolve_detector(req.detector, manifest=manifest, say=say)
-    preparation = scan_mod.pick_preparation(req.preparation, spec.name, info.alignment)
-    decoder = scan_mod.pick_decoder(req.decoder, preparation, devices[0], say=say)
-    req = dataclasses.replace(req, settings=dataclasses.replace(req.settings, preparation=preparation, decoder=decoder))
-    file, done = _open_output(req)
-    workers = _cap_workers(req, scan_mod.default_workers(devices) if req.workers is None else req.workers, info,
-                           gpu=devices[0].type == "cuda", say=say)
+    req, ckpt, ckpt_sha, info, spec = _setup(req, say)
+    settings = choices.choose(req.settings, detector=spec.name, preparation=req.preparation, decoder=req.decoder,
+                              device=devices[0], say=say)
+    req = dataclasses.replace(req, settings=settings)
+    file, done = open_output(req)
+    gpu = devices[0].type == "cuda"
+    workers = _cap_workers(req, choices.default_workers(devices) if req.workers is None else req.workers, info,
+                           gpu=gpu, say=say)
     # Workers build their own detector, on one onnxruntime thread each (many workers, many
     # cores), and start now, while the model loads.
     worker_spec = dataclasses.replace(spec, threads=1) if workers else spec
-    pool = scan_mod.start_pool(req.settings, info.config, worker_spec.build, workers, devices=len(devices),
-                               gpu=devices[0].type == "cuda")
+    pool = choices.start_pool(settings, info.config, worker_spec.build, workers, devices=len(devices), gpu=gpu)
     try:
         model, info = load_checkpoint(ckpt)
-        if info.untrained:
-            warn_untrained(str(ckpt))
-        _say_model(info, say)
-        model_rec = scan_mod.model_record(info, ckpt_sha or sha256_file(ckpt), backend)
-        inputs = _plan(req, file, done, _resume_key(req, model_rec, spec.name), say)
-        runners = [scan_mod.make_runner(model, devices[0], dtype, backend, key=model_rec["sha256"],
-                                        use_compile=req.compile, batch_size=req.settings.batch_size, say=say)]
+        model_rec = model_record(info, ckpt_sha or sha256_file(ckpt), backend)
+        inputs = plan_inputs(req, file, done, resume_key(req, model_rec, spec.name), say)
+        runners = [make_runner(model, devices[0], dtype, backend, key=model_rec["sha256"], use_compile=req.compile,
+                               batch_size=settings.batch_size, say=say)]
         runners += [runners[0].replica(d) for d in devices[1:]]
-        sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
-                        on_error=lambda e: say(f"deepscan: {printable(e)}"), keep_items=req.report is not None)
+        sink = _sink(req, file, say)
         outcome = ScanOutcome(sink, info, Path(ckpt), spec.name, workers=workers, sha256=model_rec["sha256"])
         known = len(req.paths) if req.shard[1] == 1 and not req.resume and not any(map(os.path.isdir, req.paths)) \
             else None
-        with scan_mod.Scanner(runners, worker_spec.build, spec.name, req.settings, model=model_rec,
-                              heatmaps=req.heatmaps, say=say, pool=pool) as scanner, \
-                progress(known, "scanning", enabled=not req.json_out) as advance:
+        with Scanner(runners, worker_spec.build, spec.name, settings, model=model_rec, heatmaps=req.heatmaps, say=say,
+                     pool=pool) as scanner, progress(known, "scanning", enabled=not req.json_out) as advance:
             def on_record(record, row):
                 sink(record, row)
                 advance()
@@ -173,7 +192,7 @@ def _cap_workers(req: ScanRequest, workers: int, info, *, gpu: bool, say) -> int
         return workers
     if req.paths and not any(os.path.isdir(p) for p in req.paths):
         workers = min(workers, len(req.paths))
-    from .scan import slots_for
+    from .settings import slots_for
     from .workers import available_memory
 
     per_worker = slots_for(req.settings, workers, gpu) * req.settings.prep(info.config).slot_bytes + (150 << 20)
@@ -187,88 +206,29 @@ def _cap_workers(req: ScanRequest, workers: int, info, *, gpu: bool, say) -> int
     return workers
 
 
-def _open_output(req: ScanRequest):
-    """The --output file (checked before anything is scanned) and, with --resume, the index of
-    what it holds."""
-    from .inputs import ResumeIndex
-    from .output import JsonlFile, printable
-
-    if req.output is None:
-        return None, None
-    for p in req.paths:
-        try:
-            if os.path.isfile(p) and os.path.exists(req.output) and os.path.samefile(p, req.output):
-                raise ConfigError(f"--output {printable(str(req.output))} is one of the inputs; give another file")
-        except OSError:
-            pass
-    done = ResumeIndex() if req.resume else None
-    return JsonlFile(req.output, on_record=done.add if done is not None else None), done
-
-
-def _resume_key(req: ScanRequest, model_rec: dict, detector: str) -> tuple:
-    from .inputs import settings_key
-
-    s = req.settings
-    return settings_key({"model": model_rec, "threshold": s.threshold, "aggregation": s.aggregation,
-                         "detector": detector, "settings": s.record()})
-
-
-def _plan(req: ScanRequest, file, done, key: tuple, say):
-    """The inputs of ``req``: walked lazily, sharded, and without those ``done`` has (--resume)."""
-    from .inputs import in_shard, walk
-    from .output import printable
-
-    out = printable(str(req.output))
-    if file is not None and file.dropped:
-        say(f"note: dropped a torn last line ({file.dropped} bytes) from {out}")
-    if file is not None and file.damaged:
-        say(f"note: {file.damaged} damaged line(s) in {out} ignored")
-    inputs = in_shard(walk(req.paths, req.glob), *req.shard)
-    if done is not None:
-        say(f"resuming: {done.count} record(s) of {len(done.last)} path(s) in {out}; inputs whose last record is a "
-            "final verdict are skipped")
-        if done.retried():
-            say(f"resuming: {done.retried()} path(s) whose last record is an error are scanned again")
-        other = done.other_settings(key)
-        if other:
-            say(f"resuming: {other} path(s) were scanned with other settings (checkpoint, threshold, aggregation, "
-                f"detector, --clips or --min-face) and are scanned again; readers take the last record per path")
-        inputs = done.pending(inputs, key)
-    return inputs
-
-
 def _run_on_ray(req: ScanRequest, say) -> ScanOutcome:
     """The same scan through Ray actors (cluster.py): same records, same sinks; any order."""
+    from ..hashing import sha256_file
+    from ..output import progress
     from . import cluster
-    from .faces import resolve_detector
-    from .hashing import sha256_file
-    from .output import ScanSink, printable, progress, warn_untrained
-    from .scan import model_record
-    from .weights import load_manifest
+    from .assemble import model_record, row_of
 
-    manifest = load_manifest()
-    ckpt, ckpt_sha, info = _checkpoint(req, manifest, say)
-    req = _with_preprocessing(req, info)
-    if info.untrained:
-        warn_untrained(str(ckpt))
-    _say_model(info, say)
-    spec = resolve_detector(req.detector, manifest=manifest, say=say)
+    req, ckpt, ckpt_sha, info, spec = _setup(req, say)
     spec = dataclasses.replace(spec, threads=1, providers=None)  # each actor picks its own providers
     model_rec = model_record(info, ckpt_sha or sha256_file(ckpt))
     resources = cluster.connect(req.ray)
-    file, done = _open_output(req)
-    sink = ScanSink(json_out=req.json_out, file=file, keep_rows=not req.json_out,
-                    on_error=lambda e: say(f"deepscan: {printable(e)}"), keep_items=req.report is not None)
+    file, done = open_output(req)
+    sink = _sink(req, file, say)
     outcome = ScanOutcome(sink, info, Path(ckpt), spec.name, sha256=model_rec["sha256"])
     say(f"ray: {int(resources.get('CPU', 0))} CPU(s), {int(resources.get('GPU', 0))} GPU(s) in the cluster")
     try:
-        inputs = _plan(req, file, done, _resume_key(req, model_rec, spec.name), say)
+        inputs = plan_inputs(req, file, done, resume_key(req, model_rec, spec.name), say)
         with progress(None, "scanning", enabled=not req.json_out) as advance:
             with _until_stopped(outcome):
                 for record in cluster.scan(inputs, ckpt, req.settings, spec, model=model_rec, device=req.device,
                                            precision=req.precision, workers=req.workers, heatmaps=req.heatmaps,
                                            say=say):
-                    sink(record, cluster.row_of(record))
+                    sink(record, row_of(record))
                     advance()
         return outcome
     finally:

@@ -20,11 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import ConfigError
-
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp",
-                    # camera, disc and broadcast files
-                    ".mts", ".m2ts", ".m2t", ".vob", ".mxf", ".ogv", ".3g2", ".f4v", ".asf", ".divx", ".y4m")
+from ..errors import ConfigError
+from ..video import VIDEO_EXTENSIONS
 
 
 def _sidecar(name: str) -> bool:
@@ -156,7 +153,7 @@ class ResumeIndex:
         return sum(1 for e in self.last.values() if not e[0])
 
     def done(self, inp: ScanInput, key: tuple) -> bool:
-        from .output import printable
+        from ..output import printable
 
         entry = self.last.get(printable(os.path.normpath(inp.path)))  # as records hold it
         if entry is None or not entry[0] or self._keys.get(key) != entry[4]:
@@ -168,7 +165,7 @@ class ResumeIndex:
         if (st.st_size, st.st_mtime_ns) == (entry[1], entry[2]):
             return True
         if entry[3] and st.st_size == entry[1]:  # touched, maybe unchanged
-            from .hashing import sha256_file
+            from ..hashing import sha256_file
 
             try:
                 return sha256_file(inp.path) == entry[3]
@@ -178,3 +175,50 @@ class ResumeIndex:
 
     def pending(self, inputs: Iterable[ScanInput], key: tuple) -> Iterator[ScanInput]:
         return (i for i in inputs if not self.done(i, key))
+
+
+# ---------------------------------------------------------------------------- a request's inputs
+def open_output(req):
+    """The --output file (checked before anything is scanned) and, with --resume, the index of
+    what it holds."""
+    from ..output import JsonlFile, printable
+
+    if req.output is None:
+        return None, None
+    for p in req.paths:
+        try:
+            if os.path.isfile(p) and os.path.exists(req.output) and os.path.samefile(p, req.output):
+                raise ConfigError(f"--output {printable(str(req.output))} is one of the inputs; give another file")
+        except OSError:
+            pass
+    done = ResumeIndex() if req.resume else None
+    return JsonlFile(req.output, on_record=done.add if done is not None else None), done
+
+
+def resume_key(req, model_rec: dict, detector: str) -> tuple:
+    s = req.settings
+    return settings_key({"model": model_rec, "threshold": s.threshold, "aggregation": s.aggregation,
+                         "detector": detector, "settings": s.record()})
+
+
+def plan_inputs(req, file, done, key: tuple, say):
+    """The inputs of ``req``: walked lazily, sharded, and without those ``done`` has (--resume)."""
+    from ..output import printable
+
+    out = printable(str(req.output))
+    if file is not None and file.dropped:
+        say(f"note: dropped a torn last line ({file.dropped} bytes) from {out}")
+    if file is not None and file.damaged:
+        say(f"note: {file.damaged} damaged line(s) in {out} ignored")
+    inputs = in_shard(walk(req.paths, req.glob), *req.shard)
+    if done is not None:
+        say(f"resuming: {done.count} record(s) of {len(done.last)} path(s) in {out}; inputs whose last record is a "
+            "final verdict are skipped")
+        if done.retried():
+            say(f"resuming: {done.retried()} path(s) whose last record is an error are scanned again")
+        other = done.other_settings(key)
+        if other:
+            say(f"resuming: {other} path(s) were scanned with other settings (checkpoint, threshold, aggregation, "
+                f"detector, --clips or --min-face) and are scanned again; readers take the last record per path")
+        inputs = done.pending(inputs, key)
+    return inputs

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import faces as faces_mod
-from .faces import CROWD_EVERY, Detection, Tracker, blazeface_search, crop_box, filter_faces, nms_detections
+from .. import faces as faces_mod
+from ..faces import Detection, Tracker, blazeface_search, crop_box, filter_faces, nms_detections, view_detections
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DeviceClip:
     box: tuple[float, float, float, float]
     image: torch.Tensor = field(repr=False)  # (S, S, 3) uint8
     frames: torch.Tensor = field(repr=False)  # (n, s, s, 3) uint8
-    det_score: float = 1.0  # the detector's confidence (a single sighting must be sure: scan.CONFIRM_SINGLE)
+    det_score: float = 1.0  # the detector's confidence (a single sighting must be sure: assemble.CONFIRM_SINGLE)
 
 
 class DevicePreparer:
@@ -67,8 +67,8 @@ class DevicePreparer:
     def __init__(self, device: torch.device | str = "cpu", *, image_size: int = 398, lda_size: int = 224,
                  margin: float | None = None, min_face: int = faces_mod.MIN_FACE, threshold: float = 0.5,
                  nms: float = 0.3):
-        from .blazeface import VARIANTS, build
-        from .config import CROP_MARGIN
+        from ..blazeface import VARIANTS, build
+        from ..config import CROP_MARGIN
 
         self.device = torch.device(device)
         self.nets = {False: build("full").to(self.device).eval(), True: build("short").to(self.device).eval()}
@@ -85,13 +85,14 @@ class DevicePreparer:
         """The face clips of each of ``clips`` (at most one per video: a video's search depends on
         its tracker after the clip before), detected in stages batched across them, as the
         workers do it (``workers.prepare_video``)."""
-        from .workers import DEEP_EVERY, FULL_EVERY
+        from .workers import search_flags
 
         items = []
         for c in clips:
             tracker = self.trackers.setdefault(c.key, Tracker())
-            items.append((c.frames[0], tracker.recent(), tracker.active(), c.index % DEEP_EVERY == 0,
-                          c.index % FULL_EVERY == 0, c.index % CROWD_EVERY == 0))
+            flags = search_flags(c.index)
+            items.append((c.frames[0], tracker.recent(), tracker.active(), flags["deep"], flags["full"],
+                          flags["crowd"]))
         found = self.search(items)
         out = []
         for c, dets in zip(clips, found):
@@ -111,7 +112,7 @@ class DevicePreparer:
         """Faces in each frame of ``items`` ((frame, hints, follow, deep, full[, crowd]): frames (H, W, 3)
         uint8 on the device, of any sizes), by ``faces.blazeface_search``'s stages: every round
         takes the next stage of each frame still searching, in one batch per network."""
-        from .blazeface import VARIANTS
+        from ..blazeface import VARIANTS
 
         size = VARIANTS["full"].size
         gens, asks, out = {}, {}, [None] * len(items)
@@ -153,12 +154,10 @@ class DevicePreparer:
             where = keep.nonzero()[:, 0].cpu().numpy()
             b, kp, sc = (t[keep].float().cpu().numpy() for t in (boxes, keypoints, scores))
             dets: dict = {k: [] for k in mine}
-            for v, bb, kk, ss in zip(where, b, kp, sc):
+            for v in np.unique(where):
                 k, x, y, s, view = cut[v]
-                factor = max(view.shape[:2])  # the letterbox square's side in frame pixels
-                box = tuple(float(t) for t in (bb * factor + np.array([x, y, x, y])))
-                lm = tuple((float(px * factor + x), float(py * factor + y)) for px, py in kk)
-                dets[k].append(Detection(box, float(ss), lm))
+                rows = where == v
+                dets[k] += view_detections(x, y, max(view.shape[:2]), b[rows], kp[rows], sc[rows])
             for k in mine:
                 out[k] = nms_detections(dets[k], self.nms)  # as the workers' _decode: one NMS per stage
         return out
@@ -196,6 +195,92 @@ def timed_step(prep: DevicePreparer, clips: list[RawClip]) -> tuple[list[list[De
     if prep.device.type == "cuda":
         torch.cuda.synchronize(prep.device)
     return out, time.perf_counter() - t
+
+
+class DeviceStage:
+    """Frames -> face clips on the model's device, for a scan: the one owner of the decoded
+    clips waiting (a queue per video, in order) and, through its preparer, of the trackers.
+    ``step`` prepares the next clip of every video that has one, in one batch, and gives the
+    handles of their frames back to the source."""
+
+    def __init__(self, preparer: DevicePreparer, source):
+        self.prep, self.source = preparer, source
+        self._raw: dict[int, list] = {}  # input index -> [events.Frames], in order
+
+    def __bool__(self) -> bool:
+        return bool(self._raw)
+
+    def add(self, ev) -> None:
+        self._raw.setdefault(ev.job.index, []).append(ev)
+
+    def drop(self, index: int) -> int:
+        """Forget input ``index`` (it failed): its frames go back; returns how many clips they were."""
+        gone = self._raw.pop(index, [])
+        self.source.free([ev.slot for ev in gone])
+        self.prep.forget(index)
+        return len(gone)
+
+    def forget(self, index: int) -> None:
+        self.prep.forget(index)
+
+    def reset(self) -> None:
+        """A run ended: every frame back to the source, every tracker gone."""
+        self.source.free([ev.slot for queue_ in self._raw.values() for ev in queue_])
+        self._raw = {}
+        self.prep.trackers.clear()
+
+    def step(self) -> list[tuple[int, list[DeviceClip], float]]:
+        """One step: (input index, its face clips, its share of the step's seconds) per video."""
+        from ..errors import DeepscanError
+
+        dev = self.prep.device
+        firsts = [queue_[0] for queue_ in self._raw.values()]
+        raws = []
+        for ev in firsts:
+            meta = ev.meta
+            if ev.pixels is not None:  # decoded by NVDEC, on the device already
+                frames = ev.pixels
+            else:
+                frames = torch.from_numpy(self.source.view(ev.slot, meta.shape))
+                frames = frames.to(dev, non_blocking=True) if dev.type != "cpu" else frames
+            raws.append(RawClip(ev.job.index, meta.clip_index, meta.frame_indices, meta.times, frames))
+        try:
+            prepared, seconds = timed_step(self.prep, raws)
+        except Exception as exc:  # noqa: BLE001 - the device (e.g. out of memory) fails the scan, loudly
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise DeepscanError(f"device preparation failed on {dev} ({type(exc).__name__}: {first}); "
+                                "try --preparation workers") from exc
+        finally:
+            for ev in firsts:  # the crops are new tensors: the frames can go back
+                queue_ = self._raw[ev.job.index]
+                queue_.pop(0)
+                if not queue_:
+                    del self._raw[ev.job.index]
+            self.source.free([ev.slot for ev in firsts])
+        share = seconds / max(1, len(firsts))
+        return [(ev.job.index, face_clips, share) for ev, face_clips in zip(firsts, prepared)]
+
+
+def pin_slots(pool):
+    """Page-lock the pool's shared slots for CUDA (cudaHostRegister), so that decoded frames go
+    from a slot to the GPU by DMA rather than through a pageable staging copy; returns the undo,
+    or None where CUDA declines (then copies are pageable, and slower)."""
+    if pool.threaded or not hasattr(torch._C, "_cudart"):
+        return None
+    try:
+        buf = np.frombuffer(pool.block.buf, np.uint8)  # an export: the mapping stays while it lives
+        ptr, size = buf.ctypes.data, buf.nbytes
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(ptr, size, 0)) != 0:
+            return None
+    except (RuntimeError, AttributeError, TypeError, ValueError):
+        return None
+
+    def undo() -> None:
+        cudart.cudaHostUnregister(ptr)
+
+    undo.export = buf  # held while pinned: the mapping cannot be closed under the registration
+    return undo
 
 
 # ---------------------------------------------------------------------------- PIL's resampling as matrices

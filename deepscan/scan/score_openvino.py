@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, io_reason
+from ..errors import ConfigError, io_reason
 
 EXPORT_VERSION = 1  # in the cache key: a change to the export makes a new entry
 BACKENDS = ("auto", "torch", "openvino")
@@ -82,7 +82,7 @@ class _Exported(nn.Module):
     and the attention maps (sorted by name) out."""
 
     def __init__(self, model: nn.Module, names: list[str]):
-        from .model import input_normaliser
+        from ..model import input_normaliser
 
         super().__init__()
         self.model, self.names = model, names
@@ -95,7 +95,7 @@ class _Exported(nn.Module):
 
 
 def cache_root() -> Path:
-    from .errors import cache_home
+    from ..errors import cache_home
 
     return cache_home() / "openvino"
 
@@ -139,7 +139,7 @@ IR_FILES = ("model.xml", "model.bin")
 def _fingerprint(folder: Path) -> dict:
     """Size and sha256 of each IR file: what identifies an entry's content (its folder name only
     says what it was made from). Hashing ~90 MB takes ~0.1 s, compiling takes more."""
-    from .hashing import sha256_file
+    from ..hashing import sha256_file
 
     return {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in IR_FILES}
 
@@ -182,7 +182,7 @@ def _load(model: nn.Module, folder: Path, ov, settings: dict, convert: bool, say
     """(map names, compiled model) from the cache entry ``folder``, converting ``model`` into it
     first when ``convert``. No CACHE_DIR: compiling the IR takes ~0.15 s, its blob would be 93 MB
     more per precision."""
-    from .model import fold_batchnorm
+    from ..model import fold_batchnorm
 
     if convert:
         meta, source = _convert(fold_batchnorm(model).eval(), folder, ov, say)
@@ -203,7 +203,7 @@ class OpenVinoRunner:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, *, key: str, batch_size: int = 8,
                  threads: int | None = None, lanes: int | None = None, say: Callable[[str], None] | None = None):
-        from .scan import cpu_lanes
+        from .lanes import cpu_lanes
 
         ov = import_openvino()
         self.cfg = model.config

@@ -53,11 +53,13 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from . import faces as faces_mod
-from .config import CROP_MARGIN
-from .errors import DeepscanError, MediaError, show_warnings_escaped
-from .hashing import sha256_file
-from .video import MAX_SIDE, Clip, DecodeReport, check_readable, plan_clips, probe, sample_clips
+from .. import faces as faces_mod
+from ..config import CROP_MARGIN
+from ..errors import DeepscanError, MediaError, show_warnings_escaped
+from ..hashing import sha256_file
+from ..video import MAX_SIDE, Clip, DecodeReport, check_readable, plan_clips, probe, sample_clips
+from .events import ClipMeta, Done, Frames, FramesMeta, Head, Job, Lost, Runs, Slot, Started, Tail, overdue
+from .events import Clip as ClipEvent
 
 JOBS_PER_WORKER = 2  # the input being prepared and the next one, so a worker never waits for the driver
 DEEP_EVERY = 8  # the expensive small-face search runs on the first clip and every 8th (see faces.DlibDetector)
@@ -78,7 +80,7 @@ class PrepSettings:
     hash_files: bool = True
     max_side: int = MAX_SIDE  # frames larger than this are scaled down in ffmpeg
     # what a worker hands over: "crops" (it detects, tracks and crops) or "frames" (it only decodes;
-    # the scanning process prepares on its device, see device_prep)
+    # the scanning process prepares on its device, see scan.device)
     handover: str = "crops"
     alignment: str = "none"  # faces.ALIGNMENTS: the checkpoint's (deepfakebench-5pt: on the landmarks)
 
@@ -98,52 +100,60 @@ class PrepSettings:
 
 
 # ---------------------------------------------------------------------------- one video
-@dataclass
-class ClipMeta:
-    """A face clip without its pixels: what the scanning process needs besides the slot."""
-
-    track_id: int
-    clip_index: int
-    frame_index: int  # the frame the model classifies (the clip's first)
-    time_s: float
-    box: tuple[float, float, float, float]  # detector box in decoded-frame pixels
-    det_score: float = 1.0  # the detector's confidence in the face (scan.CONFIRM_SINGLE)
+def describe(path: str, info, hash_file: bool, file: dict | None = None) -> Head:
+    """The ``Started`` head of a probed video (its record's ``video``, sha256, box scale)."""
+    return Head(sha256=sha256_file(path) if hash_file else None, file=file, box_scale=info.source_width / info.width,
+                video={"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
+                       "duration_s": round(info.duration, 3), "frames": info.num_frames, "rotation": info.rotation,
+                       "codec": info.codec, "stream": info.stream, "sar": round(info.sar, 4)})
 
 
-class FramesMeta(NamedTuple):
-    """A decoded clip handed over in a slot (``handover="frames"``): what is in the slot."""
-
-    clip_index: int
-    frame_indices: tuple[int, ...]
-    times: tuple[float, ...]
-    shape: tuple[int, ...]  # (n, H, W, 3) uint8 at the start of the slot
-
-
-def describe(path: str, info, hash_file: bool) -> dict:
-    """What a ``start`` event says of a probed video (its record's ``video``, sha256, box scale):
-    the workers' and the NVDEC threads' (``nvdec``) alike."""
-    return {"sha256": sha256_file(path) if hash_file else None, "box_scale": info.source_width / info.width,
-            "video": {"width": info.source_width, "height": info.source_height, "fps": round(info.fps, 3),
-                      "duration_s": round(info.duration, 3), "frames": info.num_frames, "rotation": info.rotation,
-                      "codec": info.codec, "stream": info.stream, "sar": round(info.sar, 4)}}
+def open_video(path: str, max_side: int | None):
+    """The first steps of preparing any video, for the workers, NVDEC and the training cache:
+    readable, its file's size and time, probed (before hashing: a huge file that is no video is
+    not read whole). Returns (info, file)."""
+    st = check_readable(path).stat()
+    return probe(path, max_side), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterator:
-    """Decode, detect, track and crop one video, yielding its events in order:
-    ``("start", index, head)``, then one ``FaceClip`` per face and sampled clip, then
-    ``("done", index, tail)`` (``index``: any tag of the job, e.g. the pool's (run, index)). A failure becomes ``tail["error"]``; it is never raised.
-    With ``detector=None`` it only decodes: one ``video.Clip`` per sampled clip instead of face
-    clips (the device prepares them), and the tail's face-clip counts are left to the device."""
-    head: dict = {"sha256": None, "video": None, "file": None, "box_scale": 1.0}
-    tail: dict = {"error": None, "sampling": {}, "warnings": [], "timings": {}, "face_clips": 0}
+def search_flags(clip_index: int) -> dict:
+    """Which of a detector's searches a clip gets (the same schedule for workers, device and
+    training cache): the small-face search on the first clip and every DEEP_EVERY-th, a crowd's
+    beside sure large faces every CROWD_EVERY-th, the whole frame every FULL_EVERY-th."""
+    return {"deep": clip_index % DEEP_EVERY == 0, "crowd": clip_index % faces_mod.CROWD_EVERY == 0,
+            "full": clip_index % FULL_EVERY == 0}
+
+
+def clip_faces(path: str, clip: Clip, detector, tracker, settings) -> list:
+    """A decoded clip's face clips: detected (where ``tracker`` follows faces), filtered, linked
+    to tracks and cut. ``tracker``: a ``faces.Tracker`` (scans: every face), or
+    ``faces.LargestFace`` (the training cache: the largest only). ``settings``: a PrepSettings or
+    a prepare.PrepareSettings (min_face, image_size, lda_size, margin, alignment)."""
+    dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent(), follow=tracker.active(),
+                                           min_face=settings.min_face, **search_flags(clip.index)), settings.min_face)
+    dets, ids = tracker.pick(dets)
+    return faces_mod.face_clips(path, clip, dets, ids, settings.image_size, settings.lda_size, settings.margin,
+                                settings.alignment)
+
+
+def sampling_of(planned: int, decoded: int, clip_len: int, face_clips: int, strategy: str) -> dict:
+    """The record's ``sampling`` of a decoded video (one shape for every preparation)."""
+    return {"clips": planned, "n": clip_len, "decoded_clips": decoded, "frames": decoded * clip_len,
+            "face_clips": face_clips, "strategy": strategy}
+
+
+def prepare_video(job, path: str, detector, settings: PrepSettings) -> Iterator:
+    """Decode, detect, track and crop one video, yielding its events in order: ``Started``, then
+    one ``faces.FaceClip`` per face and sampled clip, then ``Done`` (``job``: the pool's). A
+    failure becomes the tail's ``error``; it is never raised. With ``detector=None`` it only
+    decodes: one ``video.Clip`` per sampled clip instead of face clips (the device prepares
+    them), and the tail's face-clip counts are left to the device."""
+    head, tail = Head(), Tail()
     started = False
     try:
-        p = check_readable(path)
-        st = p.stat()
-        head["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        info = probe(path, settings.max_side)  # before hashing: a huge file that is no video is not read whole
-        head.update(describe(path, info, settings.hash_files))
-        yield "start", index, head
+        info, file = open_video(path, settings.max_side)
+        head = describe(path, info, settings.hash_files, file)
+        yield Started(job, head)
         started = True
         clip_len = settings.clip_len
         if (info.num_frames or info.frames_exact) and not plan_clips(info.num_frames, settings.clips, clip_len):
@@ -151,7 +161,7 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
                              f"consecutive frames the model needs; use a longer video")
         report = DecodeReport()
         tracker = faces_mod.Tracker()
-        timings = tail["timings"]
+        timings = tail.timings
         timings.update(decode_s=0.0, detect_crop_s=0.0)
         count = aligned = 0
         t = time.perf_counter()
@@ -162,13 +172,7 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
                 yield clip
                 t = time.perf_counter()
                 continue
-            dets = faces_mod.filter_faces(detector(clip.frames[0], hints=tracker.recent(), follow=tracker.active(),
-                                                   min_face=settings.min_face, deep=clip.index % DEEP_EVERY == 0,
-                                                   crowd=clip.index % faces_mod.CROWD_EVERY == 0,
-                                                   full=clip.index % FULL_EVERY == 0), settings.min_face)
-            ids = tracker.assign(dets)
-            fcs = faces_mod.face_clips(path, clip, dets, ids, settings.image_size, settings.lda_size, settings.margin,
-                                       settings.alignment)
+            fcs = clip_faces(path, clip, detector, tracker, settings)
             t = time.perf_counter()
             timings["detect_crop_s"] += t - t1
             for fc in fcs:
@@ -176,32 +180,37 @@ def prepare_video(index, path: str, detector, settings: PrepSettings) -> Iterato
                 aligned += fc.aligned
                 yield fc
             t = time.perf_counter()
-        tail["face_clips"] = count
-        tail["sampling"] = {"clips": report.planned, "n": clip_len, "decoded_clips": report.decoded,
-                            "frames": report.decoded * clip_len, "face_clips": count, "strategy": report.strategy}
+        tail.face_clips = count
+        tail.sampling = sampling_of(report.planned, report.decoded, clip_len, count, report.strategy)
         if settings.alignment != "none":  # how many crops the landmarks aligned (dlib gives none: square crops)
-            tail["sampling"]["aligned_face_clips"] = aligned
-        tail["video_frames"] = report.frames  # the length the plan used (counted again if the header was wrong)
-        tail["warnings"] += report.warnings
+            tail.sampling["aligned_face_clips"] = aligned
+        tail.video_frames = report.frames  # the length the plan used (counted again if the header was wrong)
+        tail.warnings += report.warnings
         if report.warning:
-            tail["warnings"].append(report.warning)
+            tail.warnings.append(report.warning)
         if report.decoded == 0:
             raise MediaError(f"{path}: no clip of {clip_len} consecutive frames could be decoded; "
                              "the file is damaged, truncated or too short")
     except DeepscanError as exc:
-        tail["error"] = str(exc)
+        tail.error = str(exc)
     except Exception as exc:  # an unexpected failure must not stop the other inputs
         if os.environ.get("DEEPSCAN_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
-        tail["error"] = f"{path}: unexpected {type(exc).__name__}: {exc}"
+        tail.error = f"{path}: unexpected {type(exc).__name__}: {exc}"
     if not started:
-        yield "start", index, head
-    yield "done", index, tail
+        yield Started(job, head)
+    yield Done(job, tail)
 
 
 # ---------------------------------------------------------------------------- the worker loop
 class _Stop(Exception):
     pass
+
+
+class _Fatal(NamedTuple):
+    """A worker cannot work at all (its detector failed to load): the scan stops, saying why."""
+
+    reason: str
 
 
 def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.ndarray, np.ndarray]],
@@ -218,8 +227,8 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
     try:
         detector = make_detector() if settings.handover == "crops" else None
     except Exception as exc:  # noqa: BLE001 - reported to the scanning process, which stops
-        conn.send(("fatal", f"the face detector could not be set up in a preparation worker "
-                            f"({type(exc).__name__}: {exc})"))
+        conn.send(_Fatal(f"the face detector could not be set up in a preparation worker "
+                         f"({type(exc).__name__}: {exc})"))
         conn.close()
         return
 
@@ -233,7 +242,7 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
                 free.update(msg[1])
             elif msg[0] == "cancel":
                 cancelled.add(msg[1])
-                for item in [j for j in jobs if j[0][0] == msg[1]]:
+                for item in [j for j in jobs if j[0].run == msg[1]]:
                     jobs.remove(item)
             elif msg[0] == "stop":
                 raise _Stop
@@ -246,14 +255,14 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
             job, path = jobs.popleft()
             events = prepare_video(job, path, detector, settings)
             for ev in events:
-                if job[0] in cancelled:
+                if job.run in cancelled:
                     break
-                if isinstance(ev, tuple):
+                if isinstance(ev, (Started, Done)):
                     conn.send(ev)
                 else:
-                    while not free and job[0] not in cancelled:
+                    while not free and job.run not in cancelled:
                         pump(block=True)  # every slot holds a clip: wait for the scanning process
-                    if job[0] in cancelled:
+                    if job.run in cancelled:
                         break
                     # the lowest free slot: the slots in use stay the first few, so the memory a scan
                     # touches follows the clips in flight, not the length of the scan
@@ -261,18 +270,18 @@ def _worker_loop(conn, slots: list[int], slot_view: Callable[[int], tuple[np.nda
                     free.discard(slot)
                     if isinstance(ev, Clip):  # handing over frames: the device prepares
                         slot_view(slot, ev.frames.shape)[...] = ev.frames
-                        conn.send(("frames", job, slot, FramesMeta(ev.index, ev.frame_indices, ev.times,
-                                                                   ev.frames.shape)))
+                        conn.send(Frames(job, Slot(slot), FramesMeta(ev.index, ev.frame_indices, ev.times,
+                                                                     ev.frames.shape)))
                     else:
                         image, frames = slot_view(slot)
                         image[...] = ev.image
                         frames[...] = ev.frames
-                        conn.send(("clip", job, slot, ClipMeta(ev.track_id, ev.clip_index, ev.frame_indices[0],
-                                                               ev.times[0], ev.box, ev.score)))
+                        conn.send(ClipEvent(job, Slot(slot), ClipMeta(ev.track_id, ev.clip_index, ev.frame_indices[0],
+                                                                      ev.times[0], ev.box, ev.score)))
                 pump(block=False)
-            if job[0] in cancelled:
+            if job.run in cancelled:
                 events.close()  # stops its ffmpeg
-                conn.send(("done", job, {"error": "cancelled", "cancelled": True}))
+                conn.send(Done(job, Tail(error="cancelled", cancelled=True)))
     except (_Stop, EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
         pass
     finally:
@@ -423,7 +432,7 @@ def default_context():
     """A fork server preloaded with this module: clean (no threads, no torch) and quick to fork."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["deepscan.workers"])
+        ctx.set_forkserver_preload(["deepscan.scan.workers"])
         return ctx
     return mp.get_context("spawn")
 
@@ -471,13 +480,13 @@ class PreparePool:
     """Worker processes (or one thread) preparing videos; see the module docstring.
 
     The pool owns the bookkeeping: which jobs each worker holds and which of its slots hold clips.
-    A scan works in runs (``begin_run`` ... ``end_run``); a job is ``(run, index)``. ``submit``
-    an input, then read ``poll``'s events, all of the current run: ``("start", job, head)``,
-    ``("clip", job, slot, ClipMeta)`` (or, handing over frames, ``("frames", job, slot,
-    FramesMeta)``), ``("done", job, tail)``, and ``("lost", job, reason)``
-    when the worker holding it died or stalled (a replacement has taken over by then). Events of
-    an ended run are dropped here (their slots go straight back). ``view(slot)`` gives a slot's
-    arrays; ``free(slots)`` grants them back to their worker once copied."""
+    A scan works in runs (``begin_run`` ... ``end_run``, ids from ``runs``); a job is ``Job(run,
+    index)``. ``submit`` an input, then read ``poll``'s events (``events``), all of the current
+    run: ``Started``, ``Clip`` (or, handing over frames, ``Frames``) with a ``Slot``, ``Done``,
+    and ``Lost`` when the worker holding it died or stalled (a replacement has taken over by
+    then). Events of an ended run are dropped here (their slots go straight back).
+    ``view(slot)`` gives a slot's arrays; ``free(slots)`` grants them back to their worker once
+    copied. The pool is a ``events.Source``."""
 
     def __init__(self, workers: int, settings: PrepSettings, make_detector, *, slots_per_worker: int = 16,
                  stall_s: float = 600.0, ctx=None):
@@ -494,9 +503,8 @@ class PreparePool:
                         for p in range(count)]
         self.replaced = 0
         self.failed_starts = 0  # deaths before a first event, in a row (reset by any worker's event)
-        self.run = 0  # the current run; 0: none
+        self.runs = Runs()  # the current run's id: shared with what stands in front (nvdec.NvdecPool)
         self._retried: set = set()  # jobs of this run handed to a replacement once, never begun
-        self._runs = 0
         self._closed = False
         try:
             for w in self.workers:
@@ -582,21 +590,18 @@ class PreparePool:
     # ---- runs
     def begin_run(self) -> int:
         """Start a run: its jobs, and only its, are reported from now on."""
-        self._runs += 1
-        self.run = self._runs
         self._retried = set()
-        return self.run
+        return self.runs.begin()
 
     def end_run(self, run: int) -> None:
         """End ``run``: workers drop its queued jobs and stop the one they prepare; whatever of it
         still arrives is dropped (and its slots granted back) by ``poll``."""
-        if self.run == run:
-            self.run = 0
+        self.runs.end(run)
         for w in self.workers:
-            stale = [j for j in w.jobs if j[0][0] == run]
+            stale = [j for j in w.jobs if j[0].run == run]
             if not stale:
                 continue
-            current = w.jobs[0] if w.jobs and w.jobs[0][0][0] == run else None
+            current = w.jobs[0] if w.jobs and w.jobs[0][0].run == run else None
             for j in stale:
                 if j is not current:
                     w.jobs.remove(j)  # never started, or dropped by the worker: no event will come
@@ -608,11 +613,11 @@ class PreparePool:
 
     def outstanding(self, run: int) -> int:
         """Jobs of ``run`` sent and not yet done."""
-        return sum(1 for w in self.workers for j in w.jobs if j[0][0] == run)
+        return sum(1 for w in self.workers for j in w.jobs if j[0].run == run)
 
-    def submit(self, index: int, path: str) -> tuple[int, int]:
+    def submit(self, index: int, path: str) -> Job:
         """Send input ``index`` of the current run to the least busy worker; returns its job."""
-        if not self.run:
+        if not self.runs.current:
             raise RuntimeError("submit outside a run: call begin_run() first")
         live = [w for w in self.workers if not w.broken]
         w = min(live or self.workers, key=lambda w: len(w.jobs))
@@ -620,20 +625,20 @@ class PreparePool:
             raise RuntimeError("no capacity: check capacity() first")
         if not w.jobs:
             w.last_progress = time.monotonic()
-        job = (self.run, index)
+        job = Job(self.runs.current, index)
         w.jobs.append((job, path))
         self._send(w, ("job", job, path))  # a dead worker: poll reports the job lost
         return job
 
-    def view(self, slot: int, shape: tuple[int, ...] | None = None):
+    def view(self, slot: Slot, shape: tuple[int, ...] | None = None):
         """A slot's (image, frames) crops; with ``shape``, the decoded frames it holds."""
-        return self._view(slot, shape)
+        return self._view(slot.number, shape)
 
     def free(self, slots) -> None:
-        """Grant ``slots`` back to their workers (at once: a worker that has none waits)."""
+        """Grant ``slots`` (``Slot``s) back to their workers (at once: a worker that has none waits)."""
         by_worker: dict[int, list[int]] = {}
         for s in slots:
-            by_worker.setdefault(s // self.slots_per_worker, []).append(s)
+            by_worker.setdefault(s.number // self.slots_per_worker, []).append(s.number)
         for p, ss in by_worker.items():
             w = self.workers[p]
             w.out.difference_update(ss)
@@ -668,7 +673,7 @@ class PreparePool:
         for w in self.workers:
             # stalled: it holds an input and slots to work with, and nothing came for stall_s
             if (w.jobs and not self.threaded and w not in dead and len(w.out) < len(w.slots)
-                    and now - w.last_progress > self.stall_s):
+                    and overdue(w.last_progress, now, self.stall_s)):
                 self._kill(w)
                 w.proc.join(5.0)
                 self._drain(w, events, dead)
@@ -687,21 +692,21 @@ class PreparePool:
                 if w.events == 0:
                     self.failed_starts = 0  # a worker that works: earlier deaths were not a pattern
                 w.events += 1
-                if ev[0] == "fatal":
-                    raise DeepscanError(ev[1])
-                job = ev[1]
-                if ev[0] == "start":
+                if isinstance(ev, _Fatal):
+                    raise DeepscanError(ev.reason)
+                job = ev.job
+                if isinstance(ev, Started):
                     w.started = job
-                elif ev[0] in ("clip", "frames"):
-                    w.out.add(ev[2])
-                elif ev[0] == "done":
+                elif isinstance(ev, (ClipEvent, Frames)):
+                    w.out.add(ev.slot.number)
+                elif isinstance(ev, Done):
                     for item in w.jobs:
                         if item[0] == job:
                             w.jobs.remove(item)
                             break
-                if job[0] != self.run or not self.run:  # an ended run's: dropped, its slot granted back
-                    if ev[0] in ("clip", "frames"):
-                        self.free([ev[2]])
+                if not self.runs.ours(job):  # an ended run's: dropped, its slot granted back
+                    if isinstance(ev, (ClipEvent, Frames)):
+                        self.free([ev.slot])
                     continue
                 events.append(ev)
         except (EOFError, OSError):
@@ -742,10 +747,10 @@ class PreparePool:
             else:
                 reason = (f"{path}: the preparation worker died while reading it ({how}; a crash in a decoder "
                           "or detector, or out of memory); skipped")
-            if job[0] == self.run and self.run:
-                events.append(("lost", job, reason))
+            if self.runs.ours(job):
+                events.append(Lost(job, reason))
         # queued jobs of an ended run are not replayed
-        w.jobs = deque(j for j in w.jobs if j[0][0] == self.run)
+        w.jobs = deque(j for j in w.jobs if j[0].run == self.runs.current)
         with contextlib.suppress(OSError):
             w.conn.close()
         self.replaced += 1

@@ -1,0 +1,262 @@
+"""The scanner: the stages wired together, and the one loop that moves events between them.
+
+    plan (inputs) -> source (workers.PreparePool, nvdec.NvdecPool in front of it) -> device stage
+    (device.DeviceStage, with --preparation device) -> batcher -> lanes (model runners) ->
+    assembler (records, in input order) -> the caller's ``on_record`` (sink)
+
+Owners (docs/pipeline.md): the source owns slots, tokens, jobs and stall timers; the device
+stage its decoded clips and trackers; the batcher the pending clips; the lanes the batches in
+flight; the assembler per-video state and output order; a ``_Run`` its id, and it resets all of
+them when it ends. Memory depends on the number of workers, slots and the batch size, never on
+the number of inputs. Any failure of one input becomes that input's ``error`` record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..errors import ConfigError, DeepscanError
+from .assemble import Assembler, Row
+from .batcher import MAX_WAIT_S, Batcher, Pending
+from .events import Clip, ClipMeta, Done, Frames, Lost, Started, Tail, Waker
+from .lanes import Batch, Lanes
+from .plan import ScanInput
+from .settings import ScanSettings, start_pool
+
+
+class Scanner:
+    """The local pipeline: ``workers`` preparation processes (0: one thread), one lane per
+    runner (device; several on CPU), assembly. Reusable: ``run`` may be called several times (a
+    Ray actor does). ``make_detector``: a picklable zero-argument callable returning a face
+    detector (``faces.DetectorSpec.build``); ``detector_name`` goes into every record. With
+    ``heatmaps``, each video's PNGs are written before its record is emitted. ``pool``: workers
+    started earlier with ``settings.start_pool`` (the CLI starts them while the model loads)."""
+
+    def __init__(self, runners: list, make_detector, detector_name: str, settings: ScanSettings, *,
+                 workers: int = 0, model: dict | None = None, heatmaps: Path | None = None,
+                 slots_per_worker: int = 0, say: Callable[[str], None] | None = None, max_side: int | None = None,
+                 pool=None, nvdec_module=None):
+        if not runners:
+            raise ConfigError("no device to score on")
+        self.runners, self.settings, self.say = runners, settings, say
+        self.detector_name, self.model, self.heatmaps = detector_name, model or {}, heatmaps
+        cfg = runners[0].cfg
+        gpu = any(r.device.type == "cuda" for r in runners)
+        self.pool = pool or start_pool(settings, cfg, make_detector, workers, devices=len(runners), gpu=gpu,
+                                       slots_per_worker=slots_per_worker, max_side=max_side)
+        self.window = max(16, 4 * len(self.pool.workers))  # inputs in flight beyond the next to emit
+        self.device_prep, self._pinned = None, None
+        if settings.on_device:
+            from .device import DevicePreparer, pin_slots
+
+            self.device_prep = DevicePreparer(runners[0].device, image_size=cfg.image_size, lda_size=cfg.lda_size,
+                                              margin=settings.margin, min_face=settings.min_face)
+            self._pinned = pin_slots(self.pool) if gpu else None
+        if settings.decoder == "nvdec":
+            from .nvdec import NvdecPool
+
+            self.pool = NvdecPool(self.pool, settings.prep(cfg, max_side), runners[0].device, module=nvdec_module,
+                                  say=say, stall_s=settings.timeout_s)
+        self._waker = Waker()
+        self.lanes = Lanes(runners, self._waker)
+        self._closed = False
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop workers and lanes; True if every thread ended (a batch in progress is waited for)."""
+        if self._closed:
+            return True
+        self._closed = True
+        if self._pinned is not None:
+            self._pinned()  # unpinned before the slots are unmapped
+        self.pool.close()
+        ended = self.lanes.close(timeout)
+        self._waker.close()
+        return ended
+
+    def __enter__(self) -> "Scanner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, inputs: Iterable[ScanInput], on_record: Callable[[dict, Row], None]) -> Counter:
+        """Scan ``inputs`` (any iterable, consumed lazily), calling ``on_record(record, row)``
+        for each in input order. Returns the count of each verdict. On KeyboardInterrupt (or any
+        exception) the records already complete are still emitted, in order, before it propagates;
+        nothing of a run that failed reaches the next one."""
+        with _Run(self, inputs, on_record) as run:
+            try:
+                run.loop()
+            finally:
+                for record, row in run.assembler.flush():
+                    on_record(record, row)
+        return run.assembler.verdicts
+
+
+class _Run:
+    """One run of a Scanner: the owner of its id (stamped on every job and batch) and of the
+    stages' state for it, which it resets when it ends, normally or not: the slots of its pending
+    clips, its jobs in the workers (cancelled), its batches not yet started. Results of its
+    batches being scored carry its id, and the next run drops them."""
+
+    def __init__(self, scanner: Scanner, inputs: Iterable[ScanInput], on_record):
+        from .device import DeviceStage
+
+        self.sc, self.source, self.lanes = scanner, scanner.pool, scanner.lanes
+        self.inputs, self.on_record = iter(enumerate(inputs)), on_record
+        self.exhausted, self.next_index, self.id = False, 0, 0
+        self.batcher = Batcher(scanner.settings.batch_size)
+        self.stage = DeviceStage(scanner.device_prep, self.source) if scanner.device_prep is not None else None
+        self.assembler = Assembler(scanner.settings, model=scanner.model, detector=scanner.detector_name,
+                                   heatmaps=scanner.heatmaps, on_device=self.stage is not None,
+                                   on_complete=self.stage.forget if self.stage is not None else None)
+
+    def __enter__(self) -> "_Run":
+        self.id = self.source.begin_run()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.source.free([p.slot for p in self.batcher.drop() if p.slot is not None])
+            if self.stage is not None:
+                self.stage.reset()
+            self.source.end_run(self.id)
+        finally:
+            self.lanes.drop_waiting()
+
+    def loop(self) -> None:
+        waker, asm = self.sc._waker, self.assembler
+        while True:
+            self.dispatch()
+            if self.exhausted and asm.idle:
+                return
+            if self.stage:
+                for index, face_clips, seconds in self.stage.step():
+                    self.prepared(index, face_clips, seconds)
+            wait = self.form_batches()
+            events, woke = self.source.poll(0.0 if self.stage else wait if asm.videos else 0.5, extra=[waker])
+            if woke:
+                waker.clear()
+            for ev in events:
+                self.on_event(ev)
+            for res in self.lanes.results():
+                if res.batch.run == self.id:  # an ended run's batch: its inputs are gone
+                    if res.failure is not None:
+                        exc = res.failure
+                        raise DeepscanError(f"the model failed on {len(res.batch.entries)} face clip(s) "
+                                            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from exc
+                    asm.scored(res.batch.entries, res.probs, res.maps, res.seconds, res.batch.frames)
+            for record, row in asm.take():
+                self.on_record(record, row)
+
+    def dispatch(self) -> None:
+        """Send inputs to the source while it has room and the window allows."""
+        while not self.exhausted and self.source.capacity() > 0 and \
+                self.next_index < self.assembler.emitted + self.sc.window:
+            try:
+                index, inp = next(self.inputs)
+            except StopIteration:
+                self.exhausted = True
+                return
+            self.next_index = index + 1
+            self.assembler.open(index, inp.path, inp.error)
+            if not inp.error:
+                self.source.submit(index, inp.path)
+
+    def on_event(self, ev) -> None:
+        index, asm = ev.job.index, self.assembler
+        if index not in asm.videos:  # (its record is made: what still comes of it goes back)
+            if isinstance(ev, (Clip, Frames)) and ev.slot is not None:
+                self.source.free([ev.slot])
+            return
+        if isinstance(ev, Started):
+            asm.started(index, ev.head)
+        elif isinstance(ev, Clip):
+            asm.expect(index)
+            self.batcher.add(Pending(index, ev.slot, ev.meta, time.monotonic(), ev.pixels))
+        elif isinstance(ev, Frames):  # a decoded clip for the device: counted as one clip until then
+            asm.expect(index)
+            self.stage.add(ev)
+        elif isinstance(ev, (Done, Lost)):
+            tail, error = (ev.tail, None) if isinstance(ev, Done) else (Tail(), ev.reason)
+            if error or tail.error:
+                self.drop(index)
+            asm.ended(index, tail, error)
+
+    def drop(self, index: int) -> None:
+        """A failed video's clips still waiting go back, uncounted."""
+        gone = self.batcher.drop(index)
+        self.source.free([p.slot for p in gone if p.slot is not None])
+        count = len(gone) + (self.stage.drop(index) if self.stage is not None else 0)
+        if count:
+            self.assembler.dropped(index, count)
+
+    def prepared(self, index: int, face_clips: list, seconds: float) -> None:
+        """A decoded clip's face clips, cut on the device, join the pending ones with their pixels."""
+        now = time.monotonic()
+        for fc in face_clips:
+            meta = ClipMeta(fc.track_id, fc.clip_index, fc.frame_index, fc.time_s, fc.box, fc.det_score)
+            self.batcher.add(Pending(index, None, meta, now, (fc.image, fc.frames)))
+        self.assembler.prepared(index, len(face_clips), seconds)
+
+    def form_batches(self) -> float:
+        """Send batches to the lanes (``Batcher.take`` decides when); returns how long the loop
+        may wait before the next part-filled batch is due."""
+        more = bool(self.stage) or self.source.outstanding(self.id) > 0
+        while not self.lanes.full():
+            chunk = self.batcher.take(time.monotonic(), self.lanes.idle(), more)
+            if chunk is None:
+                return self.batcher.due(time.monotonic())
+            self.lanes.put(Batch([(p.index, p.meta) for p in chunk], *self.pixels(chunk), self.id))
+        return MAX_WAIT_S
+
+    def pixels(self, chunk: list[Pending]):
+        """A batch's (images, frames): stacked on the device when cut there (numpy views on the
+        CPU), else copied out of the slots, which go back at once."""
+        if chunk[0].pixels is not None:
+            import torch
+
+            images = torch.stack([p.pixels[0] for p in chunk])
+            frames = torch.stack([p.pixels[1] for p in chunk])
+            return (images.numpy(), frames.numpy()) if images.device.type == "cpu" else (images, frames)
+        import numpy as np
+
+        views = [self.source.view(p.slot) for p in chunk]
+        images, frames = np.stack([v[0] for v in views]), np.stack([v[1] for v in views])
+        self.source.free([p.slot for p in chunk])
+        return images, frames
+
+
+def scan(inputs: Iterable[ScanInput | tuple[str, str | None]], runner, detector, settings: ScanSettings,
+         on_record: Callable[[dict, Row], None] | None = None, *, workers: int = 0, **kw) -> list[dict]:
+    """Scan and return every record (small scans, tests, benchmarks; the CLI streams with ``Scanner``).
+
+    ``detector`` is a ``faces.DetectorSpec`` (or any picklable object with ``build()`` and
+    ``name``); with ``workers=0`` it may also be a detector object, used as it is."""
+    import functools
+
+    if hasattr(detector, "build"):
+        factory = detector.build
+    elif workers == 0:
+        factory = functools.partial(_same, detector)
+    else:
+        raise ValueError("worker processes need a picklable detector spec with build(), e.g. faces.DetectorSpec")
+    runners = runner if isinstance(runner, list) else [runner]
+    items = (i if isinstance(i, ScanInput) else ScanInput(i[0], i[0], i[1]) for i in inputs)
+    out: list[dict] = []
+
+    def collect(record, row):
+        out.append(record)
+        if on_record:
+            on_record(record, row)
+
+    with Scanner(runners, factory, detector.name, settings, workers=workers, **kw) as scanner:
+        scanner.run(items, collect)
+    return out
+
+
+def _same(obj):
+    return obj
