@@ -22,7 +22,8 @@ from pathlib import Path
 PREP = """
 import json, sys, tempfile
 from pathlib import Path
-from deepscan.faces import DetectorSpec
+import dataclasses
+from deepscan.faces import resolve_detector
 from deepscan.perf import benchmark_inputs, make_folder, preparation_throughput
 try:
     from deepscan.scan.workers import PrepSettings
@@ -31,7 +32,8 @@ except ImportError:  # a tree from before deepscan/scan/
 work = Path(sys.argv[1])
 src, _ = benchmark_inputs(work, (1280, 720), 10)
 videos = make_folder(src, work / "prep4", 4)
-rows = preparation_throughput(videos, DetectorSpec("blazeface", threads=1), PrepSettings(clips=32, hash_files=False),
+spec = dataclasses.replace(resolve_detector("blazeface", say=lambda m: None), threads=1)
+rows = preparation_throughput(videos, spec, PrepSettings(clips=32, hash_files=False),
                               [1, 2], say=lambda m: None)
 print(json.dumps(rows))
 """
@@ -43,9 +45,12 @@ def run(tree: Path, args: list[str], work: Path) -> dict | list:
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=work, timeout=1800)
     if r.returncode:
         raise SystemExit(f"{tree}: {' '.join(args[:2])} failed:\n{r.stderr[-3000:]}")
-    out = r.stdout
-    start = min(i for i in (out.find("{"), out.find("[")) if i >= 0)
-    result = json.loads(out[start:])
+    decoder, out, pos, result = json.JSONDecoder(), r.stdout, 0, None
+    while True:  # the last JSON value printed (scripts print progress lines before their result)
+        starts = [i for i in (out.find("{", pos), out.find("[", pos)) if i >= 0]
+        if not starts:
+            break
+        result, pos = decoder.raw_decode(out, min(starts))
     return {"seconds": round(time.perf_counter() - t, 1), "result": result}
 
 

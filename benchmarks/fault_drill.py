@@ -24,7 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests import media  # noqa: E402
-from tests.test_pipeline import cmdline, descendants, workers_of  # noqa: E402
+from tests.test_pipeline import cmdline, descendants  # noqa: E402
+from tests.test_pipeline import workers_of as _children_of_fork_servers  # noqa: E402
+
+
+def workers_of(scan_pid: int) -> list[int]:
+    """The preparation workers (forked from the fork server, so their command line names it too),
+    not the ffmpeg processes they run."""
+    return [p for p in _children_of_fork_servers(scan_pid) if "forkserver" in cmdline(p)]
 
 
 def start(args: list[str], **kw) -> subprocess.Popen:

@@ -188,13 +188,10 @@ def begin(cache: Path, settings: PrepareSettings, detector: str | None = None) -
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def prepare(items: list[VideoItem], cache: str | Path, detector, settings: PrepareSettings, advance=None,
-            workers: int = 0, say=None) -> dict:
-    """Prepare every item not yet in the cache. Returns counts; ``say`` hears each video that
-    failed. With ``workers`` > 0, ``detector`` is a ``faces.DetectorSpec`` and that many
-    processes prepare videos side by side."""
-    cache = Path(cache)
-    begin(cache, settings, detector.name)
+def pending(items: list[VideoItem], cache: Path, settings: PrepareSettings, detector: str | None,
+            advance=None) -> tuple[dict, list[VideoItem]]:
+    """Start (or go on with) a cache: the counts so far and the items not yet in it (local and Ray)."""
+    begin(cache, settings, detector)
     counts = {"done_before": 0, "prepared": 0, "no_face": 0, "errors": 0}
     todo = []
     for item in items:
@@ -204,6 +201,16 @@ def prepare(items: list[VideoItem], cache: str | Path, detector, settings: Prepa
                 advance()
         else:
             todo.append(item)
+    return counts, todo
+
+
+def prepare(items: list[VideoItem], cache: str | Path, detector, settings: PrepareSettings, advance=None,
+            workers: int = 0, say=None) -> dict:
+    """Prepare every item not yet in the cache. Returns counts; ``say`` hears each video that
+    failed. With ``workers`` > 0, ``detector`` is a ``faces.DetectorSpec`` and that many
+    processes prepare videos side by side."""
+    cache = Path(cache)
+    counts, todo = pending(items, cache, settings, detector.name, advance)
     metas = (_in_processes(todo, cache, detector, settings, workers) if workers > 0 and todo
              else (prepare_video(item, cache, detector, settings) for item in todo))
     for meta in metas:

@@ -42,20 +42,12 @@ def prepare(items: list, cache: str | os.PathLike, detector, settings, advance=N
     """``prepare.prepare`` on a Ray cluster: the videos not yet in the (shared) cache."""
     from ray.data import ActorPoolStrategy, from_items
 
-    from .prepare import begin, is_done
+    from .prepare import pending
 
     cache = Path(cache)
-    begin(cache, settings, detector.name)
-    counts = {"done_before": 0, "prepared": 0, "no_face": 0, "errors": 0}
-    todo = []
-    for item in items:
-        if is_done(cache, item):
-            counts["done_before"] += 1
-            if advance:
-                advance()
-        else:
-            todo.append({"path": item.path, "label": item.label, "split": item.split, "method": item.method,
-                         "key": item.key})
+    counts, items = pending(items, cache, settings, detector.name, advance)
+    todo = [{"path": item.path, "label": item.label, "split": item.split, "method": item.method, "key": item.key}
+            for item in items]
     if not todo:
         return counts
     resources = _ray().cluster_resources()
