@@ -21,14 +21,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .config import ALIGNMENTS, CROP_MARGIN, ModelConfig
 from .errors import ConfigError, WeightsError, io_reason
-from .model import LDADetector
+
+if TYPE_CHECKING:  # torch and the model (timm) load only where tensors are made or read
+    import torch
+
+    from .model import LDADetector
 
 FORMAT_VERSION = 1
 METADATA_KEY = "deepscan"
@@ -97,6 +101,8 @@ def save_checkpoint(
     """Write model weights (and optional extra tensors, e.g. optimizer state) atomically.
     ``dated=False`` leaves the creation time out, so the same weights give the same bytes (a
     converted published model has one sha256 everywhere)."""
+    from safetensors.torch import save_file
+
     cfg = model.config
     prov = {"deepscan_version": __version__}
     if dated:
@@ -155,13 +161,46 @@ def check_safetensors(path: Path) -> None:
         raise WeightsError(f"{path}: truncated safetensors file; download or copy it again")
 
 
+MAX_HEADER = 100 << 20  # the safetensors format's own limit on a header
+
+
+def header_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a safetensors file, read from its JSON header with the checks
+    ``safe_open`` makes (a header within the format's limit, tensors that cover the data exactly).
+    By hand because safetensors reads metadata only through a framework, and its numpy one loads
+    numpy (~0.06 s) into processes that need none: ``scan --server`` clients, ``weights list``."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > MAX_HEADER:
+            raise ValueError(f"a header of {size} bytes")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"its header is not JSON: {exc}") from None
+        data = os.fstat(f.fileno()).st_size - 8 - size
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("its __metadata__ is not an object of strings")
+    end = 0
+    for name, t in header.items():
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    if end != data:
+        raise ValueError(f"its tensors cover {end} bytes of {data}: the file is truncated or has extra bytes")
+    return meta
+
+
 def read_info(path: str | os.PathLike) -> CheckpointInfo:
     path = Path(path)
     check_safetensors(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except Exception as exc:  # safetensors raises its own error types
+        raw = header_metadata(path).get(METADATA_KEY)
+    except ValueError as exc:
         raise WeightsError(f"{path}: unreadable safetensors file ({exc}); download or copy it again") from None
     if raw is None:
         raise WeightsError(f"{path}: a safetensors file without deepscan metadata; it is not a deepscan checkpoint")
@@ -226,6 +265,10 @@ _FLOATS = {"F32", "F16", "BF16", "F64"}
 def check_tensors(path: Path, cfg: ModelConfig) -> None:
     """The weights the header announces must be exactly those of ``cfg``'s model, in a float type:
     checked from the header alone, before anything is allocated."""
+    import torch
+
+    from .model import LDADetector
+
     with torch.device("meta"):
         state = LDADetector(cfg).state_dict()
     expected = {k: tuple(v.shape) for k, v in state.items()}
@@ -253,6 +296,10 @@ def check_tensors(path: Path, cfg: ModelConfig) -> None:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LDADetector, CheckpointInfo]:
     """Rebuild the model from the file alone, weights loaded strictly, in eval mode. Half-precision
     files (fp16/bf16) are cast to fp32; non-finite weights (a diverged run) are refused."""
+    import torch
+
+    from .model import LDADetector
+
     info = read_info(path)
     check_tensors(Path(path), info.config)
     model = LDADetector(info.config)

@@ -157,6 +157,15 @@ def _sigterm(signum, frame):
     raise HungUp() if signum == signal.SIGHUP else Terminated()
 
 
+# ---------------------------------------------------------------------------- options scan and serve share
+ThresholdOpt = Annotated[float, typer.Option(help="Score at or above which a video is called fake.")]
+ClipsOpt = Annotated[int, typer.Option("--clips", "--frames", help="Clips sampled per video, spread evenly.")]
+DetectorOpt = Annotated[str, typer.Option(help="Face detector: auto, scrfd, dlib or blazeface (MediaPipe BlazeFace, batched; see README).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda (every GPU), cuda:N or a list cuda:0,cuda:2.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")]
+AggregateOpt = Annotated[str, typer.Option(help="Frame-to-track score: mean (paper), median or max.")]
+
+
 @app.command()
 @friendly
 def scan(
@@ -168,15 +177,15 @@ def scan(
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs that already have a record in --output (same path, size and mtime, or same sha256).")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: scan only part K of N of the inputs (stable across machines and runs).")] = None,
     heatmaps: Annotated[Optional[Path], typer.Option("--heatmaps", help="Write attention heatmap PNGs per video into this folder.")] = None,
-    threshold: Annotated[float, typer.Option(help="Score at or above which a video is called fake.")] = 0.5,
-    clips: Annotated[int, typer.Option("--clips", "--frames", help="Clips sampled per video, spread evenly.")] = 32,
-    detector: Annotated[str, typer.Option(help="Face detector: auto, scrfd, dlib or blazeface (MediaPipe BlazeFace, batched; see README).")] = "auto",
-    device: Annotated[str, typer.Option(help="auto (every GPU, else CPU), cpu, cuda (every GPU), cuda:N or a list cuda:0,cuda:2.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")] = "auto",
+    threshold: ThresholdOpt = 0.5,
+    clips: ClipsOpt = 32,
+    detector: DetectorOpt = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     batch_size: Annotated[Optional[int], typer.Option(help="Face clips per model batch, mixed across videos (default: 8 on CPU, 64 on CUDA).")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Preparation worker processes (default: all cores but one on CPU, all cores with a GPU; 0 = a thread in this process).")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Abandon an input whose preparation makes no progress for this many seconds (default 600; needs worker processes).")] = None,
-    aggregate: Annotated[str, typer.Option(help="Frame-to-track score: mean (paper), median or max.")] = "mean",
+    aggregate: AggregateOpt = "mean",
     glob: Annotated[Optional[str], typer.Option("--glob", help="In folders, take files matching this pattern (e.g. '*.mp4') instead of video extensions.")] = None,
     min_face: Annotated[int, typer.Option(help="Ignore faces smaller than this many pixels.")] = 24,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the sha256 of each input file.")] = False,
@@ -186,6 +195,7 @@ def scan(
     preparation: Annotated[str, typer.Option("--preparation", help="Who detects and crops: auto (the workers, for now), workers, or device (workers only decode; BlazeFace, tracking and crops run batched on the model's device).")] = "auto",
     decoder: Annotated[str, typer.Option("--decoder", help="With --preparation device on a GPU: auto (NVDEC when it works here, else ffmpeg), ffmpeg, or nvdec (needs deepscan[nvdec]).")] = "auto",
     ray: Annotated[Optional[str], typer.Option("--ray", help="Scan on Ray: local (start one here), auto (the cluster of this environment) or ADDRESS; needs deepscan[ray].")] = None,
+    server: Annotated[Optional[str], typer.Option("--server", help="Scan through a running `deepscan serve`: its socket PATH, http://HOST:PORT, or 'default' (env DEEPSCAN_SERVER); scans here, after one notice, when it is gone or runs another model or settings.")] = None,
 ) -> None:
     """Scan videos for deepfaked faces: a verdict per video (exit 0 none fake, 1 fake found, 2 errors)."""
     import signal
@@ -224,8 +234,15 @@ def scan(
                           json_out=json_out, ray=ray, preparation=preparation, decoder=decoder)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     previous_hup = signal.signal(signal.SIGHUP, _sigterm)  # a closed terminal: the report is still written
+    server = server if server is not None else os.environ.get("DEEPSCAN_SERVER") or None
     try:
-        outcome = run_scan(request, say=notice)
+        outcome = None
+        if server is not None:
+            from .service.client import scan_via
+
+            outcome = scan_via(server, request, say=notice)  # None: it said why, and the scan runs here
+        if outcome is None:
+            outcome = run_scan(request, say=notice)
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGHUP, previous_hup)
@@ -243,6 +260,73 @@ def scan(
     if outcome.interrupted is not None:
         raise outcome.interrupted
     raise typer.Exit(exit_code(outcome.sink.verdicts))
+
+
+@app.command()
+@friendly
+def serve(
+    weights: Annotated[Optional[Path], typer.Option("--weights", "-w", help="The checkpoint to hold loaded (default: the manifest's best published model).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", "-v", help="Model variant (default: the checkpoint's).")] = None,
+    socket_path: Annotated[Optional[Path], typer.Option("--socket", help="The Unix socket, mode 0600 (default: $XDG_RUNTIME_DIR/deepscan.sock).")] = None,
+    http: Annotated[Optional[int], typer.Option("--http", help="Also serve HTTP on this TCP port (127.0.0.1 unless --host; 0: any free port).")] = None,
+    host: Annotated[str, typer.Option("--host", help="The address --http binds; other than loopback it needs a token.")] = "127.0.0.1",
+    token_file: Annotated[Optional[Path], typer.Option("--token-file", help="A file holding the token HTTP clients must send (Authorization: Bearer TOKEN); or DEEPSCAN_TOKEN.")] = None,
+    max_upload: Annotated[int, typer.Option("--max-upload", help="The largest video upload taken, in MB.")] = 4096,
+    status: Annotated[bool, typer.Option("--status", help="Say whether a service is ready at --socket (exit 0) or not (exit 1), and stop.")] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="Drain and stop the service at --socket, and wait for it to end.")] = False,
+    threshold: ThresholdOpt = 0.5,
+    clips: ClipsOpt = 32,
+    detector: DetectorOpt = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(help="Face clips per model batch, mixed across requests (default: 8 on CPU, 64 on CUDA).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Preparation worker processes (default: as scan picks).")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Abandon an input whose preparation makes no progress for this many seconds.")] = 600.0,
+    aggregate: AggregateOpt = "mean",
+    min_face: Annotated[int, typer.Option(help="Ignore faces smaller than this many pixels.")] = 24,
+    no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the sha256 of each input file.")] = False,
+    backend: Annotated[str, typer.Option(help="Model runtime: auto, torch or openvino (CPU).")] = "auto",
+    preparation: Annotated[str, typer.Option("--preparation", help="auto, workers or device.")] = "auto",
+    decoder: Annotated[str, typer.Option("--decoder", help="auto, ffmpeg or nvdec.")] = "auto",
+) -> None:
+    """Hold the model, detector and workers loaded behind a local socket, for `deepscan scan --server` and HTTP clients (docs/service.md)."""
+    from .service.client import Door, default_socket, status as service_status
+
+    door = Door(socket=str(socket_path or default_socket()))
+    if status or stop:
+        if status and stop:
+            raise ConfigError("--status and --stop: give one of them")
+        if stop:
+            from .service.server import stop as stop_service
+
+            raise typer.Exit(stop_service(door, say=lambda line: stdout_console().print(line, markup=False, highlight=False)))
+        ready, line = service_status(door)
+        stdout_console().print(line, markup=False, highlight=False)
+        raise typer.Exit(0 if ready else 1)
+    if weights is not None:
+        existing_file(weights, "--weights")
+    if workers is not None and workers < 0:
+        raise ConfigError("--workers must be >= 0 (0: preparation in a thread of the service)")
+    if max_upload < 1:
+        raise ConfigError("--max-upload must be at least 1 (MB)")
+    token = os.environ.get("DEEPSCAN_TOKEN") or None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--token-file {token_file}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    from .scan import ScanSettings, default_batch_size
+    from .scan.run import ScanRequest
+    from .service.server import Doors, serve as run_service
+
+    settings = ScanSettings(clips=clips, threshold=threshold, aggregation=aggregate,
+                            batch_size=batch_size or default_batch_size(device), min_face=min_face,
+                            hash_files=not no_hash, timeout_s=timeout, keep_crops=0)
+    request = ScanRequest(paths=(), weights=weights, variant=variant, settings=settings, device=device,
+                          precision=precision, workers=workers, detector=detector, backend=backend,
+                          preparation=preparation, decoder=decoder, json_out=True)
+    doors = Doors(Path(door.socket), http, host, token, max_upload << 20)
+    raise typer.Exit(run_service(request, doors, say=notice))
 
 
 # ---------------------------------------------------------------------------- data: prepare, train, eval
@@ -476,6 +560,43 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------- bench
+def _bench_startup(json_out: bool, workdir: Optional[Path], repeats: int, clients: int, clips: int,
+                   extra: list[str]) -> None:
+    import tempfile
+
+    from .startup import startup_bench
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="deepscan-startup-"))
+    r = startup_bench(work, repeats=repeats, clients=clients, clips=clips, say=notice, extra=extra)
+    if json_out:
+        emit_json({"startup": r})
+        return
+    from rich.table import Table
+
+    console = stdout_console()
+    t = Table(title=f"One {r['video']['size']} {r['video']['seconds']} s video, {clips} clips, "
+                    f"backend {r['backend']} (medians of {repeats})")
+    for col in ("how", "wall s", "timings.total_s", "wall / total", "target"):
+        t.add_column(col, justify="left" if col == "how" else "right")
+    f, c, s = r["first_run"], r["cold_cli"], r["service"]
+    t.add_row("first cold scan (converts)", f"{f['wall_s']:.2f}", f"{f['total_s']:.2f}", f"{f['wall_over_total']:.2f}", "")
+    t.add_row("cold scan, cached model", f"{c['median_wall_s']:.2f}", f"{c['median_total_s']:.2f}",
+              f"{c['median_wall_over_total']:.2f}", "<= 1.50 " + ("met" if r["targets"]["cold_cli_met"] else "NOT MET"))
+    t.add_row("scan --server (warm)", f"{s['median_wall_s']:.2f}", f"{c['median_total_s']:.2f} (local)",
+              f"{s['median_wall_over_local_total']:.2f}",
+              f"<= {s['target_s']:.2f} s " + ("met" if r["targets"]["service_met"] else "NOT MET"))
+    console.print(t)
+    imp = r["imports"]
+    console.print(f"Imports of a cold scan: {imp['total_import_s']:.2f} s; "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in list(imp["by_package_s"].items())[:8])
+                  + f"; never imported: {', '.join(imp['not_imported']) or '-'}", highlight=False)
+    cc, fl, fs = r["concurrent_clients"], r["folder_local"], r["folder_via_service"]
+    console.print(f"{cc['clients']} clients at once through the service: {cc['clips_per_s']:.1f} clips/s "
+                  f"({cc['over_folder_local']:.2f}x one local folder scan of the same videos, {fl['clips_per_s']:.1f}); "
+                  f"that folder by one client through the service: {fs['clips_per_s']:.1f} clips/s; records equal "
+                  f"to a local scan's: {'yes' if s['records_identical_to_local'] else 'NO'}", highlight=False)
+
+
 @app.command()
 @friendly
 def bench(
@@ -491,14 +612,22 @@ def bench(
     compile_model: Annotated[bool, typer.Option("--compile", help="Also measure the spatial-temporal fast path under torch.compile.")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Preparation workers for the end-to-end runs (default: as a scan picks).")] = None,
     backend: Annotated[str, typer.Option(help="Model runtime of the end-to-end runs: auto, torch or openvino (torch and OpenVINO are measured side by side either way).")] = "auto",
+    startup: Annotated[bool, typer.Option("--startup", help="Measure start-up instead: a cold one-video scan's wall time beside its timings.total_s, its imports, the same through a warm `deepscan serve`, and concurrent clients beside a folder scan (minutes).")] = False,
+    repeats: Annotated[int, typer.Option(help="--startup: cold and service scans of the one video.")] = 5,
+    clients: Annotated[int, typer.Option(help="--startup: clients scanning at once through the service.")] = 4,
 ) -> None:
     """Parameters and GMACs of every variant beside the paper's Table VII; with --throughput, speed and memory."""
-    from .costs import PAPER_COSTS, measure_all
-
-    if batch_size < 0 or clips < 1 or (workers is not None and workers < 0):
-        raise ConfigError("bench: --batch-size must be >= 0 (0: the default), --clips >= 1 and --workers >= 0")
+    if batch_size < 0 or clips < 1 or (workers is not None and workers < 0) or repeats < 1 or clients < 1:
+        raise ConfigError("bench: --batch-size must be >= 0 (0: the default), --clips, --repeats and --clients >= 1 "
+                          "and --workers >= 0")
     if workdir is not None:
         writable_folder(workdir, "--workdir")
+    if startup:
+        return _bench_startup(json_out, workdir, repeats, clients, clips,
+                              ([] if backend == "auto" else ["--backend", backend])
+                              + ([] if workers is None else ["--workers", str(workers)]))
+    from .costs import PAPER_COSTS, measure_all
+
     costs = measure_all(image_size=image_size, lda_size=lda_size)
     perf = None
     if throughput:
@@ -775,7 +904,7 @@ def weights_publish(
     emit_json(publish(checkpoint, repo, name=name, private=private))
 
 
-COMMANDS = {"scan", "bench", "weights", "train", "eval", "prepare", "report"}
+COMMANDS = {"scan", "serve", "bench", "weights", "train", "eval", "prepare", "report"}
 KNOWN_COMMANDS = COMMANDS | {"--help", "-h", "--version", "--install-completion", "--show-completion"}
 
 

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
+MIN_FACE = 24  # px in the frame; smaller faces are ignored
+# what a folder scan takes as video (here, not in video.py: planning a scan loads no numpy)
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp",
+                    # camera, disc and broadcast files
+                    ".mts", ".m2ts", ".m2t", ".vob", ".mxf", ".ogv", ".3g2", ".f4v", ".asf", ".divx", ".y4m")
+
 VARIANTS = ("xception", "spatial", "temporal", "spatial-temporal")
 DEFAULT_VARIANT = "spatial-temporal"
 

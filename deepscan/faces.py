@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .config import ALIGNMENTS, CROP_MARGIN  # noqa: F401 - ALIGNMENTS: faces.ALIGNMENTS
+from .config import ALIGNMENTS, CROP_MARGIN, MIN_FACE  # noqa: F401 - ALIGNMENTS: faces.ALIGNMENTS; MIN_FACE: px in the frame, smaller faces are ignored
 from .errors import ConfigError, WeightsError
 from .video import Clip
 
 DET_SIZE = 640  # detector input: longest side (dlib) / square side (SCRFD)
-MIN_FACE = 24  # px in the frame; smaller faces are ignored
 DLIB_WINDOW = 80  # px: the smallest face dlib's HOG detector finds in the image it is given
 MAX_UPSAMPLE = 2.0  # dlib searches a frame at most at twice its size: faces down to 40 px
 # Size (px) a followed face is scaled to around its last position. Measured on 35 real faces of
@@ -388,13 +387,17 @@ def onnx_providers() -> list[str]:
     """CUDA first when a GPU is visible to torch and onnxruntime offers it, else CPU."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    try:
-        import torch
+    from .hardware import nvidia_present
 
-        gpu = torch.cuda.is_available()
-    except Exception:
-        gpu = False
+    available = ort.get_available_providers()
+    gpu = False
+    if nvidia_present() and "CUDAExecutionProvider" in available:  # no driver: no GPU, torch not loaded to learn it
+        try:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        except Exception:
+            gpu = False
     if gpu and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]

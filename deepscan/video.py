@@ -53,9 +53,7 @@ SEEK_CHUNK = 8  # clips per ffmpeg process when seeking, at most ...
 SEEK_CHUNK_BYTES = 64 << 20  # ... and at most this much of decoded frames per chunk (memory bound)
 
 # What a folder scan (and a training data set) takes as video files.
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp",
-                    # camera, disc and broadcast files
-                    ".mts", ".m2ts", ".m2t", ".vob", ".mxf", ".ogv", ".3g2", ".f4v", ".asf", ".divx", ".y4m")
+from .config import VIDEO_EXTENSIONS  # noqa: E402,F401 - video.VIDEO_EXTENSIONS
 
 
 def ffmpeg_exe() -> str:

@@ -165,3 +165,42 @@ def test_backend_choices_are_checked():
         pick_backend("openvino", torch.device("cuda", 0))
     assert pick_backend("auto", torch.device("cuda", 0)) == "torch"
     assert pick_backend("auto", torch.device("cpu")) == "openvino"
+
+
+LEAN_PROBE = """
+import json, sys
+from deepscan.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"exit": code, "loaded": sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)}),
+      file=sys.stderr)
+"""
+
+
+def test_a_scan_from_the_cached_model_never_imports_torch(media_dir, tmp_path):
+    """The lean start: with the converted model in the cache, a CPU scan on OpenVINO runs without
+    torch, timm or the checkpoint's tensors in its process, and gives the records of the scan that
+    converted (which did load them)."""
+    import subprocess
+
+    ckpt = tmp_path / "spread.safetensors"
+    save_checkpoint(spread_model(seed=8), ckpt, untrained=True)
+    args = ["scan", str(media_dir / "astronaut.mp4"), "--weights", str(ckpt), "--json", "--clips", "4",
+            "--backend", "openvino", "--precision", "fp32", "--workers", "1", "--no-hash"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    runs = []
+    for _ in range(2):  # the first converts (torch loaded), the second starts from the cache
+        r = subprocess.run([sys.executable, "-c", LEAN_PROBE, *args], capture_output=True, text=True, env=env,
+                           timeout=300, cwd=Path(__file__).resolve().parents[1])
+        status = json.loads(r.stderr.splitlines()[-1])
+        assert status["exit"] in (0, 1), r.stderr
+        runs.append((status, [json.loads(line) for line in r.stdout.splitlines()]))
+    (first, want), (second, got) = runs
+    assert "torch" in first["loaded"]  # converting needs the model
+    assert second["loaded"] == [], second
+    for a, b in zip(want, got, strict=True):
+        for rec in (a, b):
+            rec.pop("timings")
+        assert a == b

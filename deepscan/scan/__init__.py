@@ -10,7 +10,7 @@ and docs/pipeline.md tells who owns what):
     assemble   per-video state, the verdict, the record (one builder), input order
     device     preparation on the model's device (DeviceStage), PIL's resampling as matrices
     nvdec      NVDEC decoding, a Source in front of the workers
-    score      the model's runners (torch; OpenVINO in score_openvino)
+    score      the model's runners (torch; OpenVINO in score_openvino, converted by export_openvino)
     lanes      the threads that score batches
     batcher    when a batch leaves (pure)
     settings   ScanSettings, and the one place that picks devices, preparation, decoder

@@ -12,14 +12,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from ..checkpoint import CheckpointInfo
 from ..errors import io_reason
 from .events import ClipMeta, Head, Tail
 from .settings import ScanSettings
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SCHEMA = "deepscan.scan/1"
 
@@ -74,6 +75,8 @@ class VideoState:
 
 
 def aggregate(scores: list[float], how: str) -> float:
+    import numpy as np  # (here: a scan --server client builds error records without numpy)
+
     if how == "median":
         return float(np.median(scores))
     if how == "max":

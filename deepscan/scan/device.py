@@ -70,7 +70,7 @@ class DevicePreparer:
         from ..blazeface import VARIANTS, build
         from ..config import CROP_MARGIN
 
-        self.device = torch.device(device)
+        self.device = torch.device(str(device))  # also hardware.CPU
         self.nets = {False: build("full").to(self.device).eval(), True: build("short").to(self.device).eval()}
         self.sizes = {False: VARIANTS["full"].size, True: VARIANTS["short"].size}
         self.threshold, self.nms = threshold, nms

@@ -66,13 +66,14 @@ class Scorer(threading.Thread):
         self.working = False
 
     def run(self) -> None:
-        import torch
-
         r = self.runner
-        if r.device.type == "cpu":
-            torch.set_num_threads(self.threads or r.threads)  # a new thread starts with the default
-        elif r.device.type == "cuda":
-            torch.cuda.set_device(r.device)
+        if getattr(r, "backend", "torch") == "torch":  # OpenVINO sets its own threads: no torch here
+            import torch
+
+            if r.device.type == "cpu":
+                torch.set_num_threads(self.threads or r.threads)  # a new thread starts with the default
+            elif r.device.type == "cuda":
+                torch.cuda.set_device(r.device)
         while (batch := self.jobs.get()) is not None:
             self.working = True
             t = time.perf_counter()

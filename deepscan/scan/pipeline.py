@@ -64,6 +64,10 @@ class Scanner:
         self.lanes = Lanes(runners, self._waker)
         self._closed = False
 
+    def wake(self) -> None:
+        """Wake the scanning thread from its wait (a feed that has new inputs; any thread)."""
+        self._waker()
+
     def close(self, timeout: float = 10.0) -> bool:
         """Stop workers and lanes; True if every thread ended (a batch in progress is waited for)."""
         if self._closed:
@@ -84,7 +88,8 @@ class Scanner:
 
     def run(self, inputs: Iterable[ScanInput], on_record: Callable[[dict, Row], None]) -> Counter:
         """Scan ``inputs`` (any iterable, consumed lazily), calling ``on_record(record, row)``
-        for each in input order. Returns the count of each verdict. On KeyboardInterrupt (or any
+        for each in input order. An iterable that yields ``None`` has nothing now but more to
+        come (a service's feed): it is asked again after the next event or ``wake()``. Returns the count of each verdict. On KeyboardInterrupt (or any
         exception) the records already complete are still emitted, in order, before it propagates;
         nothing of a run that failed reaches the next one."""
         with _Run(self, inputs, on_record) as run:
@@ -103,13 +108,15 @@ class _Run:
     batches being scored carry its id, and the next run drops them."""
 
     def __init__(self, scanner: Scanner, inputs: Iterable[ScanInput], on_record):
-        from .device import DeviceStage
-
         self.sc, self.source, self.lanes = scanner, scanner.pool, scanner.lanes
-        self.inputs, self.on_record = iter(enumerate(inputs)), on_record
+        self.inputs, self.on_record = iter(inputs), on_record
         self.exhausted, self.next_index, self.id = False, 0, 0
         self.batcher = Batcher(scanner.settings.batch_size)
-        self.stage = DeviceStage(scanner.device_prep, self.source) if scanner.device_prep is not None else None
+        self.stage = None
+        if scanner.device_prep is not None:  # torch's stage: imported only for --preparation device
+            from .device import DeviceStage
+
+            self.stage = DeviceStage(scanner.device_prep, self.source)
         self.assembler = Assembler(scanner.settings, model=scanner.model, detector=scanner.detector_name,
                                    heatmaps=scanner.heatmaps, on_device=self.stage is not None,
                                    on_complete=self.stage.forget if self.stage is not None else None)
@@ -157,11 +164,13 @@ class _Run:
         while not self.exhausted and self.source.capacity() > 0 and \
                 self.next_index < self.assembler.emitted + self.sc.window:
             try:
-                index, inp = next(self.inputs)
+                inp = next(self.inputs)
             except StopIteration:
                 self.exhausted = True
                 return
-            self.next_index = index + 1
+            if inp is None:  # a feed with nothing waiting now (a service between requests): not the end
+                return
+            index, self.next_index = self.next_index, self.next_index + 1
             self.assembler.open(index, inp.path, inp.error)
             if not inp.error:
                 self.source.submit(index, inp.path)

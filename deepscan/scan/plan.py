@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import ConfigError
-from ..video import VIDEO_EXTENSIONS
+from ..config import VIDEO_EXTENSIONS
 
 
 def _sidecar(name: str) -> bool:

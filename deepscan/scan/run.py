@@ -121,18 +121,81 @@ def _sink(req: ScanRequest, file, say):
                     on_error=lambda e: say(f"deepscan: {printable(e)}"), keep_items=req.report is not None)
 
 
+@dataclass
+class Local:
+    """What a local scan runs on, set up once (``open_local``): the request in its resolved
+    settings, the checkpoint, the detector, the runtime chosen and the started workers and
+    model runners. ``scanner()`` wires them; ``close()`` stops what was started. A CLI scan uses
+    one for one scan, ``deepscan serve`` one for its lifetime."""
+
+    req: ScanRequest
+    ckpt: Path
+    info: CheckpointInfo
+    spec: object  # faces.DetectorSpec (the workers build theirs from it)
+    devices: list
+    precision: str
+    backend: str
+    workers: int
+    pool: object
+    model_rec: dict
+    runners: list = dataclasses.field(default_factory=list)
+
+    def scanner(self, say):
+        from .pipeline import Scanner
+
+        return Scanner(self.runners, self.spec.build, self.spec.name, self.req.settings, model=self.model_rec,
+                       heatmaps=self.req.heatmaps, say=say, pool=self.pool)
+
+    def close(self) -> None:
+        self.pool.close()
+        for r in self.runners:
+            if hasattr(r, "settle"):  # an OpenVINO start still compiling (a scan that never scored)
+                r.settle()
+
+
+def open_local(req: ScanRequest, say: Callable[[str], None], opened: Callable[[ScanRequest], None] | None = None
+               ) -> Local:
+    """Resolve ``req`` (devices, precision, backend, checkpoint, detector, preparation), start the
+    preparation workers, then make the model runners (the workers start while the model loads).
+    ``opened(req)`` runs once the request is resolved, before anything starts (the CLI checks its
+    --output file there)."""
+    from ..hashing import sha256_file
+    from . import settings as choices
+    from .assemble import model_record
+    from .score_openvino import pick_backend
+
+    devices = choices.pick_devices(req.device)
+    precision = choices.precision_name(req.precision, devices[0])
+    backend = pick_backend("torch" if req.compile and req.backend == "auto" else req.backend, devices[0])
+    req, ckpt, ckpt_sha, info, spec = _setup(req, say)
+    settings = choices.choose(req.settings, detector=spec.name, preparation=req.preparation, decoder=req.decoder,
+                              device=devices[0], say=say)
+    req = dataclasses.replace(req, settings=settings)
+    if opened is not None:
+        opened(req)
+    gpu = devices[0].type == "cuda"
+    workers = _cap_workers(req, choices.default_workers(devices) if req.workers is None else req.workers, info,
+                           gpu=gpu, say=say)
+    # Workers build their own detector, on one onnxruntime thread each (many workers, many
+    # cores), and start now, while the model loads.
+    spec = dataclasses.replace(spec, threads=1) if workers else spec
+    pool = choices.start_pool(settings, info.config, spec.build, workers, devices=len(devices), gpu=gpu)
+    local = Local(req, Path(ckpt), info, spec, devices, precision, backend, workers, pool, {})
+    try:
+        local.model_rec = model_record(info, ckpt_sha or sha256_file(ckpt), backend)
+        local.runners = make_runners(ckpt, info, devices, precision, backend, key=local.model_rec["sha256"],
+                                     use_compile=req.compile, batch_size=settings.batch_size, say=say)
+    except BaseException:
+        local.close()
+        raise
+    return local
+
+
 def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
     """Run the scan ``req`` describes. Ctrl-C (KeyboardInterrupt) and SIGTERM (raised as one by
     the caller) stop it: what is complete is kept and the interruption is returned, not raised."""
-    from ..checkpoint import load_checkpoint
     from ..config import VARIANTS
-    from ..hashing import sha256_file
     from ..output import progress
-    from . import settings as choices
-    from .assemble import model_record
-    from .pipeline import Scanner
-    from .score import make_runner
-    from .score_openvino import pick_backend
 
     if req.variant is not None and req.variant not in VARIANTS:
         raise ConfigError(f"unknown variant {req.variant!r}; choose one of: {', '.join(VARIANTS)}")
@@ -143,34 +206,22 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
             raise ConfigError("--preparation device is not run on Ray yet (its actors prepare in workers); "
                               "drop one of them")
         return _run_on_ray(req, say)
-    devices = choices.pick_devices(req.device)
-    dtype = choices.pick_precision(req.precision, devices[0])
-    backend = pick_backend("torch" if req.compile and req.backend == "auto" else req.backend, devices[0])
-    req, ckpt, ckpt_sha, info, spec = _setup(req, say)
-    settings = choices.choose(req.settings, detector=spec.name, preparation=req.preparation, decoder=req.decoder,
-                              device=devices[0], say=say)
-    req = dataclasses.replace(req, settings=settings)
-    file, done = open_output(req)
-    gpu = devices[0].type == "cuda"
-    workers = _cap_workers(req, choices.default_workers(devices) if req.workers is None else req.workers, info,
-                           gpu=gpu, say=say)
-    # Workers build their own detector, on one onnxruntime thread each (many workers, many
-    # cores), and start now, while the model loads.
-    worker_spec = dataclasses.replace(spec, threads=1) if workers else spec
-    pool = choices.start_pool(settings, info.config, worker_spec.build, workers, devices=len(devices), gpu=gpu)
+    output: list = [None, None]  # the --output file and its resume index, opened before anything starts
+
+    def opened(resolved: ScanRequest) -> None:
+        output[:] = open_output(resolved)
+
+    local = None
     try:
-        model, info = load_checkpoint(ckpt)
-        model_rec = model_record(info, ckpt_sha or sha256_file(ckpt), backend)
-        inputs = plan_inputs(req, file, done, resume_key(req, model_rec, spec.name), say)
-        runners = [make_runner(model, devices[0], dtype, backend, key=model_rec["sha256"], use_compile=req.compile,
-                               batch_size=settings.batch_size, say=say)]
-        runners += [runners[0].replica(d) for d in devices[1:]]
+        local = open_local(req, say, opened)
+        req, (file, done) = local.req, output
+        inputs = plan_inputs(req, file, done, resume_key(req, local.model_rec, local.spec.name), say)
         sink = _sink(req, file, say)
-        outcome = ScanOutcome(sink, info, Path(ckpt), spec.name, workers=workers, sha256=model_rec["sha256"])
+        outcome = ScanOutcome(sink, local.info, local.ckpt, local.spec.name, workers=local.workers,
+                              sha256=local.model_rec["sha256"])
         known = len(req.paths) if req.shard[1] == 1 and not req.resume and not any(map(os.path.isdir, req.paths)) \
             else None
-        with Scanner(runners, worker_spec.build, spec.name, settings, model=model_rec, heatmaps=req.heatmaps, say=say,
-                     pool=pool) as scanner, progress(known, "scanning", enabled=not req.json_out) as advance:
+        with local.scanner(say) as scanner, progress(known, "scanning", enabled=not req.json_out) as advance:
             def on_record(record, row):
                 sink(record, row)
                 advance()
@@ -179,9 +230,33 @@ def run_scan(req: ScanRequest, say: Callable[[str], None]) -> ScanOutcome:
                 scanner.run(inputs, on_record)
         return outcome
     finally:
-        pool.close()
-        if file is not None:
-            file.close()
+        if local is not None:
+            local.close()
+        if output[0] is not None:
+            output[0].close()
+
+
+def make_runners(ckpt: Path, info: CheckpointInfo, devices: list, precision: str, backend: str, *, key: str,
+                 use_compile: bool = False, batch_size: int = 8, say=None) -> list:
+    """One model runner per device for the checkpoint ``ckpt`` (sha256 ``key``). On OpenVINO the
+    model is loaded (torch, timm, the tensors) only when its cache holds no converted entry for
+    ``key``; otherwise the IR is compiled straight from the cache and torch is never imported."""
+    from ..checkpoint import load_checkpoint
+
+    if backend == "openvino":
+        from .score_openvino import OpenVinoRunner
+
+        if use_compile:
+            raise ConfigError("--compile is torch.compile: it does not apply to --backend openvino")
+        return [OpenVinoRunner(lambda: load_checkpoint(ckpt)[0], precision, key=key, cfg=info.config,
+                               batch_size=batch_size, say=say)]
+    from .score import make_runner
+    from .settings import pick_precision
+
+    model, _ = load_checkpoint(ckpt)
+    runners = [make_runner(model, devices[0], pick_precision(precision, devices[0]), backend, key=key,
+                           use_compile=use_compile, batch_size=batch_size, say=say)]
+    return runners + [runners[0].replica(d) for d in devices[1:]]
 
 
 def _cap_workers(req: ScanRequest, workers: int, info, *, gpu: bool, say) -> int:

@@ -41,9 +41,12 @@ class Runner:
     Should compilation fail (no C++ compiler, an unsupported GPU...), the runner says so through
     ``say`` and carries on uncompiled."""
 
+    backend = "torch"
+
     def __init__(self, model: LDADetector, device: torch.device, dtype: torch.dtype, *,
                  use_compile: bool = False, batch_size: int = 8, say: Callable[[str], None] | None = None):
         self.cfg = model.config
+        device = torch.device(str(device))  # also hardware.CPU, the stand-in of a process without torch
         self.device, self.dtype = device, dtype
         # The runner owns the model: batch norms are folded into their convolutions in place.
         self.model = fold_batchnorm(model.to(device))

@@ -1,11 +1,11 @@
 """The model on OpenVINO, for scans on a CPU (``--backend openvino``; ``auto`` picks it on CPU when
 OpenVINO is installed).
 
-The loaded checkpoint (batch norms folded, as the torch runner runs it) is converted once with
-``openvino.convert_model``, with the uint8 crops as inputs (normalisation inside the graph) and
-P(fake) and every attention map as outputs, and kept on disk in deepscan's cache folder under a
+The loaded checkpoint is converted once (``export_openvino``: the one part that needs torch) and
+kept on disk in deepscan's cache folder under a
 key of the checkpoint's sha256, OpenVINO's version and the input shapes (~90 MB: the weights in
-fp32), so a second scan starts in a fraction of a second (compiling the IR for the precision takes
+fp32), so a second scan starts in a fraction of a second, without torch or the checkpoint's tensors
+(the entry was made from the same checkpoint sha256, checked then) (compiling the IR for the precision takes
 ~0.15 s; OpenVINO's compiled-model cache would add 93 MB per precision for nothing). Precision:
 ``--precision`` becomes OpenVINO's inference precision hint (bf16 where the CPU has it).
 
@@ -21,6 +21,7 @@ nothing is sent, whatever the consent file says.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -29,20 +30,20 @@ import shutil
 import sys
 import queue
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import ConfigError, io_reason
 
 EXPORT_VERSION = 1  # in the cache key: a change to the export makes a new entry
 BACKENDS = ("auto", "torch", "openvino")
 INSTALL_HINT = "pip install openvino (or pip install 'deepscan[openvino]')"
-_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# --precision (or a torch dtype's name) -> OpenVINO's inference precision hint
+_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 def import_openvino():
@@ -63,7 +64,7 @@ def installed() -> bool:
         return False
 
 
-def pick_backend(name: str, device: torch.device) -> str:
+def pick_backend(name: str, device) -> str:
     """``torch`` or ``openvino`` for ``--backend name`` on ``device``."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
@@ -75,23 +76,6 @@ def pick_backend(name: str, device: torch.device) -> str:
                               "torch on a GPU")
         import_openvino()
     return name
-
-
-class _Exported(nn.Module):
-    """uint8 crops in (normalised as the torch runner does, ``model.input_normaliser``), P(fake)
-    and the attention maps (sorted by name) out."""
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        from ..model import input_normaliser
-
-        super().__init__()
-        self.model, self.names = model, names
-        self.temporal = model.config.variant != "xception"
-        self.norm = input_normaliser(model.config, torch.device("cpu"))
-
-    def forward(self, image: torch.Tensor, frames: torch.Tensor | None = None):
-        logits, maps = self.model(self.norm(image), self.norm(frames) if self.temporal else None, return_maps=True)
-        return (torch.softmax(logits.float(), dim=1)[:, 1], *[maps[k] for k in self.names])
 
 
 def cache_root() -> Path:
@@ -107,20 +91,15 @@ def _shapes(cfg) -> dict:
     return shapes
 
 
-def _convert(model: nn.Module, folder: Path, ov, say: Callable[[str], None] | None = None):
-    """Convert ``model``; keep it in ``folder`` (model.xml/.bin and meta.json, written whole or not
-    at all). Returns (meta, what to compile: the kept model.xml, or the converted model itself when
-    the cache cannot take it, e.g. a full disk: the scan goes on and converts again next time)."""
-    cfg = model.config
-    shapes = _shapes(cfg)
-    example = tuple(torch.zeros(s, dtype=torch.uint8) for s in shapes.values())
-    names = sorted(k for k in ("spatial", "temporal") if getattr(model, k, None) is not None)
-    wrapper = _Exported(model, names).eval()
-    import warnings
+def _convert(model, cfg, folder: Path, ov, say: Callable[[str], None] | None = None):
+    """Convert ``model`` (``export_openvino``); keep it in ``folder`` (model.xml/.bin and
+    meta.json, written whole or not at all). Returns (meta, what to compile: the kept model.xml, or
+    the converted model itself when the cache cannot take it, e.g. a full disk: the scan goes on
+    and converts again next time)."""
+    from .export_openvino import convert
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on Python conditions it freezes
-        converted = ov.convert_model(wrapper, example_input=example)
+    shapes = _shapes(cfg)
+    converted, names = convert(model, shapes, ov)
     meta = {"maps": names, "shapes": shapes, "openvino": ov.__version__, "variant": cfg.variant}
     try:
         _keep(converted, meta, folder, ov)
@@ -178,20 +157,35 @@ def _keep(converted, meta: dict, folder: Path, ov) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(model: nn.Module, folder: Path, ov, settings: dict, convert: bool, say=None):
-    """(map names, compiled model) from the cache entry ``folder``, converting ``model`` into it
-    first when ``convert``. No CACHE_DIR: compiling the IR takes ~0.15 s, its blob would be 93 MB
-    more per precision."""
-    from ..model import fold_batchnorm
-
-    if convert:
-        meta, source = _convert(fold_batchnorm(model).eval(), folder, ov, say)
+def _load(load_model: Callable, cfg, folder: Path, ov, settings: dict, meta: dict | None, say=None):
+    """(map names, compiled model) from the cache entry ``folder`` whose checked ``meta`` is
+    given, or, with ``meta`` None, after converting the model (``load_model()``) into it. No
+    CACHE_DIR: compiling the IR takes ~0.15 s, its blob would be 93 MB more per precision."""
+    if meta is None:
+        meta, source = _convert(load_model(), cfg, folder, ov, say)
     else:
-        meta = valid_meta(folder)
-        if meta is None:
-            raise ValueError(f"{folder}: not a whole cache entry")
         source = str(folder / "model.xml")
     return list(meta["maps"]), ov.Core().compile_model(source, "CPU", settings)
+
+
+def _precision(precision) -> str:
+    """OpenVINO's precision hint for ``--precision`` (fp32, bf16) or a torch dtype."""
+    name = str(precision).removeprefix("torch.")
+    hint = _PRECISION.get(name)
+    if hint is None:
+        raise ConfigError(f"--backend openvino: no {name} on the CPU; use --precision fp32 or bf16")
+    return hint
+
+
+def _threads() -> int:
+    """The threads a CPU model uses: torch's count where torch is loaded (as the torch runner
+    reads it), else every core this process may use."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    from .workers import cpu_count
+
+    return cpu_count()
 
 
 class OpenVinoRunner:
@@ -201,56 +195,99 @@ class OpenVinoRunner:
     backend = "openvino"
     compiled = False  # torch.compile: not here
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, *, key: str, batch_size: int = 8,
+    def __init__(self, model, precision, *, key: str, cfg=None, batch_size: int = 8,
                  threads: int | None = None, lanes: int | None = None, say: Callable[[str], None] | None = None):
+        """``model``: the loaded model, or a function that loads it, called only when the cache
+        has no whole entry for ``key`` (then ``cfg`` is the model's config); ``precision``:
+        fp32 or bf16 (or a torch dtype); ``key``: the checkpoint's sha256."""
+        from ..hardware import CPU
         from .lanes import cpu_lanes
 
         ov = import_openvino()
-        self.cfg = model.config
-        self.device, self.dtype, self.batch_size, self.say = torch.device("cpu"), dtype, batch_size, say
-        self.threads = threads or torch.get_num_threads()
+        if hasattr(model, "config"):
+            loaded = model
+            cfg = model.config
+            model = lambda: loaded  # noqa: E731
+        if cfg is None:
+            raise TypeError("OpenVinoRunner: pass cfg= with a model loader")
+        self.cfg = cfg
+        self.device, self.batch_size, self.say = CPU, batch_size, say
+        self.threads = threads or _threads()
         self.lanes = lanes or len(cpu_lanes(self.threads))
-        precision = _PRECISION.get(dtype)
-        if precision is None:
-            raise ConfigError(f"--backend openvino: no {dtype} on the CPU; use --precision fp32 or bf16")
+        precision = _precision(precision)
         shapes = _shapes(self.cfg)
         digest = hashlib.sha256(json.dumps([key, ov.__version__, shapes, EXPORT_VERSION]).encode()).hexdigest()
         folder = cache_root() / f"{self.cfg.variant}-{digest[:24]}"
         t = time.perf_counter()
-        self.cold = valid_meta(folder) is None
-        if self.cold and folder.exists():
+        meta = valid_meta(folder)
+        if meta is None and folder.exists():
             if say:
                 say(f"note: the OpenVINO cache entry {folder} is damaged or not what it recorded (a file changed, "
                     "missing or replaced); converting the model again")
             shutil.rmtree(folder, ignore_errors=True)
-        elif self.cold and say:
+        elif meta is None and say:
             say(f"converting the model for OpenVINO (once per checkpoint, kept in {folder.parent})")
+        self.precision, self._cold, self._failure = precision, meta is None, None
         settings = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self.threads,
                     "NUM_STREAMS": self.lanes, "PERFORMANCE_HINT": "THROUGHPUT"}
-        try:
-            self.map_names, self.compiled_model = _load(model, folder, ov, settings, self.cold, say)
-        except (ValueError, KeyError, RuntimeError, OSError):  # a damaged or unreadable cache entry: made again
-            if self.cold:
-                raise
-            shutil.rmtree(folder, ignore_errors=True)
-            self.cold = True
-            self.map_names, self.compiled_model = _load(model, folder, ov, settings, True, say)
-        # One infer request per lane, each warmed here, one after the other: requests that make
-        # their first inference at the same time (two lanes starting together) deadlocked
-        # (OpenVINO 2026.4, 2 cores: both threads waiting in the first input copy, found in a
-        # resumed scan), as reported for other programs on few cores (ultralytics#25923).
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
-        zeros = [np.zeros(shape, np.uint8) for shape in shapes.values()]
-        for _ in range(self.lanes):
-            req = self.compiled_model.create_infer_request()
-            req.infer(zeros)
-            self._pool.put(req)
-        self.start_s = round(time.perf_counter() - t, 2)
-        self.precision = precision
+        self._ready = threading.Event()
+        start = functools.partial(self._start, model, folder, ov, settings, meta, t)
+        if meta is None:  # converting: here, so that a checkpoint that cannot load fails the scan now
+            start()
+            self.ready()
+        else:  # compiling and warming the cached IR (~0.6 s on 2 cores) overlaps the workers' first clips
+            threading.Thread(target=start, name="deepscan-openvino-start", daemon=True).start()
+
+    def _start(self, load_model, folder: Path, ov, settings: dict, meta: dict | None, t: float) -> None:
+        try:
+            try:
+                self.map_names, self.compiled_model = _load(load_model, self.cfg, folder, ov, settings, meta, self.say)
+            except (ValueError, KeyError, RuntimeError, OSError):  # a damaged or unreadable cache entry: made again
+                if meta is None:
+                    raise
+                shutil.rmtree(folder, ignore_errors=True)
+                self._cold = True
+                self.map_names, self.compiled_model = _load(load_model, self.cfg, folder, ov, settings, None, self.say)
+            # One infer request per lane, each warmed here, one after the other: requests that
+            # make their first inference at the same time (two lanes starting together)
+            # deadlocked (OpenVINO 2026.4, 2 cores: both threads waiting in the first input copy,
+            # found in a resumed scan), as reported for other programs on few cores
+            # (ultralytics#25923).
+            zeros = [np.zeros(shape, np.uint8) for shape in _shapes(self.cfg).values()]
+            for _ in range(self.lanes):
+                req = self.compiled_model.create_infer_request()
+                req.infer(zeros)
+                self._pool.put(req)
+            self.start_s = round(time.perf_counter() - t, 2)
+        except BaseException as exc:  # noqa: BLE001 - raised where the runner is used (ready, score)
+            self._failure = exc
+        finally:
+            self._ready.set()
+
+    def ready(self, timeout: float | None = None) -> bool:
+        """Wait until the model is compiled and its requests warmed (a start from the cache runs
+        in a thread of its own); its failure, if it failed, is raised here."""
+        done = self._ready.wait(timeout)
+        if self._failure is not None:
+            raise self._failure
+        return done
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait for the start thread to end, whatever its outcome (before the process leaves: a
+        compile cut short by the interpreter's exit could abort in OpenVINO's destructors)."""
+        self._ready.wait(timeout)
+
+    @property
+    def cold(self) -> bool:
+        """True when this start converted the model (the cache had no whole entry for it)."""
+        self._ready.wait()
+        return self._cold
 
     def score(self, images: np.ndarray, frames: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """uint8 crops, images (B, S, S, 3) and frames (B, n, s, s, 3) -> P(fake) (B,) and maps,
         one clip per inference (the graph's batch is 1, as the CPU lanes score)."""
+        self.ready()
         req = self._pool.get()  # a lane's own request while it scores; never two threads on one
         try:
             return self._score(req, images, frames)
@@ -277,5 +314,5 @@ class OpenVinoRunner:
     def __call__(self, clips) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return self.score(np.stack([c.image for c in clips]), np.stack([c.frames for c in clips]))
 
-    def replica(self, device: torch.device):
+    def replica(self, device):
         raise ConfigError(f"--backend openvino runs on the CPU, not {device}")

@@ -7,12 +7,16 @@ resolved ``ScanSettings`` (``on_device``) instead of deciding again.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
-from .. import faces as faces_mod
-from ..config import CROP_MARGIN
+from typing import TYPE_CHECKING
+
+from ..config import ALIGNMENTS, CROP_MARGIN, MIN_FACE
 from ..errors import ConfigError
-from .workers import PreparePool, PrepSettings, cpu_count
+
+if TYPE_CHECKING:  # the workers (and numpy) load when a pool starts: a scan --server client never does
+    from .workers import PreparePool, PrepSettings
 
 AGGREGATIONS = ("mean", "median", "max")
 PREPARATIONS = ("workers", "device")
@@ -28,7 +32,7 @@ class ScanSettings:
     threshold: float = 0.5
     aggregation: str = "mean"  # frame -> track score; the paper uses the mean
     batch_size: int = 8
-    min_face: int = faces_mod.MIN_FACE
+    min_face: int = MIN_FACE
     margin: float = CROP_MARGIN
     strategy: str = "auto"  # decoding: auto | select | seek
     hash_files: bool = True
@@ -55,8 +59,8 @@ class ScanSettings:
             raise ConfigError(NVDEC_NEEDS_DEVICE)
         if self.preparation not in PREPARATIONS:
             raise ConfigError(f"--preparation must be auto, {' or '.join(PREPARATIONS)}, not {self.preparation!r}")
-        if self.alignment not in faces_mod.ALIGNMENTS:
-            raise ConfigError(f"alignment must be one of {', '.join(faces_mod.ALIGNMENTS)}, not {self.alignment!r}")
+        if self.alignment not in ALIGNMENTS:
+            raise ConfigError(f"alignment must be one of {', '.join(ALIGNMENTS)}, not {self.alignment!r}")
         if self.alignment != "none" and self.preparation == "device":
             raise ConfigError(ALIGNED_NEEDS_WORKERS)
 
@@ -72,6 +76,7 @@ class ScanSettings:
 
     def prep(self, cfg, max_side: int | None = None) -> PrepSettings:
         from ..video import MAX_SIDE
+        from .workers import PrepSettings
 
         return PrepSettings(clips=self.clips, clip_len=cfg.clip_len, image_size=cfg.image_size,
                             lda_size=cfg.lda_size, margin=self.margin, min_face=self.min_face,
@@ -82,16 +87,27 @@ class ScanSettings:
 
 # ---------------------------------------------------------------------------- devices
 def pick_device(name: str = "auto"):
+    """The first device of ``pick_devices``, as a ``torch.device`` (for callers that run torch)."""
+    import torch
+
     (dev,) = pick_devices(name)[:1]
-    return dev
+    return torch.device(str(dev))
 
 
 def pick_devices(name: str = "auto") -> list:
     """``auto``: every visible GPU, else the CPU; ``cuda``: every visible GPU; ``cpu``;
-    ``cuda:N``; or a comma-separated list such as ``cuda:0,cuda:2``."""
-    import torch
+    ``cuda:N``; or a comma-separated list such as ``cuda:0,cuda:2``.
+
+    The CPU alone is answered without importing torch when torch is not loaded yet and, for
+    ``auto``, no NVIDIA driver node exists (``hardware.CPU``, which stages read as they read a
+    ``torch.device``): a CPU scan on OpenVINO then never loads torch."""
+    from ..hardware import CPU, nvidia_present
 
     name = name.strip()
+    if "torch" not in sys.modules and (name == "cpu" or (name == "auto" and not nvidia_present())):
+        return [CPU]
+    import torch
+
     if name == "auto":
         return pick_devices("cuda") if torch.cuda.is_available() else [torch.device("cpu")]
     out = []
@@ -113,7 +129,17 @@ def pick_devices(name: str = "auto") -> list:
     return out
 
 
+# CPU flags of native bf16 arithmetic: AVX-512 BF16 or AMX (what torch.cpu's probes test)
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
 def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU: from /proc/cpuinfo (no torch needed), else torch's probes."""
+    from ..hardware import cpu_flags
+
+    flags = cpu_flags()
+    if flags is not None:
+        return bool(flags & BF16_FLAGS)
     import torch
 
     probe_fn = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
@@ -121,20 +147,30 @@ def cpu_has_bf16() -> bool:
     return bool((probe_fn and probe_fn()) or (amx and amx()))
 
 
-def pick_precision(name: str, device):
-    """auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32."""
-    import torch
+PRECISIONS = ("fp32", "bf16", "fp16")
 
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def precision_name(name: str, device) -> str:
+    """``--precision name`` on ``device`` as fp32, bf16 or fp16. auto: bf16 on CUDA (fp16 where a
+    GPU has no bf16) and on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if name not in table:
+            import torch
+
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if name not in PRECISIONS:
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not {name!r}")
     if name == "fp16" and device.type == "cpu":
         raise ConfigError("--precision fp16 is for CUDA; on CPU use bf16 or fp32")
-    return table[name]
+    return name
+
+
+def pick_precision(name: str, device):
+    """``precision_name`` as a torch dtype."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision_name(name, device)]
 
 
 def pick_decoder(name: str, preparation: str, device, say=None, module=None) -> str:
@@ -185,6 +221,8 @@ def default_batch_size(device: str) -> int:
 def default_workers(devices: list) -> int:
     """Preparation workers when --workers is not given: every core on a GPU machine; on CPU
     every core but one for the model (2 cores: 1 worker; see README 'Performance')."""
+    from .workers import cpu_count
+
     cores = cpu_count()
     if any(d.type == "cuda" for d in devices):
         return cores
@@ -203,6 +241,8 @@ def slots_for(settings: ScanSettings, workers: int, gpu: bool, devices: int = 1)
 def start_pool(settings: ScanSettings, cfg, make_detector, workers: int, *, devices: int = 1, gpu: bool = False,
                slots_per_worker: int = 0, max_side: int | None = None) -> PreparePool:
     """Preparation workers for scans with ``settings`` and a model of config ``cfg``."""
+    from .workers import PreparePool
+
     if not slots_per_worker:
         slots_per_worker = slots_for(settings, workers, gpu, devices)
     return PreparePool(workers, settings.prep(cfg, max_side), make_detector, slots_per_worker=slots_per_worker,
