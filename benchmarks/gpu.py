@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {  # name: the most seconds it may take; in order of importance
     # the default stages' limits add up to 8 minutes (480 s): issue 22 asks that they fit
-    "env": 30, "nvdec": 60, "folder": 150, "tests": 100, "device_prep": 40, "blazeface": 40, "prep": 60,
+    "env": 30, "shapes": 60, "nvdec": 60, "folder": 150, "tests": 100, "device_prep": 40, "blazeface": 40, "prep": 60,
     "model": 120, "train": 150,
     "compile": 150,
     # follow-ups, run by name (--stages): steady-state training, wider preparation, workers vs cores
@@ -37,7 +37,8 @@ STAGES = {  # name: the most seconds it may take; in order of importance
 # 2026-12-01: what the device-preparation issue needs first: is NVDEC there, then the folder and
 # one video prepared on the device (issue 22's figures), the CUDA tests (device preparation and
 # NVDEC against the workers and ffmpeg), then the building blocks, preparation, the model
-DEFAULT = "env,nvdec,folder,tests,device_prep,blazeface,prep"  # model: measured on 2026-11-26, by name
+# 2026-12-07 (issue 32): fixed shapes first; prep (measured 2026-12-04) by name, to stay in 8 minutes
+DEFAULT = "env,shapes,nvdec,folder,tests,device_prep,blazeface"  # model: measured on 2026-11-26, by name
 BATCH = 128
 CLIPS = 32
 # --smoke: the same stages on the CPU at toy sizes, to find a script's mistakes before device time
@@ -353,6 +354,80 @@ def _runner():
     torch.manual_seed(0)
     return Runner(LDADetector(config_for_variant("spatial-temporal")), _dev(),
                   torch.float32 if SMOKE else torch.bfloat16, batch_size=BATCH)
+
+
+def stage_shapes(part: dict, work: Path) -> None:
+    """Fixed shapes (issue 32): each of the runner's batch shapes cold and warm in a new thread,
+    and again in a second new thread (are cuDNN's plans per thread?); the warm-up of all shapes as
+    a lane runs it; batches of random sizes at fixed shapes and not, with cudnn.benchmark off and on."""
+    import random
+    import threading
+
+    import numpy as np
+    import torch
+
+    runner = _runner()
+    cfg = runner.cfg
+    part["shapes"] = list(runner.shapes)
+
+    def batch(n):
+        return (np.random.randint(0, 255, (n, cfg.image_size, cfg.image_size, 3), np.uint8),
+                np.random.randint(0, 255, (n, cfg.clip_len, cfg.lda_size, cfg.lda_size, 3), np.uint8))
+
+    def in_thread(fn):
+        out = {}
+        t = threading.Thread(target=lambda: out.update(fn()))
+        t.start()
+        t.join()
+        return out
+
+    def timed(n, times=2):
+        images, frames = batch(n)
+        out = []
+        for _ in range(times):
+            t = time.perf_counter()
+            runner.score(images, frames)
+            _sync()
+            out.append(round(time.perf_counter() - t, 4))
+        return out
+
+    for thread in ("first", "second"):
+        part[f"{thread}_thread"] = in_thread(lambda: {str(n): timed(n) for n in runner.shapes})
+        _save(part, work, "shapes")
+        print(json.dumps(part[f"{thread}_thread"]), flush=True)
+
+    def warm():
+        t = time.perf_counter()
+        runner.warm()
+        _sync()
+        return {"warm_all_s": round(time.perf_counter() - t, 3)}
+
+    part.update(in_thread(warm))
+    rng = random.Random(0)
+    sizes = [rng.randint(1, BATCH) for _ in range(4 if SMOKE else 24)]
+    part["random_sizes"] = sizes
+    rows = part.setdefault("random", [])
+    for benchmark in (False, True):
+        torch.backends.cudnn.benchmark = benchmark
+        for fixed in (True, False):
+            runner.fixed_shapes = fixed
+
+            def run():
+                for n in sizes[:2]:  # this thread's first sight of its shapes is not what is compared
+                    runner.score(*batch(n))
+                _sync()
+                t = time.perf_counter()
+                for n in sizes:
+                    runner.score(*batch(n))
+                _sync()
+                return {"seconds": round(time.perf_counter() - t, 3)}
+
+            r = in_thread(run)
+            rows.append({"fixed_shapes": fixed, "cudnn_benchmark": benchmark, **r,
+                         "clips_per_s": round(sum(sizes) / r["seconds"], 1)})
+            print(json.dumps(rows[-1]), flush=True)
+            _save(part, work, "shapes")
+    torch.backends.cudnn.benchmark = False
 
 
 def stage_folder(part: dict, work: Path) -> None:

@@ -164,10 +164,11 @@ class LDADetector(nn.Module):
         return (logits, maps) if return_maps else logits
 
 
-def input_normaliser(cfg: ModelConfig, device: torch.device):
+def input_normaliser(cfg: ModelConfig, device: torch.device, pin: bool = True):
     """A function from uint8 RGB crops (..., H, W, 3), numpy or torch, to normalised channels_last
-    float tensors (..., 3, H, W) on ``device``, with the config's mean/std. Host memory is pinned
-    on CUDA so the copy can overlap with compute."""
+    float tensors (..., 3, H, W) on ``device``, with the config's mean/std. With ``pin``, host
+    memory is pinned on CUDA so the copy can overlap with compute (a caller that stages its
+    batches in pinned buffers of its own passes ``pin=False``)."""
     mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255
 
@@ -175,7 +176,7 @@ def input_normaliser(cfg: ModelConfig, device: torch.device):
         t = torch.from_numpy(batch) if not isinstance(batch, torch.Tensor) else batch
         lead = t.shape[:-3]
         t = t.reshape(-1, *t.shape[-3:])
-        if device.type == "cuda" and t.device.type == "cpu":
+        if pin and device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
             t = t.pin_memory()
         x = t.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)

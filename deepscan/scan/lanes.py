@@ -74,10 +74,18 @@ class Scorer(threading.Thread):
                 torch.set_num_threads(self.threads or r.threads)  # a new thread starts with the default
             elif r.device.type == "cuda":
                 torch.cuda.set_device(r.device)
+        warm_failure = None
+        try:
+            if hasattr(r, "warm"):  # every batch shape once, in this thread, while preparation starts
+                r.warm()
+        except BaseException as exc:  # noqa: BLE001 - reported with the first batch, which fails with it
+            warm_failure = exc
         while (batch := self.jobs.get()) is not None:
             self.working = True
             t = time.perf_counter()
             try:
+                if warm_failure is not None:
+                    raise warm_failure
                 probs, maps = r.score_batch(batch.images, batch.frames)
                 if r.device.type == "cpu":
                     release_free_memory()

@@ -21,6 +21,21 @@ from ..model import LDADetector, fold_batchnorm, input_normaliser
 # alone, 2 lanes, clips/s at steps of 1/2/4/8: 4.83-5.25 / 4.73-4.99 / 4.68-4.79 / 4.53-4.55), and
 # the activations of two lanes peak at +250 MB instead of +457 MB (steps of 2) or +1336 MB (8).
 CPU_STEP = 1
+# On a GPU a batch of any size would make new cuDNN plans (and allocator blocks) for each new size
+# in each thread: the model sees these fractions of --batch-size at most, padded up (64: 8, 16, 32,
+# 64), each warmed at start in the lane thread that runs it (issue 32: fixed shapes).
+SHAPE_FRACTIONS = (8, 4, 2, 1)
+
+
+def batch_shapes(batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a fixed-shape runner runs: ``batch_size`` / 8, / 4, / 2 and itself."""
+    return tuple(sorted({max(1, -(-batch_size // f)) for f in SHAPE_FRACTIONS}))
+
+
+def shape_for(n: int, shapes: tuple[int, ...]) -> int:
+    """The smallest of ``shapes`` that holds ``n`` clips (the largest when none does: a batch is
+    never larger than --batch-size, whose shape is the largest)."""
+    return next((s for s in shapes if s >= n), shapes[-1])
 
 
 class ModelRunner(Protocol):
@@ -39,12 +54,20 @@ class Runner:
     With ``use_compile``, the model goes through torch.compile (inductor, weights frozen on CPU) the
     first time it runs; batches are padded to ``batch_size`` so that one graph serves them all.
     Should compilation fail (no C++ compiler, an unsupported GPU...), the runner says so through
-    ``say`` and carries on uncompiled."""
+    ``say`` and carries on uncompiled.
+
+    With fixed shapes (the default on CUDA; ``fixed_shapes`` forces it either way), a batch is
+    padded to one of ``batch_shapes(batch_size)``; ``warm()``, which each lane calls in its own
+    thread before its first batch, runs every shape once there. ``warmed`` holds (thread name,
+    batch) of each warm-up run, ``shapes_run`` (thread name, batch) of every batch run since.
+    On CUDA the host side of a batch goes through a pinned staging buffer per lane thread and
+    shape, made once (``_stage``), not a new pinned tensor per batch."""
 
     backend = "torch"
 
     def __init__(self, model: LDADetector, device: torch.device, dtype: torch.dtype, *,
-                 use_compile: bool = False, batch_size: int = 8, say: Callable[[str], None] | None = None):
+                 use_compile: bool = False, batch_size: int = 8, say: Callable[[str], None] | None = None,
+                 fixed_shapes: bool | None = None):
         self.cfg = model.config
         device = torch.device(str(device))  # also hardware.CPU, the stand-in of a process without torch
         self.device, self.dtype = device, dtype
@@ -52,8 +75,14 @@ class Runner:
         self.model = fold_batchnorm(model.to(device))
         if device.type == "cpu" or dtype != torch.float32:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._to_input = input_normaliser(self.cfg, device)
+        self._to_input = input_normaliser(self.cfg, device, pin=False)  # (pinned here: ``_stage``)
         self.batch_size, self.say = batch_size, say
+        self.fixed_shapes = device.type == "cuda" if fixed_shapes is None else fixed_shapes
+        self.shapes = (batch_size,) if use_compile else batch_shapes(batch_size)
+        self.warmed: set[tuple[str, int]] = set()
+        self.shapes_run: set[tuple[str, int]] = set()
+        self._local = threading.local()  # per lane thread: pinned staging buffers by shape
+        self._pin_failed = False
         self._forward = compile_model(self.model, device) if use_compile else self.model
         self.compiled = use_compile
         self.threads = torch.get_num_threads()  # CPU threads, as set where the runner is made
@@ -88,19 +117,61 @@ class Runner:
         if self.cfg.variant == "xception":
             frames = None
         n = len(images)
-        if self.compiled and n < self.batch_size:  # one shape for the compiled graph
-            images = _pad(images, self.batch_size)
-            frames = None if frames is None else _pad(frames, self.batch_size)
+        if self.compiled or self.fixed_shapes:  # a shape the graph (or the warm-up) knows
+            size = shape_for(n, self.shapes)
+            if n < size:
+                images = _pad(images, size)
+                frames = None if frames is None else _pad(frames, size)
+        self.shapes_run.add((threading.current_thread().name, len(images)))
         autocast = self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
-            logits, maps = self.forward(self._to_input(images), None if frames is None else self._to_input(frames))
+            logits, maps = self.forward(self._to_input(self._stage(images)),
+                                        None if frames is None else self._to_input(self._stage(frames)))
         probs = torch.softmax(logits[:n].float(), dim=1)[:, 1].cpu().numpy()
         return probs, {k: v[:n].float().cpu().numpy() for k, v in maps.items()}
 
+    def _stage(self, batch):
+        """A numpy batch bound for CUDA, copied into this thread's pinned buffer of its shape (made
+        on first use; the previous batch's copy is over: ``score`` waits for its results). Should
+        pinning fail (a locked-memory limit), said once; the batch then goes from pageable memory."""
+        if self.device.type != "cuda" or isinstance(batch, torch.Tensor) or self._pin_failed:
+            return batch
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        key = (batch.shape[1:], batch.dtype.str)  # one buffer of the largest batch; smaller ones use its head
+        buf = buffers.get(key)
+        if buf is None or len(buf) < len(batch):
+            try:
+                size = max(len(batch), self.shapes[-1])
+                buf = buffers[key] = torch.empty((size, *batch.shape[1:]),
+                                                 dtype=torch.from_numpy(batch[:0]).dtype).pin_memory()
+            except RuntimeError as exc:
+                self._pin_failed = True
+                if self.say:
+                    self.say(f"note: pinned host memory is not available ({str(exc).splitlines()[0][:160]}); "
+                             "batches go to the GPU from pageable memory (slower copies)")
+                return batch
+        head = buf[:len(batch)]
+        head.numpy()[...] = batch
+        return head
+
+    def warm(self) -> None:
+        """Run every batch shape once in the calling thread (a lane's, before its first batch):
+        cuDNN's plans and the allocator's blocks are made here, not in the first videos' batches."""
+        if not self.fixed_shapes:  # (a CPU graph compiles on its first batch, as it always has)
+            return
+        s, c = self.cfg.image_size, self.cfg
+        for size in self.shapes:
+            images = np.zeros((size, s, s, 3), np.uint8)
+            frames = np.zeros((size, c.clip_len, c.lda_size, c.lda_size, 3), np.uint8)
+            self.score(images, frames)
+            self.warmed.add((threading.current_thread().name, size))
+
     def score_batch(self, images: np.ndarray, frames: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """``score`` over a batch: on CPU in steps of CPU_STEP clips (unless compiled: one graph,
-        whole batches), elsewhere at once."""
-        if self.device.type != "cpu" or self.compiled or len(images) <= CPU_STEP:
+        """``score`` over a batch: on CPU in steps of CPU_STEP clips (unless compiled or at fixed
+        shapes: whole batches), elsewhere at once."""
+        if self.device.type != "cpu" or self.compiled or self.fixed_shapes or len(images) <= CPU_STEP:
             return self.score(images, frames)
         parts = [self.score(images[k:k + CPU_STEP], None if frames is None else frames[k:k + CPU_STEP])
                  for k in range(0, len(images), CPU_STEP)]
@@ -113,7 +184,8 @@ class Runner:
     def replica(self, device: torch.device) -> "Runner":
         """The same model on another device (one per GPU)."""
         model = copy.deepcopy(self.model).to(device)
-        return Runner(model, device, self.dtype, use_compile=self.compiled, batch_size=self.batch_size, say=self.say)
+        return Runner(model, device, self.dtype, use_compile=self.compiled, batch_size=self.batch_size, say=self.say,
+                      fixed_shapes=self.fixed_shapes if self.device.type == device.type else None)
 
 
 def make_runner(model: LDADetector, device: torch.device, dtype: torch.dtype, backend: str = "torch", *,
