@@ -1,5 +1,5 @@
 """Preparation on a torch device (``--preparation device``): detection, tracking and crops of
-clips whose frames the workers only decoded, batched over frames of many videos.
+clips whose frames the workers (or NVDEC) only decoded, batched over the frames of many videos.
 
 The workers hand over each sampled clip's frames (``PrepSettings.handover == "frames"``); the
 scanning process moves them to the device and, for the next clip of every video in flight at
@@ -7,29 +7,46 @@ once, runs BlazeFace's staged search (the same generator, ``faces.blazeface_sear
 workers' detector, so both take the same decisions), links the faces to tracks on the CPU (a
 few boxes), and cuts the model's crops on the device, straight into its batch.
 
-Why resampling is written by hand: the workers letterbox with PIL (``reducing_gap``: an
-integer box reduction, then bilinear) and crop with PIL (box to reduce, bicubic to enlarge);
-torch's ``interpolate`` has neither PIL's box filter nor its two-pass rounding, and the first
-version, with ``interpolate(antialias=True)``, moved BlazeFace's boxes by up to 14 px on 720p
-and a score by 0.054 (roi_align). Here each resize is PIL's own filter written as a matrix
-(Resample.c's coefficients, its 8-bit rounding after each pass; Reduce.c's integer averages),
-so a device crop is within a grey level or two of the worker's.
+At the GPU's pace (issue 32), a step's device work is a fixed number of operations whatever the
+number of faces: each detection round letterboxes all its views in one batched product
+(``resample``), pads them to one of DETECT_BUCKETS views per network (each warmed at start in the
+thread that runs it), keeps each view's TOP_ANCHORS best anchors with a fixed-size top-k (no
+``nonzero``), and brings them to the host in one copy; the crops of every face of the step are
+one gather and two batched products per output size. The only host synchronisations of a step
+are those copies, one per detection round (``fetches`` counts them); the frames' slots go back to
+the workers when a CUDA event says their copy is over, not after a ``synchronize``.
+
+Why resampling is written by hand: see ``resample``. A device crop equals PIL's to the bit.
 
 It runs on the CPU too (``--device cpu --preparation device``), which is how the suite checks
-it against the workers; on a CPU the workers are faster (README, 'Preparation on the device').
+it against the workers; on a CPU the workers are faster (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import faces as faces_mod
 from ..faces import Detection, Tracker, blazeface_search, crop_box, filter_faces, nms_detections, view_detections
+from . import resample
+
+# Views per network call, padded up to one of these (cuDNN plans are made per input shape, and per
+# thread: every bucket is warmed in the thread that detects, before its first step). A round with
+# more views than the largest runs in chunks of it.
+DETECT_BUCKETS = (16, 64, 256)
+# Anchors of a view brought to the host: its best ones by score (a face lights 5-20 anchors). A
+# view with more above the threshold than this has all of them fetched again (``refetches``).
+TOP_ANCHORS = 48
+# Gathered windows round their sides up to a multiple of this (fewer matrix shapes)
+WINDOW_STEP = 64
+# Whole-frame passes want this many frames per detection step: a scan on a GPU keeps at least
+# this many videos in flight (``pipeline.Scanner.window``)
+DETECT_FRAMES = 64
 
 
 @dataclass
@@ -58,11 +75,19 @@ class DeviceClip:
     det_score: float = 1.0  # the detector's confidence (a single sighting must be sure: assemble.CONFIRM_SINGLE)
 
 
+def bucket(n: int, buckets: tuple[int, ...] = DETECT_BUCKETS) -> int:
+    """The smallest of ``buckets`` holding ``n`` (the largest when none does: chunks of it)."""
+    return next((b for b in buckets if b >= n), buckets[-1])
+
+
 class DevicePreparer:
     """BlazeFace (full and short range), tracking and square face crops, on ``device``, batched.
 
     ``step`` takes the next clip of any number of videos and returns their face clips; a video's
-    tracker lives here from its first clip until ``forget``."""
+    tracker lives here from its first clip until ``forget``. ``fetches`` counts the copies to the
+    host (one per detection round), ``refetches`` the views whose anchors overflowed TOP_ANCHORS,
+    ``shapes_run`` the (thread, network, views) of every network call and ``warmed`` those of the
+    warm-up."""
 
     def __init__(self, device: torch.device | str = "cpu", *, image_size: int = 398, lda_size: int = 224,
                  margin: float | None = None, min_face: int = faces_mod.MIN_FACE, threshold: float = 0.5,
@@ -71,6 +96,11 @@ class DevicePreparer:
         from ..config import CROP_MARGIN
 
         self.device = torch.device(str(device))  # also hardware.CPU
+        if self.device.type == "cuda":
+            # TF32 convolutions moved BlazeFace's top anchor against the CPU's (14 px on a 720p
+            # frame, 2026-12-04): the detector is small, its fp32 is cheap. cuDNN's flag is global,
+            # so an fp32 model on this GPU runs without TF32 too (bf16, CUDA's default, is unaffected).
+            torch.backends.cudnn.allow_tf32 = False
         self.nets = {False: build("full").to(self.device).eval(), True: build("short").to(self.device).eval()}
         self.sizes = {False: VARIANTS["full"].size, True: VARIANTS["short"].size}
         self.threshold, self.nms = threshold, nms
@@ -78,13 +108,16 @@ class DevicePreparer:
         self.margin = CROP_MARGIN if margin is None else margin
         self.min_face = min_face
         self.trackers: dict = {}
+        self.fetches = self.refetches = 0
+        self.warmed: set = set()
+        self.shapes_run: set = set()
 
     # ---- a scan's step
     @torch.inference_mode()
     def step(self, clips: list[RawClip]) -> list[list[DeviceClip]]:
         """The face clips of each of ``clips`` (at most one per video: a video's search depends on
         its tracker after the clip before), detected in stages batched across them, as the
-        workers do it (``workers.prepare_video``)."""
+        workers do it (``workers.prepare_video``); every face of the step cut in one batch."""
         from .workers import search_flags
 
         items = []
@@ -94,14 +127,21 @@ class DevicePreparer:
             items.append((c.frames[0], tracker.recent(), tracker.active(), flags["deep"], flags["full"],
                           flags["crowd"]))
         found = self.search(items)
-        out = []
-        for c, dets in zip(clips, found):
+        picked, squares = [], []
+        for ci, (c, dets) in enumerate(zip(clips, found)):
             dets = filter_faces(dets, self.min_face)
             ids = self.trackers[c.key].assign(dets)
-            squares = [crop_box(d.box, self.margin) for d in dets]
-            images, frames = self.crop_clip(c.frames, squares, self.image_size, self.lda_size)
-            out.append([DeviceClip(c.key, tid, c.index, c.frame_indices[0], c.times[0], d.box, images[j], frames[j],
-                                   d.score) for j, (d, tid) in enumerate(zip(dets, ids))])
+            picked.append((dets, ids))
+            squares += [(ci, crop_box(d.box, self.margin)) for d in dets]
+        images, frames = self.crops([c.frames for c in clips], squares, self.image_size, self.lda_size)
+        out, j = [], 0
+        for c, (dets, ids) in zip(clips, picked):
+            mine = []
+            for d, tid in zip(dets, ids):
+                mine.append(DeviceClip(c.key, tid, c.index, c.frame_indices[0], c.times[0], d.box, images[j],
+                                       frames[j], d.score))
+                j += 1
+            out.append(mine)
         return out
 
     def forget(self, key) -> None:
@@ -138,77 +178,132 @@ class DevicePreparer:
         return self.search([(f, (), (), False, True) for f in frames])
 
     @torch.inference_mode()
+    def warm(self) -> None:
+        """Every network at every bucket once in the calling thread (the one that will detect):
+        cuDNN's plans and the allocator's blocks are made here, not in the first videos' steps."""
+        me = threading.current_thread().name
+        for near, net in self.nets.items():
+            size = self.sizes[near]
+            for b in DETECT_BUCKETS:
+                if (me, near, b) not in self.warmed:
+                    net(torch.zeros((b, size, size, 3), device=self.device))
+                    self.warmed.add((me, near, b))
+
+    @torch.inference_mode()
     def run_views(self, asks: list[tuple[torch.Tensor, list, bool]]) -> list[list[Detection]]:
-        """Faces in the square views (x, y, side) of each (frame, views, near): one batch through
-        the full-range network and one through the short-range one, whatever the frames."""
+        """Faces in the square views (x, y, side) of each (frame, views, near): the views of each
+        network letterboxed in one batch, run in DETECT_BUCKETS-sized calls, their best anchors
+        brought to the host in one copy for the round."""
         out: list = [[] for _ in asks]
+        packs, rows, outputs, starts = [], [], [], [0]
         for near in (False, True):
             mine = [k for k, (_, views, n) in enumerate(asks) if n == near and views]
             if not mine:
                 continue
-            size = self.sizes[near]
-            cut = [(k, x, y, s, asks[k][0][y:y + s, x:x + s]) for k in mine for x, y, s in asks[k][1]]
-            boxes, keypoints, scores = self.nets[near](letterbox_many([c[4] for c in cut], size))
-            # only the few anchors above the threshold leave the device
-            keep = scores >= self.threshold
-            where = keep.nonzero()[:, 0].cpu().numpy()
-            b, kp, sc = (t[keep].float().cpu().numpy() for t in (boxes, keypoints, scores))
-            dets: dict = {k: [] for k in mine}
-            for v in np.unique(where):
-                k, x, y, s, view = cut[v]
-                rows = where == v
-                dets[k] += view_detections(x, y, max(view.shape[:2]), b[rows], kp[rows], sc[rows])
-            for k in mine:
-                out[k] = nms_detections(dets[k], self.nms)  # as the workers' _decode: one NMS per stage
+            size, net = self.sizes[near], self.nets[near]
+            frames = [asks[k][0] for k in mine]
+            cut = []  # (ask, x, y, factor) per view, in the order of the letterboxed batch
+            spans = []  # (frame, x, y, h, w): the view's extent inside its frame
+            for fi, k in enumerate(mine):
+                h, w = asks[k][0].shape[:2]
+                for x, y, s in asks[k][1]:
+                    vh, vw = max(0, min(s, h - y)), max(0, min(s, w - x))
+                    cut.append((k, x, y, max(vh, vw)))
+                    spans.append((fi, x, y, vh, vw))
+            pixels = letterbox_batch(frames, spans, size)
+            top = min(TOP_ANCHORS, net.anchors.shape[0])
+            for a in range(0, len(cut), DETECT_BUCKETS[-1]):
+                chunk = pixels[a:a + DETECT_BUCKETS[-1]]
+                b = bucket(len(chunk))
+                if b > len(chunk):
+                    chunk = torch.cat([chunk, chunk.new_zeros((b - len(chunk), *chunk.shape[1:]))])
+                self.shapes_run.add((threading.current_thread().name, near, b))
+                boxes, keypoints, scores = net(chunk)
+                best, anchor = scores.topk(top, dim=1)  # (b, top): a fixed size, no nonzero
+                pick = anchor[..., None]
+                packs.append(torch.cat([best[..., None].float(), anchor[..., None].float(),
+                                        boxes.gather(1, pick.expand(-1, -1, 4)).float(),
+                                        keypoints.reshape(b, -1, 12).gather(1, pick.expand(-1, -1, 12)).float()], -1))
+                n = min(DETECT_BUCKETS[-1], len(cut) - a)
+                rows += [(cut[a + v], len(outputs), starts[-1] + v) for v in range(n)]
+                outputs.append((boxes, keypoints, scores))
+                starts.append(starts[-1] + b)
+        if not packs:
+            return out
+        # the round's one copy to the host (a fixed size per chunk)
+        host = self._fetch(torch.cat(packs))
+        dets: dict = {}
+        for (k, x, y, factor), o, r in rows:
+            pack = host[r]
+            keep = pack[:, 0] >= self.threshold
+            if keep.all() and pack.shape[0] < outputs[o][2].shape[1]:  # more anchors above it than fetched
+                b, kp, sc = self._refetch(outputs[o], r - starts[o])
+            else:
+                sel = pack[keep]
+                sel = sel[np.argsort(sel[:, 1], kind="stable")]  # anchor order, as the workers' decoder sees them
+                b, kp, sc = sel[:, 2:6], sel[:, 6:18].reshape(-1, 6, 2), sel[:, 0]
+            dets.setdefault(k, []).extend(view_detections(x, y, factor, b, kp, sc))
+        for k, found in dets.items():
+            out[k] = nms_detections(found, self.nms)  # as the workers' _decode: one NMS per stage
         return out
 
-    # ---- crops
-    @staticmethod
-    @torch.inference_mode()
-    def crop_clip(frames: torch.Tensor, squares, image_size: int, lda_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, H, W, 3) uint8 frames and squares (``faces.crop_box``) -> images (K, S, S, 3) and
-        frames (K, n, s, s, 3), uint8, as ``faces.face_clips`` cuts them with PIL."""
-        n = frames.shape[0]
-        if not squares:
-            return frames.new_zeros((0, image_size, image_size, 3)), frames.new_zeros((0, n, lda_size, lda_size, 3))
-        images, lda = [], []
-        for square in squares:
-            block = _cut(frames, square)  # (n, side, side, 3), black outside the frame
-            images.append(pil_resize(block[:1], image_size)[0])
-            lda.append(pil_resize(block, lda_size))
-        return torch.stack(images), torch.stack(lda)
+    def _fetch(self, t: torch.Tensor) -> np.ndarray:
+        """The one way detection results reach the host (counted: a host synchronisation on a GPU)."""
+        self.fetches += 1
+        return t.cpu().numpy()
 
-    def crops(self, clips: torch.Tensor | list[torch.Tensor], squares: list[tuple[int, tuple[int, int, int, int]]],
+    def _refetch(self, output, v: int):
+        """Every anchor of view ``v`` above the threshold (its top-k overflowed; rare)."""
+        self.refetches += 1
+        boxes, keypoints, scores = (self._fetch(t[v].float()) for t in output)
+        keep = scores >= self.threshold
+        return boxes[keep], keypoints[keep], scores[keep]
+
+    # ---- crops
+    @torch.inference_mode()
+    def crops(self, clips: list[torch.Tensor], squares: list[tuple[int, tuple[int, int, int, int]]],
               image_size: int, lda_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crops of ``squares`` ((clip index, square)) of ``clips`` ((n, H, W, 3) each), at the
-        given sizes (tests and the GPU script)."""
-        if not squares:
-            return self.crop_clip(clips[0], [], image_size, lda_size)
-        parts = [self.crop_clip(clips[ci], [sq], image_size, lda_size) for ci, sq in squares]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        """Crops of ``squares`` ((clip index, square as ``faces.crop_box``)) of ``clips`` ((n, H, W,
+        3) uint8 each) -> images (K, S, S, 3) from each clip's first frame and frames (K, n, s, s,
+        3), uint8, as ``faces.face_clips`` cuts them with PIL: a fixed number of operations per
+        frame size, whatever K."""
+        return crop_batch(clips, squares, image_size, lda_size)
+
+    @staticmethod
+    def crop_clip(frames: torch.Tensor, squares, image_size: int, lda_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The crops of ``squares`` of one clip (see ``crops``)."""
+        return crop_batch([frames], [(0, sq) for sq in squares], image_size, lda_size)
 
 
 def timed_step(prep: DevicePreparer, clips: list[RawClip]) -> tuple[list[list[DeviceClip]], float]:
-    """``prep.step`` and its seconds (synchronised on CUDA, so the time is the device's too)."""
+    """``prep.step`` and its host seconds (each detection round waits for its results; the crops
+    may still be running on a GPU when it returns: the model's stream waits for them)."""
     t = time.perf_counter()
     out = prep.step(clips)
-    if prep.device.type == "cuda":
-        torch.cuda.synchronize(prep.device)
     return out, time.perf_counter() - t
 
 
 class DeviceStage:
     """Frames -> face clips on the model's device, for a scan: the one owner of the decoded
     clips waiting (a queue per video, in order) and, through its preparer, of the trackers.
-    ``step`` prepares the next clip of every video that has one, in one batch, and gives the
-    handles of their frames back to the source."""
+    ``step`` prepares the next clip of every video that has one, in one batch. The frames' slots
+    go back to the source once their copy to the device is over: on a GPU when a CUDA event
+    recorded after the copies has passed (``release``), on the CPU after the step."""
 
     def __init__(self, preparer: DevicePreparer, source):
         self.prep, self.source = preparer, source
         self._raw: dict[int, list] = {}  # input index -> [events.Frames], in order
+        self._held: list = []  # (event, slots) whose copies may still be running
+        self.steps = 0
+        self.frames_per_step: dict[int, int] = {}  # frames a step detected on -> how many steps
 
     def __bool__(self) -> bool:
         return bool(self._raw)
+
+    @property
+    def holding(self) -> bool:
+        """Slots wait for their copies to end (the loop must come back soon to ``release`` them)."""
+        return bool(self._held)
 
     def add(self, ev) -> None:
         self._raw.setdefault(ev.job.index, []).append(ev)
@@ -223,8 +318,21 @@ class DeviceStage:
     def forget(self, index: int) -> None:
         self.prep.forget(index)
 
+    def release(self, wait: bool = False) -> None:
+        """Slots whose copies are over go back (with ``wait``, all of them, after waiting)."""
+        keep = []
+        for event, slots in self._held:
+            if wait:
+                event.synchronize()
+            if wait or event.query():
+                self.source.free(slots)
+            else:
+                keep.append((event, slots))
+        self._held = keep
+
     def reset(self) -> None:
         """A run ended: every frame back to the source, every tracker gone."""
+        self.release(wait=True)
         self.source.free([ev.slot for queue_ in self._raw.values() for ev in queue_])
         self._raw = {}
         self.prep.trackers.clear()
@@ -234,6 +342,7 @@ class DeviceStage:
         from ..errors import DeepscanError
 
         dev = self.prep.device
+        self.release()
         firsts = [queue_[0] for queue_ in self._raw.values()]
         raws = []
         for ev in firsts:
@@ -244,6 +353,14 @@ class DeviceStage:
                 frames = torch.from_numpy(self.source.view(ev.slot, meta.shape))
                 frames = frames.to(dev, non_blocking=True) if dev.type != "cpu" else frames
             raws.append(RawClip(ev.job.index, meta.clip_index, meta.frame_indices, meta.times, frames))
+        slots = [ev.slot for ev in firsts]
+        if dev.type == "cuda" and slots:  # the copies are queued: their slots go back when they are done
+            event = torch.cuda.Event()
+            event.record()
+            self._held.append((event, slots))
+            slots = []
+        self.steps += 1
+        self.frames_per_step[len(raws)] = self.frames_per_step.get(len(raws), 0) + 1
         try:
             prepared, seconds = timed_step(self.prep, raws)
         except Exception as exc:  # noqa: BLE001 - the device (e.g. out of memory) fails the scan, loudly
@@ -251,12 +368,12 @@ class DeviceStage:
             raise DeepscanError(f"device preparation failed on {dev} ({type(exc).__name__}: {first}); "
                                 "try --preparation workers") from exc
         finally:
-            for ev in firsts:  # the crops are new tensors: the frames can go back
+            for ev in firsts:  # the crops are new tensors: on the CPU the frames can go back now
                 queue_ = self._raw[ev.job.index]
                 queue_.pop(0)
                 if not queue_:
                     del self._raw[ev.job.index]
-            self.source.free([ev.slot for ev in firsts])
+            self.source.free(slots)
         share = seconds / max(1, len(firsts))
         return [(ev.job.index, face_clips, share) for ev, face_clips in zip(firsts, prepared)]
 
@@ -283,153 +400,129 @@ def pin_slots(pool):
     return undo
 
 
-# ---------------------------------------------------------------------------- PIL's resampling as matrices
-def _cut(frames: torch.Tensor, square: tuple[int, int, int, int]) -> torch.Tensor:
-    """``square`` of (n, H, W, 3) frames, zero (black) where it leaves them: ``faces.crop_square``."""
-    x1, y1, x2, y2 = square
-    h, w = frames.shape[1:3]
-    side = x2 - x1
-    out = frames.new_zeros((frames.shape[0], side, side, 3))
-    sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
-    if sx2 > sx1 and sy2 > sy1:
-        out[:, sy1 - y1: sy2 - y1, sx1 - x1: sx2 - x1] = frames[:, sy1:sy2, sx1:sx2]
+# ---------------------------------------------------------------------------- batched PIL resampling
+def _upload(rows: list[tuple], device: torch.device) -> torch.Tensor:
+    """Per-item numbers (ints and floats, float64 holds both exactly) to the device in one copy:
+    from pinned memory and asynchronous on a GPU (no host synchronisation)."""
+    t = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), -1)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _span(n: int) -> int:
+    return max(WINDOW_STEP, -(-n // WINDOW_STEP) * WINDOW_STEP)
+
+
+def _windows(stack: torch.Tensor, index: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, lh: int,
+             lw: int) -> torch.Tensor:
+    """(F, n, H, W, 3) uint8 frames -> each item's lh x lw window at (x0, y0) of frame ``index``,
+    (B, n * 3, lh, lw) float32; coordinates outside the frame read its edge (the weights give
+    them 0: black)."""
+    h, w = stack.shape[2:4]
+    rows = (y0[:, None] + torch.arange(lh, device=stack.device)).clamp(0, h - 1)
+    cols = (x0[:, None] + torch.arange(lw, device=stack.device)).clamp(0, w - 1)
+    win = stack[index[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, lh, lw, n, 3)
+    return win.permute(0, 3, 4, 1, 2).reshape(len(index), -1, lh, lw).float()
+
+
+def _groups(shapes: list[tuple]) -> dict:
+    out: dict = {}
+    for i, s in enumerate(shapes):
+        out.setdefault(tuple(s), []).append(i)
     return out
 
 
-def _bicubic(x: np.ndarray) -> np.ndarray:
-    a = -0.5  # PIL's bicubic
-    x = np.abs(x)
-    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                    np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+def _in_order(parts: list[torch.Tensor], order: list[int], device) -> torch.Tensor:
+    """Rows of ``parts`` (concatenated) put back in the callers' order (``order``: each row's place)."""
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if order != sorted(order):
+        back = np.argsort(order)
+        out = out.index_select(0, _upload([(int(i),) for i in back], device)[:, 0].long())
+    return out
 
 
-def _triangle(x: np.ndarray) -> np.ndarray:
-    x = np.abs(x)
-    return np.where(x < 1.0, 1.0 - x, 0.0)
+def letterbox_batch(frames: list[torch.Tensor], spans: list[tuple[int, int, int, int, int]], size: int) -> torch.Tensor:
+    """Views of ``frames`` ((H, W, 3) uint8, any sizes): ``spans`` (frame, x, y, h, w), each scaled to
+    fit a ``size`` square (top-left, black padding), as ``blazeface.letterbox`` does with PIL
+    (``reducing_gap=2``: an integer reduction, then bilinear over the reduced image's fractional
+    box) -> (V, size, size, 3) float32. One gather and four products per frame size."""
+    device = frames[0].device
+    params = []
+    for fi, x, y, h, w in spans:
+        h, w = max(h, 1), max(w, 1)
+        scale = size / max(h, w)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        fx, fy = (1, 1) if (nw, nh) == (w, h) else (int(w / nw / 2.0) or 1, int(h / nh / 2.0) or 1)
+        # PIL parses the reduced image's box as C floats
+        params.append((fi, x, y, h, w, fx, fy, -(-w // fx), -(-h // fy), float(np.float32(w / fx)),
+                       float(np.float32(h / fy)), nw, nh))
+    by_shape = _groups([frames[p[0]].shape for p in params])
+    parts, order = [], []
+    for (fh, fw, _), idx in by_shape.items():
+        mine = [params[i] for i in idx]
+        local = {fi: j for j, fi in enumerate(dict.fromkeys(p[0] for p in mine))}
+        stack = torch.stack([frames[fi] for fi in local])[:, None]  # (F, 1, H, W, 3)
+        p = _upload([(local[q[0]], *q[1:]) for q in mine], device)
+        i64 = p.long()
+        lh, lw = _span(max(q[3] for q in mine)), _span(max(q[4] for q in mine))
+        rh, rw = max(q[8] for q in mine), max(q[7] for q in mine)
+        x = _windows(stack, i64[:, 0], i64[:, 2], i64[:, 1], lh, lw)  # (V, 3, lh, lw)
+        x = resample.reduce(x, resample.blocks(i64[:, 4], i64[:, 5], rw, lw), resample.blocks(i64[:, 3], i64[:, 6], rh, lh))
+        horizontal = resample.taps(i64[:, 7], p[:, 9], i64[:, 11], size, rw, "bilinear")
+        vertical = resample.taps(i64[:, 8], p[:, 10], i64[:, 12], size, rh, "bilinear")
+        parts.append(resample.resize(x, horizontal, vertical).permute(0, 2, 3, 1))
+        order += idx
+    return _in_order(parts, order, device)
 
 
-def _box(x: np.ndarray) -> np.ndarray:
-    return ((x > -0.5) & (x <= 0.5)).astype(np.float64)
+def letterbox_many(views: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Each (h, w, 3) uint8 view letterboxed into a ``size`` square (``letterbox_batch``)."""
+    return letterbox_batch(views, [(i, 0, 0, *v.shape[:2]) for i, v in enumerate(views)], size)
 
 
-FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_triangle, 1.0), "box": (_box, 0.5)}
-_MATRICES: dict = {}
-MATRICES_CACHED = 128  # per process: a face crop's side varies; each is <= ~6 MB, made in ~0.1 ms
+def crop_batch(clips: list[torch.Tensor], squares: list[tuple[int, tuple[int, int, int, int]]], image_size: int,
+               lda_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each square of its clip (``faces.crop_square``: black outside the frame), resized as PIL's
+    ``resize`` does in ``faces.crop_square`` (bicubic to enlarge, box to reduce): the first frame to
+    ``image_size``, every frame to ``lda_size`` -> (K, S, S, 3) and (K, n, s, s, 3) uint8."""
+    n = clips[0].shape[0] if len(clips) else 1
+    if not squares:
+        ref = clips[0] if len(clips) else torch.zeros((1, 1, 1, 3), dtype=torch.uint8)
+        return (ref.new_zeros((0, image_size, image_size, 3)), ref.new_zeros((0, n, lda_size, lda_size, 3)))
+    device = clips[0].device
+    by_shape = _groups([clips[ci].shape for ci, _ in squares])
+    images, lda, order = [], [], []
+    for (_, fh, fw, _), idx in by_shape.items():
+        mine = [squares[i] for i in idx]
+        local = {ci: j for j, ci in enumerate(dict.fromkeys(ci for ci, _ in mine))}
+        stack = torch.stack([clips[ci] for ci in local])  # (C, n, H, W, 3)
+        rows = [(local[ci], x1, y1, x2 - x1, x2 - x1 < image_size, x2 - x1 < lda_size) for ci, (x1, y1, x2, _) in mine]
+        p = _upload(rows, device).long()
+        side = p[:, 3]
+        span = _span(max(r[3] for r in rows))
+        x = _windows(stack, p[:, 0], p[:, 2], p[:, 1], span, span)  # (K, n * 3, L, L)
+        at = torch.arange(span, device=device)
+        inside_x = ((p[:, 1:2] + at) >= 0) & ((p[:, 1:2] + at) < fw)
+        inside_y = ((p[:, 2:3] + at) >= 0) & ((p[:, 2:3] + at) < fh)
+        for out, size, part, bicubic in ((images, image_size, x[:, :3], p[:, 4]),
+                                         (lda, lda_size, x, p[:, 5])):
+            sizes = torch.full_like(side, size)
 
+            def weights(valid, _size=size, _sizes=sizes, _bicubic=bicubic):
+                enlarge = resample.taps(side, side, _sizes, _size, span, "bicubic", valid)
+                shrink = resample.taps(side, side, _sizes, _size, span, "box", valid)
+                return torch.where(_bicubic[:, None, None].bool(), enlarge, shrink)
 
-def _taps(size_in: int, size_out: int, device, filter_name: str,
-          box_end: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """PIL's resampling filter (Resample.c, precompute_coeffs) from ``size_in`` pixels, over the
-    input span [0, box_end) (default: all of it), to ``size_out``: for each output pixel the
-    input pixels it reads, (size_out, k) indices, and their weights as PIL's 8-bit fixed point
-    (22 fraction bits, normalize_coeffs_8bpc), so that sums in float64 are exact and the rounded
-    pass equals PIL's."""
-    filt, support = FILTERS[filter_name]
-    span = size_in if box_end is None else box_end
-    scale = span / size_out
-    fscale = max(scale, 1.0)
-    support *= fscale
-    centre = (np.arange(size_out) + 0.5) * scale
-    # C's (int) truncates toward zero; clamped to the image as PIL does
-    lo = np.maximum(np.trunc(centre - support + 0.5), 0).astype(np.int64)
-    hi = np.minimum(np.trunc(centre + support + 0.5), size_in).astype(np.int64)
-    k = max(1, int((hi - lo).max()))
-    index = lo[:, None] + np.arange(k)[None, :]
-    inside = index < hi[:, None]
-    w = np.where(inside, filt((index - centre[:, None] + 0.5) / fscale), 0.0)
-    total = w.sum(axis=1, keepdims=True)
-    w = np.divide(w, total, out=np.zeros_like(w), where=total != 0)
-    w = np.where(w < 0, np.trunc(-0.5 + w * (1 << 22)), np.trunc(0.5 + w * (1 << 22)))
-    index = np.where(inside, index, 0)  # padding taps read pixel 0 with weight 0
-    return torch.from_numpy(index).to(device), torch.from_numpy(w).to(device=device, dtype=torch.float64)
-
-
-def _dense(size_in: int, size_out: int, device, filter_name: str, box_end: float | None) -> torch.Tensor:
-    """``_taps`` as an (out, in) matrix, cached. A pass is one float64 product with
-    it: on one CPU thread 38 ms a 720p clip's step against 57 for gathering the taps (a box
-    filter reads only ~3 pixels an output, but the product runs at the BLAS's pace), and on a
-    GPU a few kernel launches."""
-    key = (size_in, size_out, str(device), filter_name, box_end)
-    m = _MATRICES.get(key)
-    if m is None:
-        index, weight = _taps(size_in, size_out, device, filter_name, box_end)
-        m = torch.zeros(size_out, size_in, dtype=torch.float64, device=device)
-        m.scatter_add_(1, index, weight)  # padding taps add 0 to pixel 0
-        if len(_MATRICES) >= MATRICES_CACHED:
-            _MATRICES.pop(next(iter(_MATRICES)))  # the oldest
-        _MATRICES[key] = m
-    return m
-
-
-def _round8(x: torch.Tensor) -> torch.Tensor:
-    """A pass's fixed-point sums to 8 bits as PIL does: (sum + 2^21) >> 22, clipped."""
-    return torch.floor_divide(x + (1 << 21), 1 << 22).clamp_(0, 255)
-
-
-def _pass(x: torch.Tensor, size_out: int, filter_name: str, box_end: float | None) -> torch.Tensor:
-    """One of PIL's passes along the last dimension of x (float64 holding 8-bit values)."""
-    return _round8(x @ _dense(x.shape[-1], size_out, x.device, filter_name, box_end).T)
-
-
-def _resample(x: torch.Tensor, out_hw: tuple[int, int], filter_name: str,
-              box: tuple[float, float] | None = None) -> torch.Tensor:
-    """(B, 3, H, W) float holding 8-bit values -> (B, 3, oh, ow), as PIL's ``resize`` (horizontal
-    pass, rounded to 8 bits, then vertical), over the input span (0, 0, box) when given."""
-    h, w = x.shape[-2:]
-    oh, ow = out_hw
-    bw, bh = (None, None) if box is None else box
-    x = x.double()
-    if ow != w or bw is not None and bw != w:
-        x = _pass(x, ow, filter_name, bw)
-    if oh != h or bh is not None and bh != h:
-        x = _pass(x.transpose(-1, -2), oh, filter_name, bh).transpose(-1, -2)
-    return x
+            y = resample.resize(part, weights(inside_x), weights(inside_y))  # (K, c, S, S)
+            out.append(y.reshape(len(mine), -1, 3, size, size).permute(0, 1, 3, 4, 2).to(torch.uint8))
+        order += idx
+    return _in_order(images, order, device)[:, 0], _in_order(lda, order, device)
 
 
 def pil_resize(square: torch.Tensor, size: int) -> torch.Tensor:
     """(n, side, side, 3) uint8 -> (n, size, size, 3) uint8, as PIL's ``resize`` in ``faces.
     crop_square`` (bicubic to enlarge, box to reduce)."""
     side = square.shape[1]
-    if side == size:
-        return square
-    x = square.permute(0, 3, 1, 2).float()
-    x = _resample(x, (size, size), "bicubic" if side < size else "box")
-    return x.to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def _reduce(x: torch.Tensor, fx: int, fy: int) -> torch.Tensor:
-    """PIL's ``Image.reduce((fx, fy))`` of (B, 3, H, W) 8-bit values: the integer mean of each
-    block (partial blocks at the right and bottom edges average what they hold), rounded as
-    Reduce.c does ((sum + n/2) * floor(2^24 / n) >> 24)."""
-    h, w = x.shape[-2:]
-    sums = F.avg_pool2d(x, (fy, fx), stride=(fy, fx), ceil_mode=True, divisor_override=1)
-    cy = torch.tensor([min(fy, h - i * fy) for i in range(sums.shape[-2])], device=x.device)
-    cx = torch.tensor([min(fx, w - i * fx) for i in range(sums.shape[-1])], device=x.device)
-    n = (cy[:, None] * cx[None, :]).to(torch.int64)
-    # Reduce.c's multiplier, computed in float32 as there ((1 << 30) * 4.0 / (256 * n))
-    mult = (torch.full_like(n, 2 ** 32, dtype=torch.float32) / (256 * n).float()).to(torch.int64)
-    return (((sums.round().to(torch.int64) + n // 2) * mult) >> 24).float()
-
-
-def letterbox_many(views: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Each (h, w, 3) uint8 view scaled to fit a ``size`` square (top-left, black padding), as
-    ``blazeface.letterbox`` does with PIL (``reducing_gap=2``: an integer reduction first, then
-    bilinear over the reduced image's fractional box) -> (B, size, size, 3) float. Views of one
-    shape (the whole frames of a folder of one resolution) are resampled together."""
-    out = views[0].new_zeros((len(views), size, size, 3), dtype=torch.float32)
-    groups: dict = {}
-    for i, v in enumerate(views):
-        groups.setdefault(tuple(v.shape[:2]), []).append(i)
-    for (h, w), idx in groups.items():
-        scale = size / max(h, w)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        x = torch.stack([views[i] for i in idx]).permute(0, 3, 1, 2).float()
-        if (nw, nh) != (w, h):
-            fx, fy = int(w / nw / 2.0) or 1, int(h / nh / 2.0) or 1
-            box = None
-            if fx > 1 or fy > 1:
-                x = _reduce(x, fx, fy)
-                box = (float(np.float32(w / fx)), float(np.float32(h / fy)))  # PIL parses a box as C floats
-            x = _resample(x, (nh, nw), "bilinear", box)
-        out[idx, :nh, :nw] = x.permute(0, 2, 3, 1).float()
-    return out
+    _, frames = crop_batch([square], [(0, (0, 0, side, side))], size, size)
+    return frames[0]

@@ -6,6 +6,7 @@ the queue of batches not yet started, the scorer threads, and their results.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import threading
@@ -26,6 +27,7 @@ class Batch:
     images: object  # (B, S, S, 3) uint8: numpy, or a tensor cut on the device
     frames: object  # (B, n, s, s, 3) uint8
     run: int = 0  # the run it belongs to: results of an ended run are dropped
+    ready: object = None  # crops cut on a GPU: the CUDA event after which they are whole
 
 
 class Scored(NamedTuple):
@@ -67,34 +69,78 @@ class Scorer(threading.Thread):
 
     def run(self) -> None:
         r = self.runner
+        lane = contextlib.nullcontext()
         if getattr(r, "backend", "torch") == "torch":  # OpenVINO sets its own threads: no torch here
             import torch
 
             if r.device.type == "cpu":
                 torch.set_num_threads(self.threads or r.threads)  # a new thread starts with the default
-            elif r.device.type == "cuda":
-                torch.cuda.set_device(r.device)
+            lane = r.lane() if hasattr(r, "lane") else lane
+        with lane:
+            self._serve(r)
+
+    def _serve(self, r) -> None:
+        """Warm up, then score batches until told to stop. On a GPU a batch is queued
+        (``launch``) before the one before it is waited for (``collect``), so the device never
+        idles while this thread waits for results; elsewhere each batch is scored at once."""
         warm_failure = None
         try:
             if hasattr(r, "warm"):  # every batch shape once, in this thread, while preparation starts
                 r.warm()
         except BaseException as exc:  # noqa: BLE001 - reported with the first batch, which fails with it
             warm_failure = exc
-        while (batch := self.jobs.get()) is not None:
+        ahead = hasattr(r, "launch") and r.device.type == "cuda"
+        pending = None  # (batch, launched, start) queued and not yet collected
+        while True:
+            if pending is not None:
+                try:
+                    batch = self.jobs.get_nowait()
+                except queue.Empty:  # nothing to queue behind it: wait for its results now
+                    self._finish(r, *pending)
+                    pending = None
+                    continue
+            else:
+                self.working = False
+                batch = self.jobs.get()
+            if batch is None:
+                break
             self.working = True
             t = time.perf_counter()
             try:
                 if warm_failure is not None:
                     raise warm_failure
-                probs, maps = r.score_batch(batch.images, batch.frames)
-                if r.device.type == "cpu":
-                    release_free_memory()
-                self.results.put(Scored(batch, probs, maps, time.perf_counter() - t))
+                if ahead:
+                    launched = r.launch(batch.images, batch.frames, ready=batch.ready)
+                else:
+                    probs, maps = r.score_batch(batch.images, batch.frames)
+                    if r.device.type == "cpu":
+                        release_free_memory()
             except BaseException as exc:  # noqa: BLE001 - handed to the scanning thread, which stops
+                if pending is not None:
+                    self._finish(r, *pending)
+                    pending = None
                 self.results.put(Scored(batch, None, None, 0.0, exc))
-            finally:
-                self.working = False
                 self.wake()
+                continue
+            if pending is not None:
+                self._finish(r, *pending)
+            if ahead:
+                pending = (batch, launched, t)
+            else:
+                pending = None
+                self.results.put(Scored(batch, probs, maps, time.perf_counter() - t))
+                self.wake()
+        if pending is not None:
+            self._finish(r, *pending)
+        self.working = False
+
+    def _finish(self, r, batch, launched, start) -> None:
+        try:
+            probs, maps = r.collect(launched)
+            self.results.put(Scored(batch, probs, maps, time.perf_counter() - start))
+        except BaseException as exc:  # noqa: BLE001 - handed to the scanning thread, which stops
+            self.results.put(Scored(batch, None, None, 0.0, exc))
+        self.wake()
 
 
 def model_lanes(runners: list) -> list[tuple[object, int]]:

@@ -48,13 +48,20 @@ class Scanner:
         self.pool = pool or start_pool(settings, cfg, make_detector, workers, devices=len(runners), gpu=gpu,
                                        slots_per_worker=slots_per_worker, max_side=max_side)
         self.window = max(16, 4 * len(self.pool.workers))  # inputs in flight beyond the next to emit
-        self.device_prep, self._pinned = None, None
+        self.device_prep, self._pinned, self.prep_stream = None, None, None
         if settings.on_device:
-            from .device import DevicePreparer, pin_slots
+            from .device import DETECT_FRAMES, DevicePreparer, pin_slots
 
             self.device_prep = DevicePreparer(runners[0].device, image_size=cfg.image_size, lda_size=cfg.lda_size,
                                               margin=settings.margin, min_face=settings.min_face)
             self._pinned = pin_slots(self.pool) if gpu else None
+            if self.device_prep.device.type == "cuda":
+                import torch
+
+                # its own stream: copies in, detection and crops overlap the lanes' batches
+                self.prep_stream = torch.cuda.Stream(self.device_prep.device)
+                # a detection step wants many whole frames at once: as many videos in flight
+                self.window = max(self.window, 2 * DETECT_FRAMES)
         if settings.decoder == "nvdec":
             from .nvdec import NvdecPool
 
@@ -135,29 +142,49 @@ class _Run:
             self.lanes.drop_waiting()
 
     def loop(self) -> None:
+        import contextlib
+
         waker, asm = self.sc._waker, self.assembler
-        while True:
-            self.dispatch()
-            if self.exhausted and asm.idle:
-                return
-            if self.stage:
-                for index, face_clips, seconds in self.stage.step():
-                    self.prepared(index, face_clips, seconds)
-            wait = self.form_batches()
-            events, woke = self.source.poll(0.0 if self.stage else wait if asm.videos else 0.5, extra=[waker])
-            if woke:
-                waker.clear()
-            for ev in events:
-                self.on_event(ev)
-            for res in self.lanes.results():
-                if res.batch.run == self.id:  # an ended run's batch: its inputs are gone
-                    if res.failure is not None:
-                        exc = res.failure
-                        raise DeepscanError(f"the model failed on {len(res.batch.entries)} face clip(s) "
-                                            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from exc
-                    asm.scored(res.batch.entries, res.probs, res.maps, res.seconds, res.batch.frames)
-            for record, row in asm.take():
-                self.on_record(record, row)
+        on_stream = contextlib.nullcontext()
+        if self.sc.prep_stream is not None:  # the scanning thread's device work, on the preparation's stream
+            import torch
+
+            on_stream = torch.cuda.stream(self.sc.prep_stream)
+        with on_stream:
+            if self.stage is not None and self.stage.prep.device.type == "cuda":
+                self.stage.prep.warm()  # every detector shape, in this thread, before the first step
+            while self.turn(waker, asm):
+                pass
+
+    def turn(self, waker, asm) -> bool:
+        """One turn of the loop: inputs out, device steps, batches, events, results, records;
+        False once every input's record is out."""
+        self.dispatch()
+        if self.exhausted and asm.idle:
+            return False
+        if self.stage is not None:
+            self.stage.release()  # slots whose copies to the device are over go back
+        if self.stage:
+            for index, face_clips, seconds in self.stage.step():
+                self.prepared(index, face_clips, seconds)
+        wait = self.form_batches()
+        holding = self.stage is not None and self.stage.holding
+        timeout = 0.0 if self.stage else 0.002 if holding else wait if asm.videos else 0.5
+        events, woke = self.source.poll(timeout, extra=[waker])
+        if woke:
+            waker.clear()
+        for ev in events:
+            self.on_event(ev)
+        for res in self.lanes.results():
+            if res.batch.run == self.id:  # an ended run's batch: its inputs are gone
+                if res.failure is not None:
+                    exc = res.failure
+                    raise DeepscanError(f"the model failed on {len(res.batch.entries)} face clip(s) "
+                                        f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from exc
+                asm.scored(res.batch.entries, res.probs, res.maps, res.seconds, res.batch.frames)
+        for record, row in asm.take():
+            self.on_record(record, row)
+        return True
 
     def dispatch(self) -> None:
         """Send inputs to the source while it has room and the window allows."""
@@ -219,8 +246,20 @@ class _Run:
             chunk = self.batcher.take(time.monotonic(), self.lanes.idle(), more)
             if chunk is None:
                 return self.batcher.due(time.monotonic())
-            self.lanes.put(Batch([(p.index, p.meta) for p in chunk], *self.pixels(chunk), self.id))
+            images, frames = self.pixels(chunk)
+            self.lanes.put(Batch([(p.index, p.meta) for p in chunk], images, frames, self.id, self.ready(images)))
         return MAX_WAIT_S
+
+    def ready(self, images):
+        """For crops cut on a GPU, an event on the preparation's stream after which they are whole
+        (the lane's stream waits for it); None otherwise."""
+        if self.sc.prep_stream is None or getattr(images, "device", None) is None or images.device.type != "cuda":
+            return None
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(self.sc.prep_stream)
+        return event
 
     def pixels(self, chunk: list[Pending]):
         """A batch's (images, frames): stacked on the device when cut there (numpy views on the

@@ -6,9 +6,10 @@ The threads that drive them are the lanes (``lanes``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +37,14 @@ def shape_for(n: int, shapes: tuple[int, ...]) -> int:
     """The smallest of ``shapes`` that holds ``n`` clips (the largest when none does: a batch is
     never larger than --batch-size, whose shape is the largest)."""
     return next((s for s in shapes if s >= n), shapes[-1])
+
+
+class Launched(NamedTuple):
+    """A batch queued on the device: its outputs (host tensors, being filled on CUDA) and the
+    event after which they are whole (None: they are already)."""
+
+    outputs: dict
+    done: object
 
 
 class ModelRunner(Protocol):
@@ -114,8 +123,22 @@ class Runner:
     @torch.inference_mode()
     def score(self, images: np.ndarray, frames: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """uint8 crops, images (B, S, S, 3) and frames (B, n, s, s, 3) -> P(fake) (B,) and maps."""
+        return self.collect(self.launch(images, frames))
+
+    @torch.inference_mode()
+    def launch(self, images, frames, ready=None) -> "Launched":
+        """Queue a batch (``score``'s arguments): on CUDA its results come back to pinned host
+        memory asynchronously, so a lane can queue its next batch before it waits for this one
+        (``collect``). ``ready``: a CUDA event after which the crops cut on the device are whole
+        (they were made on the preparation's stream)."""
         if self.cfg.variant == "xception":
             frames = None
+        if ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            for t in (images, frames):
+                if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                    t.record_stream(stream)  # made on another stream: not reused before this one is done
         n = len(images)
         if self.compiled or self.fixed_shapes:  # a shape the graph (or the warm-up) knows
             size = shape_for(n, self.shapes)
@@ -123,35 +146,75 @@ class Runner:
                 images = _pad(images, size)
                 frames = None if frames is None else _pad(frames, size)
         self.shapes_run.add((threading.current_thread().name, len(images)))
-        autocast = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+        in_lane = getattr(self._local, "in_lane", False)  # a lane entered autocast once, for all its batches
+        autocast = self.dtype != torch.float32 and not in_lane
+        with torch.autocast(self.device.type, dtype=self.dtype) if autocast else contextlib.nullcontext():
             logits, maps = self.forward(self._to_input(self._stage(images)),
                                         None if frames is None else self._to_input(self._stage(frames)))
-        probs = torch.softmax(logits[:n].float(), dim=1)[:, 1].cpu().numpy()
-        return probs, {k: v[:n].float().cpu().numpy() for k, v in maps.items()}
+        out = {"probs": torch.softmax(logits[:n].float(), dim=1)[:, 1], **{k: v[:n].float() for k, v in maps.items()}}
+        if self.device.type != "cuda":
+            return Launched(out, None)
+        try:
+            host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=not self._pin_failed) for k, v in out.items()}
+        except RuntimeError:
+            return Launched({k: v.cpu() for k, v in out.items()}, None)
+        for k, v in out.items():
+            host[k].copy_(v, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(host, done)
+
+    @staticmethod
+    def collect(launched: "Launched") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A launched batch's P(fake) and maps, once its copies to the host are over."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        out = dict(launched.outputs)
+        probs = out.pop("probs").numpy()
+        return probs, {k: v.numpy() for k, v in out.items()}
+
+    def lane(self):
+        """What a lane holds while it runs (entered once, in its thread, around its warm-up and
+        every batch): on CUDA a stream of its own, so that its batches overlap the device
+        preparation's work and the other lanes'; inference mode; autocast at the runner's
+        precision (entered here once, not per batch)."""
+        stack = contextlib.ExitStack()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            stack.enter_context(torch.cuda.stream(torch.cuda.Stream(self.device)))
+        stack.enter_context(torch.inference_mode())
+        if self.dtype != torch.float32:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
+            self._local.in_lane = True
+            stack.callback(setattr, self._local, "in_lane", False)
+        return stack
 
     def _stage(self, batch):
-        """A numpy batch bound for CUDA, copied into this thread's pinned buffer of its shape (made
-        on first use; the previous batch's copy is over: ``score`` waits for its results). Should
-        pinning fail (a locked-memory limit), said once; the batch then goes from pageable memory."""
+        """A numpy batch bound for CUDA, copied into one of this thread's two pinned buffers of its
+        shape (made on first use, used in turn: a lane has at most one batch in flight besides the
+        one it queues, ``lanes.Scorer``). Should pinning fail (a locked-memory limit), said once;
+        the batch then goes from pageable memory."""
         if self.device.type != "cuda" or isinstance(batch, torch.Tensor) or self._pin_failed:
             return batch
         buffers = getattr(self._local, "buffers", None)
         if buffers is None:
             buffers = self._local.buffers = {}
-        key = (batch.shape[1:], batch.dtype.str)  # one buffer of the largest batch; smaller ones use its head
-        buf = buffers.get(key)
-        if buf is None or len(buf) < len(batch):
+        key = (batch.shape[1:], batch.dtype.str)  # buffers of the largest batch; smaller ones use their head
+        pair = buffers.get(key)
+        if pair is None or len(pair[0]) < len(batch):
             try:
                 size = max(len(batch), self.shapes[-1])
-                buf = buffers[key] = torch.empty((size, *batch.shape[1:]),
-                                                 dtype=torch.from_numpy(batch[:0]).dtype).pin_memory()
+                pair = buffers[key] = [torch.empty((size, *batch.shape[1:]),
+                                                   dtype=torch.from_numpy(batch[:0]).dtype).pin_memory()
+                                       for _ in range(2)]
             except RuntimeError as exc:
                 self._pin_failed = True
                 if self.say:
                     self.say(f"note: pinned host memory is not available ({str(exc).splitlines()[0][:160]}); "
                              "batches go to the GPU from pageable memory (slower copies)")
                 return batch
+        buf = pair[0]
+        pair.reverse()  # the other one next time
         head = buf[:len(batch)]
         head.numpy()[...] = batch
         return head
