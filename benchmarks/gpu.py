@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {  # name: the most seconds it may take; in order of importance
     # the default stages' limits add up to 8 minutes (480 s): issue 22 asks that they fit
-    "env": 30, "shapes": 60, "nvdec": 60, "folder": 150, "tests": 100, "device_prep": 40, "blazeface": 40, "prep": 60,
+    "env": 20, "syncs": 40, "folder": 150, "host": 40, "shapes": 45, "nvdec": 35, "tests": 90, "device_prep": 40,
+    "blazeface": 40, "prep": 60,
     "model": 120, "train": 150,
     "compile": 150,
     # follow-ups, run by name (--stages): steady-state training, wider preparation, workers vs cores
@@ -38,7 +39,8 @@ STAGES = {  # name: the most seconds it may take; in order of importance
 # one video prepared on the device (issue 22's figures), the CUDA tests (device preparation and
 # NVDEC against the workers and ffmpeg), then the building blocks, preparation, the model
 # 2026-12-07 (issue 32): fixed shapes first; prep (measured 2026-12-04) by name, to stay in 8 minutes
-DEFAULT = "env,shapes,nvdec,folder,tests,device_prep,blazeface"  # model: measured on 2026-11-26, by name
+# 2026-12-07 (issue 32, the device stage): syncs and host join; nvdec, device_prep, blazeface by name
+DEFAULT = "env,syncs,folder,host,shapes,nvdec,tests"  # model: measured on 2026-11-26, by name
 BATCH = 128
 CLIPS = 32
 # --smoke: the same stages on the CPU at toy sizes, to find a script's mistakes before device time
@@ -134,12 +136,14 @@ def stage_nvdec(part: dict, work: Path) -> None:
         _save(part, work, "nvdec")
     info = probe(src)
     diffs = []
+    dec = decoder(src)  # kept alive: its frame buffers are freed with it (2026-12-04's crash)
     for clip in read_clips(info, [0, n // 3, 2 * n // 3], 1):
         i = clip.frame_indices[0]
-        nv = torch.from_dlpack(decoder(src).get_batch_frames_by_index([i])[0]).cpu().numpy().reshape(clip.frames[0].shape)
+        nv = torch.from_dlpack(dec.get_batch_frames_by_index([i])[0]).cpu().numpy().reshape(clip.frames[0].shape)
         d = np.abs(nv.astype(np.int16) - clip.frames[0].astype(np.int16))
         diffs.append({"frame": i, "mean_abs": round(float(d.mean()), 3), "p99_abs": float(np.percentile(d, 99)),
                       "max_abs": int(d.max())})
+    del dec
     part["colour_vs_ffmpeg"] = diffs
     _save(part, work, "nvdec")
     from concurrent.futures import ThreadPoolExecutor
@@ -149,7 +153,7 @@ def stage_nvdec(part: dict, work: Path) -> None:
         return len([torch.from_dlpack(f) for f in d.get_batch_frames_by_index(list(range(len(d))))])
 
     rows = part.setdefault("threads", [])
-    for threads in (1, 4, 8, 16):
+    for threads in (1, 4, 8):
         torch.cuda.synchronize()
         t = time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
@@ -158,6 +162,126 @@ def stage_nvdec(part: dict, work: Path) -> None:
         rows.append({"threads": threads, "videos": max(threads, 8), "frames_per_s": round(count / (time.perf_counter() - t), 1)})
         print(json.dumps(rows[-1]), flush=True)
         _save(part, work, "nvdec")
+
+
+def stage_host(part: dict, work: Path) -> None:
+    """The model's host path (issue 32, item 7): host<->device GB/s from pinned and pageable memory;
+    the model alone through ``model_throughput`` and through the scan's lanes at the same batch;
+    and one batch's phases (stack, pin, copy in, forward, copy out), each timed on its own."""
+    import numpy as np
+    import torch
+
+    from deepscan.perf import model_throughput
+    from deepscan.scan.lanes import score_in_lanes
+
+    dev = _dev()
+    size = (64 if SMOKE else 1024) << 20
+    rows = part.setdefault("copy_gb_per_s", {})
+    for pinned in (True, False):
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=pinned and not SMOKE)
+        on = torch.empty(size, dtype=torch.uint8, device=dev)
+        for name, fn in (("h2d", lambda: on.copy_(host, non_blocking=True)), ("d2h", lambda: host.copy_(on, non_blocking=True))):
+            fn()
+            _sync()
+            t = time.perf_counter()
+            for _ in range(3):
+                fn()
+            _sync()
+            rows[f"{name}_{'pinned' if pinned else 'pageable'}"] = round(3 * size / (time.perf_counter() - t) / 1e9, 2)
+        print(json.dumps(rows), flush=True)
+        _save(part, work, "host")
+    runner = _runner()
+    cfg = runner.cfg
+    part["model_throughput"] = model_throughput("spatial-temporal", "fp32" if SMOKE else "bf16", dev, BATCH,
+                                                iters=1 if SMOKE else 10)
+    _save(part, work, "host")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (BATCH, cfg.image_size, cfg.image_size, 3), np.uint8)
+    frames = rng.integers(0, 256, (BATCH, cfg.clip_len, cfg.lda_size, cfg.lda_size, 3), np.uint8)
+    batches = 2 if SMOKE else 20
+    score_in_lanes([runner], [(images, frames)] * 2)  # warm (each lane warms its shapes first)
+    t = time.perf_counter()
+    score_in_lanes([runner], [(images, frames)] * batches)
+    lanes = BATCH * batches / (time.perf_counter() - t)
+    part["lanes_clips_per_s"] = round(lanes, 1)
+    ref = part["model_throughput"].get("clips_per_s") if isinstance(part["model_throughput"], dict) else None
+    if ref:
+        part["lanes_vs_model_throughput"] = round(lanes / ref, 3)
+    _save(part, work, "host")
+    phases = {}
+    crops = [(images[k], frames[k]) for k in range(BATCH)]
+    with runner.lane():
+        runner.score(images, frames)
+        for _ in range(3):
+            t = time.perf_counter()
+            im, fr = np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
+            phases.setdefault("stack_s", []).append(time.perf_counter() - t)
+            t = time.perf_counter()
+            pim, pfr = runner._stage(im), runner._stage(fr)
+            phases.setdefault("pin_s", []).append(time.perf_counter() - t)
+            _sync()
+            t = time.perf_counter()
+            xi, xf = runner._to_input(pim), runner._to_input(pfr)
+            _sync()
+            phases.setdefault("copy_in_s", []).append(time.perf_counter() - t)
+            t = time.perf_counter()
+            logits, maps = runner.forward(xi, xf)
+            _sync()
+            phases.setdefault("forward_s", []).append(time.perf_counter() - t)
+            t = time.perf_counter()
+            logits.float().cpu()
+            [v.float().cpu() for v in maps.values()]
+            phases.setdefault("copy_out_s", []).append(time.perf_counter() - t)
+    part["phases_batch"] = BATCH
+    part["phases_s"] = {k: round(min(v), 5) for k, v in phases.items()}
+    print(json.dumps(part), flush=True)
+
+
+def stage_syncs(part: dict, work: Path) -> None:
+    """A short folder scan prepared on the device under ``torch.cuda.set_sync_debug_mode("warn")``:
+    the host synchronisations it makes (counted by their warnings' source lines), the clips a
+    device step held, the views each detector call ran (by bucket) and the clips each model
+    batch held."""
+    import collections
+    import warnings
+
+    import torch
+
+    from deepscan.faces import resolve_detector
+    from deepscan.scan import ScanSettings, default_workers
+    from deepscan.scan.pipeline import Scanner
+    from deepscan.scan.plan import ScanInput
+
+    _, _, folder = _videos(work, 2 if SMOKE else 16)
+    runner = _runner()
+    spec = resolve_detector("blazeface")
+    settings = ScanSettings(clips=CLIPS, batch_size=BATCH, hash_files=False, preparation="device")
+    records = []
+    with Scanner([runner], spec.build, spec.name, settings, workers=default_workers([runner.device])) as scanner:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if not SMOKE:
+                torch.cuda.set_sync_debug_mode("warn")
+            t = time.perf_counter()
+            try:
+                scanner.run([ScanInput(str(p), p.name) for p in folder], lambda r, row: records.append(r))
+            finally:
+                if not SMOKE:
+                    torch.cuda.set_sync_debug_mode("default")
+            seconds = time.perf_counter() - t
+        prep = scanner.device_prep
+        where = collections.Counter()
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                where[f"{Path(w.filename).name}:{w.lineno}"] += 1
+        clips = sum(r["sampling"]["face_clips"] for r in records)
+        part.update({"videos": len(records), "face_clips": clips, "seconds": round(seconds, 2),
+                     "syncs": sum(where.values()), "syncs_per_clip": round(sum(where.values()) / max(clips, 1), 3),
+                     "sync_sites": dict(where.most_common(20)), "fetches": prep.fetches, "refetches": prep.refetches,
+                     "clips_per_device_step": dict(sorted(prep.frames_per_step.items())),
+                     "detector_calls": {f"{'short' if near else 'full'}@{b}": c for (near, b), c in sorted(prep.calls.items())},
+                     "model_batches": dict(sorted((k, v) for k, v in runner.batch_sizes.items() if v))})
+    print(json.dumps(part), flush=True)
 
 
 def stage_blazeface(part: dict, work: Path) -> None:

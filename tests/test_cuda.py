@@ -218,3 +218,61 @@ def test_a_scan_decoded_by_nvdec_equals_the_ffmpeg_decoded_scan(media_dir):
     for a, b in zip(runs["ffmpeg"], runs["nvdec"]):
         assert (a["verdict"], a["sampling"]["face_clips"]) == (b["verdict"], b["sampling"]["face_clips"]), a["path"]
     np.testing.assert_allclose(frame_scores(runs["nvdec"]), frame_scores(runs["ffmpeg"]), atol=2e-2)
+
+
+def test_device_crops_and_letterbox_on_cuda_equal_pils_to_the_bit():
+    """The split-fp32 products (scan.resample) are exact on the GPU too, TF32 or not."""
+    from PIL import Image
+
+    from deepscan.blazeface import letterbox
+    from deepscan.faces import crop_square
+    from deepscan.scan.device import crop_batch, letterbox_many
+
+    face = media.astronaut()
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            for h, w in [(720, 1280), (1080, 1920), (333, 517)]:
+                frame = np.asarray(Image.fromarray(face).resize((w, h)))
+                got = letterbox_many([torch.from_numpy(frame).to(CUDA)], 128)[0].cpu().numpy()
+                assert np.array_equal(got, letterbox(frame, 128)[0])
+            square = np.asarray(Image.fromarray(face).resize((300, 300)))
+            clip = torch.from_numpy(square[None].copy()).to(CUDA)
+            for x1, size in [(0, 224), (-40, 398), (60, 224)]:
+                box = (x1, -20, x1 + 250, 230)
+                images, frames = crop_batch([clip], [(0, box)], size, size)
+                want = crop_square(square, box, size)
+                assert np.array_equal(images[0].cpu().numpy(), want) and np.array_equal(frames[0, 0].cpu().numpy(), want)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_a_device_step_on_cuda_synchronises_only_to_fetch_detections(media_dir):
+    """torch's sync debug mode over device steps: the host waits only for the detections' copies
+    (one per round, ``fetches``), nowhere else (no nonzero, masks, .item() or pageable copies)."""
+    import warnings
+
+    from deepscan.scan.device import DevicePreparer, RawClip
+    from deepscan.video import plan_clips, probe, read_clips
+
+    prep = DevicePreparer(CUDA)
+    prep.warm()
+    clips = []
+    for name in ("two_faces.mp4", "astronaut.mp4", "carphone.mp4"):
+        info = probe(media_dir / name)
+        clips.append(list(read_clips(info, plan_clips(info.num_frames, 3, 3), 3)))
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            before = prep.fetches
+            for k in range(3):
+                raws = [RawClip(v, c[k].index, c[k].frame_indices, c[k].times,
+                                torch.from_numpy(c[k].frames).pin_memory().to(CUDA, non_blocking=True))
+                        for v, c in enumerate(clips)]
+                prep.step(raws)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert 0 < len(syncs) <= prep.fetches - before, [f"{w.filename}:{w.lineno}" for w in syncs]

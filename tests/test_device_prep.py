@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from deepscan.blazeface import letterbox
-from deepscan.scan.device import DevicePreparer, letterbox_many, pil_resize
+from deepscan.scan.device import DevicePreparer, crop_batch, letterbox_many, pil_resize
 from deepscan.faces import box_iou, crop_box, crop_square, face_clips, resolve_detector
 from deepscan.scan import Runner, ScanSettings, scan
 from deepscan.video import plan_clips, probe, read_clips
@@ -47,6 +47,16 @@ def test_letterbox_and_crops_equal_pils_to_the_bit():
         square = np.asarray(Image.fromarray(face).resize((side, side)))
         want = crop_square(square, (0, 0, side, side), size)
         assert np.array_equal(pil_resize(torch.from_numpy(square.copy())[None], size)[0].numpy(), want)
+    # many faces of many sizes, some leaving the frame (black there), in one batch of two clips
+    clips = [np.asarray(Image.fromarray(face).resize((w, 300))) for w in (400, 400)]
+    clips = [np.stack([c, c[::-1]]) for c in clips]
+    boxes = [(0, (-30, -40, 170, 160)), (1, (250, 200, 400, 350)), (0, (100, 50, 157, 107)), (1, (10, 10, 410, 410)),
+             (0, (120, 80, 344, 304))]
+    images, frames = crop_batch([torch.from_numpy(c) for c in clips], boxes, 62, 224)
+    for k, (ci, box) in enumerate(boxes):
+        assert np.array_equal(images[k].numpy(), crop_square(clips[ci][0], box, 62))
+        for j in range(2):
+            assert np.array_equal(frames[k, j].numpy(), crop_square(clips[ci][j], box, 224))
 
 
 def test_frames_of_several_videos_in_one_batch_find_the_workers_faces(prep, media_dir):
@@ -300,3 +310,18 @@ def test_a_decoder_thread_that_hangs_costs_its_video_only(media_dir, tmp_path):
     assert hung["verdict"] == "error" and "NVDEC made no progress for 3 s" in hung["error"]
     assert [r["verdict"] for r in rest] != ["error"] * 2 and all(r["error"] is None for r in rest)
     assert [r["sampling"]["strategy"] for r in rest] == ["nvdec", "nvdec"]
+
+
+def test_the_nvdec_check_video_is_made_once_and_kept(monkeypatch, tmp_path):
+    from deepscan.scan import nvdec
+
+    from . import fake_nvc
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kept = tmp_path / "deepscan" / nvdec.CHECK_VIDEO
+    assert nvdec.available(torch.device("cpu"), fake_nvc) is None and kept.stat().st_size > 0
+    made = kept.stat().st_mtime_ns
+    assert nvdec.check_video() == str(kept)
+    assert nvdec.available(torch.device("cpu"), fake_nvc) is None
+    assert kept.stat().st_mtime_ns == made  # a second start encoded nothing
+    assert [p.name for p in kept.parent.iterdir()] == [nvdec.CHECK_VIDEO]  # no temporary file left

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,14 +85,15 @@ class DevicePreparer:
     """BlazeFace (full and short range), tracking and square face crops, on ``device``, batched.
 
     ``step`` takes the next clip of any number of videos and returns their face clips; a video's
-    tracker lives here from its first clip until ``forget``. ``fetches`` counts the copies to the
+    tracker lives here from its first clip until ``forget``. With fixed shapes (the default on
+    CUDA) detector calls are padded to DETECT_BUCKETS. ``fetches`` counts the copies to the
     host (one per detection round), ``refetches`` the views whose anchors overflowed TOP_ANCHORS,
     ``shapes_run`` the (thread, network, views) of every network call and ``warmed`` those of the
-    warm-up."""
+    warm-up; ``calls`` counts network calls by (near, views), ``frames_per_step`` steps by clips."""
 
     def __init__(self, device: torch.device | str = "cpu", *, image_size: int = 398, lda_size: int = 224,
                  margin: float | None = None, min_face: int = faces_mod.MIN_FACE, threshold: float = 0.5,
-                 nms: float = 0.3):
+                 nms: float = 0.3, fixed_shapes: bool | None = None):
         from ..blazeface import VARIANTS, build
         from ..config import CROP_MARGIN
 
@@ -108,9 +110,13 @@ class DevicePreparer:
         self.margin = CROP_MARGIN if margin is None else margin
         self.min_face = min_face
         self.trackers: dict = {}
+        # padded calls pay off where plans are made per shape (CUDA); on a CPU they only cost
+        self.fixed_shapes = self.device.type == "cuda" if fixed_shapes is None else fixed_shapes
         self.fetches = self.refetches = 0
         self.warmed: set = set()
         self.shapes_run: set = set()
+        self.calls: Counter = Counter()
+        self.frames_per_step: Counter = Counter()
 
     # ---- a scan's step
     @torch.inference_mode()
@@ -120,6 +126,7 @@ class DevicePreparer:
         workers do it (``workers.prepare_video``); every face of the step cut in one batch."""
         from .workers import search_flags
 
+        self.frames_per_step[len(clips)] += 1
         items = []
         for c in clips:
             tracker = self.trackers.setdefault(c.key, Tracker())
@@ -214,10 +221,11 @@ class DevicePreparer:
             top = min(TOP_ANCHORS, net.anchors.shape[0])
             for a in range(0, len(cut), DETECT_BUCKETS[-1]):
                 chunk = pixels[a:a + DETECT_BUCKETS[-1]]
-                b = bucket(len(chunk))
+                b = bucket(len(chunk)) if self.fixed_shapes else len(chunk)
                 if b > len(chunk):
                     chunk = torch.cat([chunk, chunk.new_zeros((b - len(chunk), *chunk.shape[1:]))])
                 self.shapes_run.add((threading.current_thread().name, near, b))
+                self.calls[(near, b)] += 1
                 boxes, keypoints, scores = net(chunk)
                 best, anchor = scores.topk(top, dim=1)  # (b, top): a fixed size, no nonzero
                 pick = anchor[..., None]
@@ -294,8 +302,6 @@ class DeviceStage:
         self.prep, self.source = preparer, source
         self._raw: dict[int, list] = {}  # input index -> [events.Frames], in order
         self._held: list = []  # (event, slots) whose copies may still be running
-        self.steps = 0
-        self.frames_per_step: dict[int, int] = {}  # frames a step detected on -> how many steps
 
     def __bool__(self) -> bool:
         return bool(self._raw)
@@ -349,6 +355,8 @@ class DeviceStage:
             meta = ev.meta
             if ev.pixels is not None:  # decoded by NVDEC, on the device already
                 frames = ev.pixels
+                if frames.device.type == "cuda":  # made on a decoder thread's stream, read on this one's
+                    frames.record_stream(torch.cuda.current_stream(frames.device))
             else:
                 frames = torch.from_numpy(self.source.view(ev.slot, meta.shape))
                 frames = frames.to(dev, non_blocking=True) if dev.type != "cpu" else frames
@@ -359,8 +367,6 @@ class DeviceStage:
             event.record()
             self._held.append((event, slots))
             slots = []
-        self.steps += 1
-        self.frames_per_step[len(raws)] = self.frames_per_step.get(len(raws), 0) + 1
         try:
             prepared, seconds = timed_step(self.prep, raws)
         except Exception as exc:  # noqa: BLE001 - the device (e.g. out of memory) fails the scan, loudly
@@ -471,7 +477,7 @@ def letterbox_batch(frames: list[torch.Tensor], spans: list[tuple[int, int, int,
         x = resample.reduce(x, resample.blocks(i64[:, 4], i64[:, 5], rw, lw), resample.blocks(i64[:, 3], i64[:, 6], rh, lh))
         horizontal = resample.taps(i64[:, 7], p[:, 9], i64[:, 11], size, rw, "bilinear")
         vertical = resample.taps(i64[:, 8], p[:, 10], i64[:, 12], size, rh, "bilinear")
-        parts.append(resample.resize(x, horizontal, vertical).permute(0, 2, 3, 1))
+        parts.append(resample.resize(x, horizontal, vertical).permute(0, 2, 3, 1).contiguous())  # (NHWC, as PIL's)
         order += idx
     return _in_order(parts, order, device)
 

@@ -22,6 +22,7 @@ suite runs this file's plumbing on the CPU with a stand-in decoder (tests/fake_n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -60,25 +61,53 @@ def load(module=None):
     return nvc
 
 
-def available(device: torch.device, module=None, workdir: str | None = None) -> str | None:
-    """None if NVDEC decodes here (a 16-frame H.264 file made by ffmpeg, decoded and compared in
-    shape), else the reason, for the one notice a scan gives."""
+CHECK_VIDEO = "nvdec-check-v1.mp4"  # 16 frames of 128x72 H.264, made once per cache folder
+
+
+def check_video(workdir: str | None = None) -> str:
+    """The short H.264 file NVDEC's start check decodes: made by ffmpeg once and kept in deepscan's
+    cache folder (so a scan does not encode a video at every start); made in ``workdir`` (a
+    temporary folder) when the cache cannot hold it."""
     import subprocess
     import tempfile
 
+    from ..errors import cache_home
     from ..video import ffmpeg_exe
 
+    kept = cache_home() / CHECK_VIDEO
+    if kept.is_file() and kept.stat().st_size > 0:
+        return str(kept)
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        folder = str(kept.parent)
+    except OSError:
+        folder = workdir or tempfile.mkdtemp(prefix="deepscan-nvdec-")
+    fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=folder)
+    os.close(fd)
+    try:
+        subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i",
+                        "testsrc=size=128x72:rate=25", "-frames:v", "16", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                        tmp], check=True, capture_output=True, timeout=60)
+        if folder == str(kept.parent):
+            os.replace(tmp, kept)  # whole or not at all: a check never reads a half-written file
+            return str(kept)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def available(device: torch.device, module=None, workdir: str | None = None) -> str | None:
+    """None if NVDEC decodes here (``check_video``, decoded and compared in shape), else the
+    reason, for the one notice a scan gives."""
     try:
         nvc = load(module)
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            path = os.path.join(tmp, "check.mp4")
-            subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-f", "lavfi", "-i",
-                            "testsrc=size=128x72:rate=25", "-frames:v", "16", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-                            path], check=True, capture_output=True, timeout=60)
-            dec = _open(nvc, path, device)
-            frame = _frame(dec.get_batch_frames_by_index([3])[0], 72, 128, device)
-            if tuple(frame.shape) != (72, 128, 3) or len(dec) != 16:
-                return f"NVDEC decoded a check video wrongly (shape {tuple(frame.shape)}, {len(dec)} frames)"
+        path = check_video(workdir)
+        dec = _open(nvc, path, device)
+        frame = _frame(dec.get_batch_frames_by_index([3])[0], 72, 128, device)
+        if tuple(frame.shape) != (72, 128, 3) or len(dec) != 16:
+            return f"NVDEC decoded a check video wrongly (shape {tuple(frame.shape)}, {len(dec)} frames)"
     except DeepscanError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - whatever the driver or module raises
@@ -373,6 +402,8 @@ class NvdecPool:
                     raise MediaError(f"{path}: NVDEC returned {len(frames)} of {len(chunk) * n} frames")
                 clips = [torch.stack([_frame(f, info.height, info.width, self.device) for f in frames[q * n:(q + 1) * n]])
                          for q in range(len(chunk))]  # copies: the decoder reuses its frame buffers
+                if self.device.type == "cuda":  # whole before the device stage reads them, on its own stream
+                    torch.cuda.current_stream(self.device).synchronize()
                 tail.timings["decode_s"] += time.perf_counter() - t
                 for q, (start, clip) in enumerate(zip(chunk, clips)):
                     tokens = self._tokens[k]

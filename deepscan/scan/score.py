@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+from collections import Counter
 from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -90,6 +91,7 @@ class Runner:
         self.shapes = (batch_size,) if use_compile else batch_shapes(batch_size)
         self.warmed: set[tuple[str, int]] = set()
         self.shapes_run: set[tuple[str, int]] = set()
+        self.batch_sizes: Counter = Counter()  # clips per batch as they came, before padding
         self._local = threading.local()  # per lane thread: pinned staging buffers by shape
         self._pin_failed = False
         self._forward = compile_model(self.model, device) if use_compile else self.model
@@ -146,6 +148,7 @@ class Runner:
                 images = _pad(images, size)
                 frames = None if frames is None else _pad(frames, size)
         self.shapes_run.add((threading.current_thread().name, len(images)))
+        self.batch_sizes[n] += 1
         in_lane = getattr(self._local, "in_lane", False)  # a lane entered autocast once, for all its batches
         autocast = self.dtype != torch.float32 and not in_lane
         with torch.autocast(self.device.type, dtype=self.dtype) if autocast else contextlib.nullcontext():
@@ -229,6 +232,7 @@ class Runner:
             images = np.zeros((size, s, s, 3), np.uint8)
             frames = np.zeros((size, c.clip_len, c.lda_size, c.lda_size, 3), np.uint8)
             self.score(images, frames)
+            self.batch_sizes[size] -= 1  # the histogram is of the scan's batches
             self.warmed.add((threading.current_thread().name, size))
 
     def score_batch(self, images: np.ndarray, frames: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
