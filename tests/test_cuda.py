@@ -85,13 +85,13 @@ def test_two_replicas_on_a_gpu_share_a_scan_fed_by_worker_processes(media_dir):
     runners = [first, first.replica(CUDA)]
     used = []
     for r in runners:
-        score = r.score
+        launch = r.launch  # a GPU lane queues batches with launch (and collects them one behind)
 
-        def spy(images, frames, score=score, r=r):
+        def spy(images, frames, ready=None, launch=launch, r=r):
             used.append(id(r))
-            return score(images, frames)
+            return launch(images, frames, ready=ready)
 
-        r.score = spy
+        r.launch = spy
     two = scan(items, runners, DetectorSpec("dlib"), settings, workers=2)  # forkserver workers, CUDA here
     assert [r["path"] for r in two] == [i.path for i in items]
     assert len(set(used)) == 2
@@ -276,3 +276,23 @@ def test_a_device_step_on_cuda_synchronises_only_to_fetch_detections(media_dir):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert 0 < len(syncs) <= prep.fetches - before, [f"{w.filename}:{w.lineno}" for w in syncs]
+
+
+def test_each_gpu_runner_prepares_what_it_scores(media_dir):
+    """--preparation device with two runners (two GPUs when there are, else two replicas on one):
+    a preparer per runner, each with videos of its own; the records equal a one-runner scan's."""
+    from deepscan.faces import resolve_detector
+    from deepscan.scan.pipeline import Scanner
+
+    items = [ScanInput(str(media_dir / n), n) for n in ("carphone.mp4", "two_faces.mp4", "astronaut.mp4", "no_face.mp4")]
+    spec = resolve_detector("blazeface")
+    settings = ScanSettings(clips=4, batch_size=4, hash_files=False, preparation="device")
+    one = scan(items, Runner(tiny_model(), CUDA, torch.float32, batch_size=4), spec, settings, workers=1)
+    second = torch.device("cuda", 1) if torch.cuda.device_count() > 1 else CUDA
+    first = Runner(tiny_model(), CUDA, torch.float32, batch_size=4)
+    records = []
+    with Scanner([first, first.replica(second)], spec.build, spec.name, settings, workers=1) as scanner:
+        scanner.run(items, lambda record, row: records.append(record))
+        assert all(sum(p.frames_per_step.values()) > 0 for p in scanner.device_preps)
+    assert [r["verdict"] for r in records] == [r["verdict"] for r in one]
+    np.testing.assert_allclose(frame_scores(records), frame_scores(one), atol=2e-3)

@@ -325,3 +325,35 @@ def test_the_nvdec_check_video_is_made_once_and_kept(monkeypatch, tmp_path):
     assert nvdec.available(torch.device("cpu"), fake_nvc) is None
     assert kept.stat().st_mtime_ns == made  # a second start encoded nothing
     assert [p.name for p in kept.parent.iterdir()] == [nvdec.CHECK_VIDEO]  # no temporary file left
+
+
+def test_each_runner_prepares_the_videos_it_scores(media_dir):
+    """Two runners with --preparation device (two GPUs; here two CPU runners): each prepares its own
+    share of the videos, in its own preparer, and its lanes score exactly those; the records equal
+    a one-runner scan's."""
+    from deepscan.scan.pipeline import Scanner
+    from deepscan.scan.plan import ScanInput
+
+    items = [ScanInput(str(media_dir / n), n) for n in ("carphone.mp4", "astronaut.mp4", "two_faces.mp4", "no_face.mp4")]
+    spec = resolve_detector("blazeface")
+    model = spread_model()
+    settings = ScanSettings(clips=4, batch_size=4, hash_files=False, preparation="device")
+    one = scan(items, Runner(copy.deepcopy(model), torch.device("cpu"), torch.float32, batch_size=4), spec, settings)
+    runners = [Runner(copy.deepcopy(model), torch.device("cpu"), torch.float32, batch_size=4) for _ in range(2)]
+    scored = {id(r): set() for r in runners}
+    for r in runners:
+        score = r.score_batch
+
+        def spy(images, frames, _r=r, _score=score):
+            scored[id(_r)].add(len(images))
+            return _score(images, frames)
+        r.score_batch = spy
+    records = []
+    with Scanner(runners, spec.build, spec.name, settings) as scanner:
+        scanner.run(items, lambda record, row: records.append(record))
+        preps = scanner.device_preps
+    assert len(preps) == 2 and all(sum(p.frames_per_step.values()) > 0 for p in preps)
+    assert all(scored[id(r)] for r in runners)  # both lanes scored
+    for a, b in zip(one, records):
+        assert (a["path"], a["verdict"], a["sampling"]) == (b["path"], b["verdict"], b["sampling"])
+        assert frames_of(a) == frames_of(b)

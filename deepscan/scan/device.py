@@ -353,9 +353,11 @@ class DeviceStage:
         raws = []
         for ev in firsts:
             meta = ev.meta
-            if ev.pixels is not None:  # decoded by NVDEC, on the device already
+            if ev.pixels is not None:  # decoded by NVDEC, on a GPU already
                 frames = ev.pixels
-                if frames.device.type == "cuda":  # made on a decoder thread's stream, read on this one's
+                if frames.device != dev:  # NVDEC decodes on the first GPU; this home is another
+                    frames = frames.to(dev, non_blocking=True)
+                elif frames.device.type == "cuda":  # made on a decoder thread's stream, read on this one's
                     frames.record_stream(torch.cuda.current_stream(frames.device))
             else:
                 frames = torch.from_numpy(self.source.view(ev.slot, meta.shape))
@@ -394,7 +396,7 @@ def pin_slots(pool):
         buf = np.frombuffer(pool.block.buf, np.uint8)  # an export: the mapping stays while it lives
         ptr, size = buf.ctypes.data, buf.nbytes
         cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(ptr, size, 0)) != 0:
+        if int(cudart.cudaHostRegister(ptr, size, 1)) != 0:  # cudaHostRegisterPortable: every GPU's
             return None
     except (RuntimeError, AttributeError, TypeError, ValueError):
         return None

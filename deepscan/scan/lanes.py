@@ -194,24 +194,32 @@ def release_free_memory() -> None:
 
 class Lanes:
     """The model lanes of a scanner: at most two batches per lane wait to start; each result
-    wakes the scanning thread (``wake``)."""
+    wakes the scanning thread (``wake``). With ``homes``, each runner's lanes have a queue of
+    their own (``put(batch, home)``: the crops of a device's preparation stay on that device);
+    otherwise every lane takes from one queue."""
 
-    def __init__(self, runners: list, wake: Callable[[], None]):
+    def __init__(self, runners: list, wake: Callable[[], None], homes: bool = False):
         self._results: queue.Queue = queue.Queue()
-        self._jobs: queue.Queue = queue.Queue(maxsize=2 * len(model_lanes(runners)))
-        self._scorers = _lane_scorers(runners, self._jobs, self._results, wake)
+        lanes = model_lanes(runners)
+        groups = [[k for k, (r, _) in enumerate(lanes) if r is runner] for runner in runners] if homes \
+            else [list(range(len(lanes)))]
+        self._queues = [queue.Queue(maxsize=2 * len(g)) for g in groups]
+        home_of = {k: h for h, g in enumerate(groups) for k in g}
+        self._scorers = [Scorer(r, self._queues[home_of[k]], self._results, wake, threads, k)
+                         for k, (r, threads) in enumerate(lanes)]
+        self._homes = [[self._scorers[k] for k in g] for g in groups]
         for s in self._scorers:
             s.start()
 
-    def full(self) -> bool:
-        return self._jobs.full()
+    def full(self, home: int = 0) -> bool:
+        return self._queues[home].full()
 
-    def idle(self) -> bool:
+    def idle(self, home: int = 0) -> bool:
         """No batch waits and a lane has nothing to do: a part-filled batch may leave now."""
-        return self._jobs.empty() and any(not s.working for s in self._scorers)
+        return self._queues[home].empty() and any(not s.working for s in self._homes[home])
 
-    def put(self, batch: Batch) -> None:
-        self._jobs.put(batch)
+    def put(self, batch: Batch, home: int = 0) -> None:
+        self._queues[home].put(batch)
 
     def results(self):
         """The results that have come, as ``Scored``."""
@@ -223,25 +231,27 @@ class Lanes:
 
     def drop_waiting(self) -> None:
         """Batches not yet started are dropped (their run ended); a stop request stays."""
-        while True:
-            try:
-                batch = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if batch is None:
-                self._jobs.put_nowait(None)
-                return
+        for jobs in self._queues:
+            while True:
+                try:
+                    batch = jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if batch is None:
+                    jobs.put_nowait(None)
+                    break
 
     def close(self, timeout: float) -> bool:
         """Stop the lanes (a batch in progress is waited for); True if every thread ended."""
-        while True:
+        for jobs in self._queues:
+            while True:
+                try:
+                    jobs.get_nowait()
+                except queue.Empty:
+                    break
+        for s in self._scorers:
             try:
-                self._jobs.get_nowait()
-            except queue.Empty:
-                break
-        for _ in self._scorers:
-            try:
-                self._jobs.put_nowait(None)
+                s.jobs.put_nowait(None)
             except queue.Full:
                 pass
         deadline = time.monotonic() + timeout

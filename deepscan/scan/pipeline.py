@@ -48,28 +48,36 @@ class Scanner:
         self.pool = pool or start_pool(settings, cfg, make_detector, workers, devices=len(runners), gpu=gpu,
                                        slots_per_worker=slots_per_worker, max_side=max_side)
         self.window = max(16, 4 * len(self.pool.workers))  # inputs in flight beyond the next to emit
-        self.device_prep, self._pinned, self.prep_stream = None, None, None
+        # With --preparation device each runner's device prepares the videos it scores (a "home":
+        # a preparer, its stream, its batcher and its lanes); otherwise one home takes every batch.
+        self.device_preps, self._pinned, self.prep_streams = [], None, []
         if settings.on_device:
             from .device import DETECT_FRAMES, DevicePreparer, pin_slots
 
-            self.device_prep = DevicePreparer(runners[0].device, image_size=cfg.image_size, lda_size=cfg.lda_size,
-                                              margin=settings.margin, min_face=settings.min_face)
+            self.device_preps = [DevicePreparer(r.device, image_size=cfg.image_size, lda_size=cfg.lda_size,
+                                                margin=settings.margin, min_face=settings.min_face) for r in runners]
             self._pinned = pin_slots(self.pool) if gpu else None
-            if self.device_prep.device.type == "cuda":
+            if gpu:
                 import torch
 
-                # its own stream: copies in, detection and crops overlap the lanes' batches
-                self.prep_stream = torch.cuda.Stream(self.device_prep.device)
+                # streams of their own: copies in, detection and crops overlap the lanes' batches
+                self.prep_streams = [torch.cuda.Stream(p.device) if p.device.type == "cuda" else None
+                                     for p in self.device_preps]
                 # a detection step wants many whole frames at once: as many videos in flight
-                self.window = max(self.window, 2 * DETECT_FRAMES)
+                self.window = max(self.window, 2 * DETECT_FRAMES * len(runners))
         if settings.decoder == "nvdec":
             from .nvdec import NvdecPool
 
             self.pool = NvdecPool(self.pool, settings.prep(cfg, max_side), runners[0].device, module=nvdec_module,
                                   say=say, stall_s=settings.timeout_s)
         self._waker = Waker()
-        self.lanes = Lanes(runners, self._waker)
+        self.lanes = Lanes(runners, self._waker, homes=bool(self.device_preps))
         self._closed = False
+
+    @property
+    def device_prep(self):
+        """The first home's preparer (None without --preparation device)."""
+        return self.device_preps[0] if self.device_preps else None
 
     def wake(self) -> None:
         """Wake the scanning thread from its wait (a feed that has new inputs; any thread)."""
@@ -118,15 +126,33 @@ class _Run:
         self.sc, self.source, self.lanes = scanner, scanner.pool, scanner.lanes
         self.inputs, self.on_record = iter(inputs), on_record
         self.exhausted, self.next_index, self.id = False, 0, 0
-        self.batcher = Batcher(scanner.settings.batch_size)
-        self.stage = None
-        if scanner.device_prep is not None:  # torch's stage: imported only for --preparation device
+        self.stages: list = []
+        if scanner.device_preps:  # torch's stage: imported only for --preparation device
             from .device import DeviceStage
 
-            self.stage = DeviceStage(scanner.device_prep, self.source)
+            self.stages = [DeviceStage(p, self.source) for p in scanner.device_preps]
+        self.batchers = [Batcher(scanner.settings.batch_size) for _ in self.stages or [None]]
         self.assembler = Assembler(scanner.settings, model=scanner.model, detector=scanner.detector_name,
-                                   heatmaps=scanner.heatmaps, on_device=self.stage is not None,
-                                   on_complete=self.stage.forget if self.stage is not None else None)
+                                   heatmaps=scanner.heatmaps, on_device=bool(self.stages),
+                                   on_complete=self.forget if self.stages else None)
+
+    def home(self, index: int) -> int:
+        """Which home (device) prepares and scores input ``index``: in turn."""
+        return index % len(self.batchers)
+
+    def forget(self, index: int) -> None:
+        self.stages[self.home(index)].forget(index)
+
+    def on_stream(self, home: int):
+        """The context of a home's device work in this thread: its preparation stream, if any."""
+        import contextlib
+
+        streams = self.sc.prep_streams
+        if not streams or streams[home] is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.cuda.stream(streams[home])
 
     def __enter__(self) -> "_Run":
         self.id = self.source.begin_run()
@@ -134,27 +160,22 @@ class _Run:
 
     def __exit__(self, *exc) -> None:
         try:
-            self.source.free([p.slot for p in self.batcher.drop() if p.slot is not None])
-            if self.stage is not None:
-                self.stage.reset()
+            for batcher in self.batchers:
+                self.source.free([p.slot for p in batcher.drop() if p.slot is not None])
+            for stage in self.stages:
+                stage.reset()
             self.source.end_run(self.id)
         finally:
             self.lanes.drop_waiting()
 
     def loop(self) -> None:
-        import contextlib
-
         waker, asm = self.sc._waker, self.assembler
-        on_stream = contextlib.nullcontext()
-        if self.sc.prep_stream is not None:  # the scanning thread's device work, on the preparation's stream
-            import torch
-
-            on_stream = torch.cuda.stream(self.sc.prep_stream)
-        with on_stream:
-            if self.stage is not None and self.stage.prep.device.type == "cuda":
-                self.stage.prep.warm()  # every detector shape, in this thread, before the first step
-            while self.turn(waker, asm):
-                pass
+        for home, stage in enumerate(self.stages):
+            if stage.prep.device.type == "cuda":
+                with self.on_stream(home):
+                    stage.prep.warm()  # every detector shape, in this thread, before the first step
+        while self.turn(waker, asm):
+            pass
 
     def turn(self, waker, asm) -> bool:
         """One turn of the loop: inputs out, device steps, batches, events, results, records;
@@ -162,14 +183,16 @@ class _Run:
         self.dispatch()
         if self.exhausted and asm.idle:
             return False
-        if self.stage is not None:
-            self.stage.release()  # slots whose copies to the device are over go back
-        if self.stage:
-            for index, face_clips, seconds in self.stage.step():
-                self.prepared(index, face_clips, seconds)
+        for home, stage in enumerate(self.stages):
+            stage.release()  # slots whose copies to the device are over go back
+            if stage:
+                with self.on_stream(home):
+                    for index, face_clips, seconds in stage.step():
+                        self.prepared(index, face_clips, seconds)
         wait = self.form_batches()
-        holding = self.stage is not None and self.stage.holding
-        timeout = 0.0 if self.stage else 0.002 if holding else wait if asm.videos else 0.5
+        stepping = any(self.stages)
+        holding = any(stage.holding for stage in self.stages)
+        timeout = 0.0 if stepping else 0.002 if holding else wait if asm.videos else 0.5
         events, woke = self.source.poll(timeout, extra=[waker])
         if woke:
             waker.clear()
@@ -212,10 +235,10 @@ class _Run:
             asm.started(index, ev.head)
         elif isinstance(ev, Clip):
             asm.expect(index)
-            self.batcher.add(Pending(index, ev.slot, ev.meta, time.monotonic(), ev.pixels))
+            self.batchers[0].add(Pending(index, ev.slot, ev.meta, time.monotonic(), ev.pixels))
         elif isinstance(ev, Frames):  # a decoded clip for the device: counted as one clip until then
             asm.expect(index)
-            self.stage.add(ev)
+            self.stages[self.home(index)].add(ev)
         elif isinstance(ev, (Done, Lost)):
             tail, error = (ev.tail, None) if isinstance(ev, Done) else (Tail(), ev.reason)
             if error or tail.error:
@@ -224,9 +247,9 @@ class _Run:
 
     def drop(self, index: int) -> None:
         """A failed video's clips still waiting go back, uncounted."""
-        gone = self.batcher.drop(index)
+        gone = self.batchers[self.home(index)].drop(index)
         self.source.free([p.slot for p in gone if p.slot is not None])
-        count = len(gone) + (self.stage.drop(index) if self.stage is not None else 0)
+        count = len(gone) + (self.stages[self.home(index)].drop(index) if self.stages else 0)
         if count:
             self.assembler.dropped(index, count)
 
@@ -235,30 +258,37 @@ class _Run:
         now = time.monotonic()
         for fc in face_clips:
             meta = ClipMeta(fc.track_id, fc.clip_index, fc.frame_index, fc.time_s, fc.box, fc.det_score)
-            self.batcher.add(Pending(index, None, meta, now, (fc.image, fc.frames)))
+            self.batchers[self.home(index)].add(Pending(index, None, meta, now, (fc.image, fc.frames)))
         self.assembler.prepared(index, len(face_clips), seconds)
 
     def form_batches(self) -> float:
-        """Send batches to the lanes (``Batcher.take`` decides when); returns how long the loop
-        may wait before the next part-filled batch is due."""
-        more = bool(self.stage) or self.source.outstanding(self.id) > 0
-        while not self.lanes.full():
-            chunk = self.batcher.take(time.monotonic(), self.lanes.idle(), more)
-            if chunk is None:
-                return self.batcher.due(time.monotonic())
-            images, frames = self.pixels(chunk)
-            self.lanes.put(Batch([(p.index, p.meta) for p in chunk], images, frames, self.id, self.ready(images)))
-        return MAX_WAIT_S
+        """Send batches to the lanes, each home's to its own (``Batcher.take`` decides when);
+        returns how long the loop may wait before the next part-filled batch is due."""
+        more = any(self.stages) or self.source.outstanding(self.id) > 0
+        wait = MAX_WAIT_S
+        for home, batcher in enumerate(self.batchers):
+            while not self.lanes.full(home):
+                chunk = batcher.take(time.monotonic(), self.lanes.idle(home), more)
+                if chunk is None:
+                    wait = min(wait, batcher.due(time.monotonic()))
+                    break
+                with self.on_stream(home):
+                    images, frames = self.pixels(chunk)
+                    ready = self.ready(images, home)
+                self.lanes.put(Batch([(p.index, p.meta) for p in chunk], images, frames, self.id, ready), home)
+        return wait
 
-    def ready(self, images):
-        """For crops cut on a GPU, an event on the preparation's stream after which they are whole
-        (the lane's stream waits for it); None otherwise."""
-        if self.sc.prep_stream is None or getattr(images, "device", None) is None or images.device.type != "cuda":
+    def ready(self, images, home: int = 0):
+        """For crops cut on a GPU, an event on the home's preparation stream after which they are
+        whole (the lane's stream waits for it); None otherwise."""
+        streams = self.sc.prep_streams
+        if not streams or streams[home] is None or getattr(images, "device", None) is None \
+                or images.device.type != "cuda":
             return None
         import torch
 
         event = torch.cuda.Event()
-        event.record(self.sc.prep_stream)
+        event.record(streams[home])
         return event
 
     def pixels(self, chunk: list[Pending]):
