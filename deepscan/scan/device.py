@@ -515,14 +515,10 @@ def crop_batch(clips: list[torch.Tensor], squares: list[tuple[int, tuple[int, in
         inside_y = ((p[:, 2:3] + at) >= 0) & ((p[:, 2:3] + at) < fh)
         for out, size, part, bicubic in ((images, image_size, x[:, :3], p[:, 4]),
                                          (lda, lda_size, x, p[:, 5])):
-            sizes = torch.full_like(side, size)
-
-            def weights(valid, _size=size, _sizes=sizes, _bicubic=bicubic):
-                enlarge = resample.taps(side, side, _sizes, _size, span, "bicubic", valid)
-                shrink = resample.taps(side, side, _sizes, _size, span, "box", valid)
-                return torch.where(_bicubic[:, None, None].bool(), enlarge, shrink)
-
-            y = resample.resize(part, weights(inside_x), weights(inside_y))  # (K, c, S, S)
+            # one filter each (bicubic to enlarge, box to reduce), both directions alike but for
+            # where the square leaves the frame
+            w = resample.taps(side, side, torch.full_like(side, size), size, span, ("bicubic", "box"), bicubic.bool())
+            y = resample.resize(part, w * inside_x[:, None, :], w * inside_y[:, None, :])  # (K, c, S, S)
             out.append(y.reshape(len(mine), -1, 3, size, size).permute(0, 1, 3, 4, 2).to(torch.uint8))
         order += idx
     return _in_order(images, order, device)[:, 0], _in_order(lda, order, device)

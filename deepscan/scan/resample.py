@@ -44,15 +44,20 @@ FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_triangle, 1.0), "box": (_bo
 
 
 def taps(size_in: torch.Tensor, span: torch.Tensor, size_out: torch.Tensor, out_max: int, width: int,
-         filter_name: str, valid: torch.Tensor | None = None) -> torch.Tensor:
+         filters: str | tuple[str, str], choose: torch.Tensor | None = None,
+         valid: torch.Tensor | None = None) -> torch.Tensor:
     """PIL's filter from ``size_in`` input pixels over the span [0, span) to ``size_out`` outputs,
     per item (tensors of shape (B,)), as (B, out_max, width) weights in PIL's fixed point
-    (float64 integers). Rows from ``size_out`` on are zero (black padding); input columns from
-    ``size_in`` on, and where ``valid`` (B, width) is False (outside the frame: black), weigh 0."""
-    filt, support = FILTERS[filter_name]
+    (float64 integers). ``filters``: a name, or two names and ``choose`` (B,) bool picking the
+    first where True (each item its own filter, in the same operations). Rows from ``size_out``
+    on are zero (black padding); input columns from ``size_in`` on, and where ``valid`` (B,
+    width) is False (outside the frame: black), weigh 0."""
+    first, second = (filters, filters) if isinstance(filters, str) else filters
+    (f1, s1), (f2, s2) = FILTERS[first], FILTERS[second]
     span, size_out = span.double(), size_out.double()
     scale = span / size_out.clamp(min=1)
     fscale = scale.clamp(min=1.0)
+    support = s1 if first == second else torch.where(choose, s1, s2).double()
     reach = support * fscale
     o = torch.arange(out_max, dtype=torch.float64, device=span.device)
     centre = (o[None, :] + 0.5) * scale[:, None]  # (B, O)
@@ -61,8 +66,9 @@ def taps(size_in: torch.Tensor, span: torch.Tensor, size_out: torch.Tensor, out_
     hi = torch.minimum(torch.trunc(centre + reach[:, None] + 0.5), size_in.double()[:, None])
     p = torch.arange(width, dtype=torch.float64, device=span.device)
     inside = (p >= lo[..., None]) & (p < hi[..., None])  # (B, O, W)
-    w = torch.where(inside, filt((p - centre[..., None] + 0.5) / fscale[:, None, None]), torch.zeros((), dtype=torch.float64,
-                                                                                                     device=span.device))
+    x = (p - centre[..., None] + 0.5) / fscale[:, None, None]
+    value = f1(x) if first == second else torch.where(choose[:, None, None], f1(x), f2(x))
+    w = torch.where(inside, value, torch.zeros((), dtype=torch.float64, device=span.device))
     total = w.sum(dim=-1, keepdim=True)
     w = torch.where(total != 0, w / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(w))
     w = torch.where(w < 0, torch.trunc(-0.5 + w * FRACTION), torch.trunc(0.5 + w * FRACTION))
