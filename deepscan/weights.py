@@ -397,6 +397,19 @@ def _announced(entry: ManifestEntry, url: str, repo_id: str, revision: str, file
     return size
 
 
+def partial_bytes(folder: Path) -> int:
+    """Bytes in the partial (``*.incomplete``) files of a Hub cache's blobs folder. A partial file
+    renamed between the listing and its ``stat`` (the download just finished) counts as 0: it
+    once ended a finished download with FileNotFoundError."""
+    total = 0
+    for p in folder.glob("*.incomplete") if folder.is_dir() else ():
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def _watched(entry: ManifestEntry, repo_id: str, size: int, run):
     """``run()`` (hf_hub_download) in a thread, watched through the partial file it writes: it must
     grow by STALL_BYTES every STALL_S (or finish) and end within the deadline; else the download
@@ -420,7 +433,7 @@ def _watched(entry: ManifestEntry, repo_id: str, size: int, run):
     while thread.is_alive():
         thread.join(0.2)
         now = time.monotonic()
-        have = sum(p.stat().st_size for p in folder.glob("*.incomplete")) if folder.is_dir() else 0
+        have = partial_bytes(folder)
         if have >= last_size + STALL_BYTES or last_size < 0:
             last_size, last_t = have, now
         if thread.is_alive() and now - last_t > STALL_S:

@@ -63,7 +63,7 @@ def step_ops(prep, faces_per_clip: int, seed: int) -> tuple[Ops, list]:
     clips = [RawClip(k, 1, (0, 1), (0.0, 0.04), torch.from_numpy(rng.integers(0, 256, (2, 360, 640, 3), np.uint8)))
              for k in range(8)]
     found = [faces_in(rng, faces_per_clip, 360, 640) for _ in clips]
-    prep.search = lambda items: found
+    prep.search = lambda items, later=(): found
     try:
         with Ops() as ops:
             out = prep.step(clips)
@@ -127,3 +127,31 @@ def test_a_real_step_synchronises_once_per_detection_round_and_nowhere_else(medi
         assert not ops.syncing, ops.syncing
     assert found >= 9 and 3 <= rounds <= 3 * 5
     assert prep.fetches == rounds and prep.refetches == 0
+
+
+def test_a_whole_frame_pass_found_ahead_gives_the_same_faces_in_fewer_rounds(media_dir):
+    """A waiting clip that searches the whole frame first (every FULL_EVERY-th) has that pass run
+    in an earlier step's first round; when its turn comes the answer is used, not run again: the
+    same faces and crops as without, and its step has one round less."""
+    per_video = [clips_of(media_dir, [name], count=5, n=2) for name in ("two_faces.mp4", "astronaut.mp4")]
+
+    def scan_clips(ahead: bool):
+        prep = DevicePreparer("cpu", image_size=62, lda_size=32)
+        out, fetches = [], []
+        for index in range(5):
+            raws = [RawClip(v, index, c[index].frame_indices, c[index].times, torch.from_numpy(c[index].frames))
+                    for v, c in enumerate(per_video)]
+            later = [(v, 4, torch.from_numpy(c[4].frames[0])) for v, c in enumerate(per_video)] if ahead and index == 1 else []
+            before = prep.fetches
+            out.append(prep.step(raws, later))
+            fetches.append(prep.fetches - before)
+        return prep, out, fetches
+
+    (a, got, a_rounds), (b, want, b_rounds) = scan_clips(True), scan_clips(False)
+    assert (a.looked_ahead, a.used_ahead, a.ahead) == (2, 2, {}) and b.used_ahead == 0
+    assert a_rounds[1] == b_rounds[1] and a_rounds[4] == b_rounds[4] - 1, (a_rounds, b_rounds)
+    faces = [(f.key, f.clip_index, f.track_id, f.box) for step in got for clip in step for f in clip]
+    assert faces == [(f.key, f.clip_index, f.track_id, f.box) for step in want for clip in step for f in clip]
+    assert len(faces) >= 10
+    for x, y in zip((f for s in got for c in s for f in c), (f for s in want for c in s for f in c)):
+        assert torch.equal(x.image, y.image) and torch.equal(x.frames, y.frames)

@@ -310,3 +310,14 @@ def test_eval_crops_faces_the_checkpoints_way(tmp_path):
                                                alignment="none" if alignment != "none" else "deepfakebench-5pt"))
         crops[alignment] = open_arrays(load_cache(cache, items)[0])[0][0].astype(float)
     assert np.abs(crops["none"] - crops["deepfakebench-5pt"]).mean() > 5  # another cut of the same face
+
+
+def test_a_partial_file_renamed_while_it_is_measured_is_not_an_error(tmp_path, monkeypatch):
+    """The download watcher lists the partial files, then measures them: one renamed in between
+    (the download has just finished) counts as nothing (it was a FileNotFoundError that failed a
+    finished download, seen once in CI)."""
+    (tmp_path / "a.incomplete").write_bytes(b"x" * 10)
+    gone = tmp_path / "b.incomplete"
+    listed = [tmp_path / "a.incomplete", gone]  # b is listed, then renamed before its stat
+    monkeypatch.setattr(type(tmp_path), "glob", lambda self, pattern: iter(listed))
+    assert weights.partial_bytes(tmp_path) == 10

@@ -117,13 +117,20 @@ class DevicePreparer:
         self.shapes_run: set = set()
         self.calls: Counter = Counter()
         self.frames_per_step: Counter = Counter()
+        # whole-frame answers found ahead, (key, clip index) -> faces: a clip that searches the
+        # whole frame first (``workers.search_flags``'s ``full``) needs no tracker for that pass,
+        # so it joins an earlier step's first round while its video's earlier clips are prepared
+        self.ahead: dict = {}
+        self.looked_ahead = self.used_ahead = 0
 
     # ---- a scan's step
     @torch.inference_mode()
-    def step(self, clips: list[RawClip]) -> list[list[DeviceClip]]:
+    def step(self, clips: list[RawClip], later=()) -> list[list[DeviceClip]]:
         """The face clips of each of ``clips`` (at most one per video: a video's search depends on
         its tracker after the clip before), detected in stages batched across them, as the
-        workers do it (``workers.prepare_video``); every face of the step cut in one batch."""
+        workers do it (``workers.prepare_video``); every face of the step cut in one batch.
+        ``later``: (key, clip index, first frame) of clips still waiting whose whole-frame pass
+        can go now (``ahead``), in this step's first round."""
         from .workers import search_flags
 
         self.frames_per_step[len(clips)] += 1
@@ -132,8 +139,8 @@ class DevicePreparer:
             tracker = self.trackers.setdefault(c.key, Tracker())
             flags = search_flags(c.index)
             items.append((c.frames[0], tracker.recent(), tracker.active(), flags["deep"], flags["full"],
-                          flags["crowd"]))
-        found = self.search(items)
+                          flags["crowd"], (c.key, c.index)))
+        found = self.search(items, later)
         picked, squares = [], []
         for ci, (c, dets) in enumerate(zip(clips, found)):
             dets = filter_faces(dets, self.min_face)
@@ -153,25 +160,47 @@ class DevicePreparer:
 
     def forget(self, key) -> None:
         self.trackers.pop(key, None)
+        for k in [k for k in self.ahead if k[0] == key]:
+            del self.ahead[k]
+
+    def clear(self) -> None:
+        """Every tracker and answer found ahead gone (a run ended)."""
+        self.trackers.clear()
+        self.ahead.clear()
 
     # ---- detection
-    def search(self, items) -> list[list[Detection]]:
-        """Faces in each frame of ``items`` ((frame, hints, follow, deep, full[, crowd]): frames (H, W, 3)
-        uint8 on the device, of any sizes), by ``faces.blazeface_search``'s stages: every round
-        takes the next stage of each frame still searching, in one batch per network."""
+    def search(self, items, later=()) -> list[list[Detection]]:
+        """Faces in each frame of ``items`` ((frame, hints, follow, deep, full[, crowd[, key]]):
+        frames (H, W, 3) uint8 on the device, of any sizes), by ``faces.blazeface_search``'s
+        stages: every round takes the next stage of each frame still searching, in one batch per
+        network. A whole-frame pass found ahead for an item's ``key`` is used, not run again;
+        ``later`` ((key, clip index, frame)) join the first round and are kept in ``ahead``."""
         from ..blazeface import VARIANTS
 
         size = VARIANTS["full"].size
         gens, asks, out = {}, {}, [None] * len(items)
-        for i, (frame, hints, follow, deep, full, *crowd) in enumerate(items):
+        for i, (frame, hints, follow, deep, full, *rest) in enumerate(items):
             h, w = frame.shape[:2]
             gens[i] = blazeface_search(h, w, size, hints, follow=follow, deep=deep, min_face=self.min_face, full=full,
-                                       crowd=crowd[0] if crowd else None)
-            asks[i] = next(gens[i])  # every search looks at something first
-        while asks:
+                                       crowd=rest[0] if rest else None)
+            ask = next(gens[i])  # every search looks at something first
+            key = rest[1] if len(rest) > 1 else None
+            if key in self.ahead and ask == ([(0, 0, max(h, w))], False):  # found ahead: the round is done
+                self.used_ahead += 1
+                try:
+                    ask = gens[i].send(self.ahead.pop(key))
+                except StopIteration as done:
+                    out[i] = done.value
+                    continue
+            asks[i] = ask
+        extra = [((key, index), (frame, [(0, 0, max(frame.shape[:2]))], False)) for key, index, frame in later]
+        while asks or extra:
             keys = list(asks)
-            answers = self.run_views([(items[i][0], *asks[i]) for i in keys])
-            asks = {}
+            answers = self.run_views([(items[i][0], *asks[i]) for i in keys] + [e[1] for e in extra])
+            for (key, _), found in zip(extra, answers[len(keys):]):
+                self.ahead[key] = found
+            self.looked_ahead += len(extra)
+            extra, asks = [], {}
             for i, found in zip(keys, answers):
                 try:
                     asks[i] = gens[i].send(found)
@@ -283,11 +312,11 @@ class DevicePreparer:
         return crop_batch([frames], [(0, sq) for sq in squares], image_size, lda_size)
 
 
-def timed_step(prep: DevicePreparer, clips: list[RawClip]) -> tuple[list[list[DeviceClip]], float]:
+def timed_step(prep: DevicePreparer, clips: list[RawClip], later=()) -> tuple[list[list[DeviceClip]], float]:
     """``prep.step`` and its host seconds (each detection round waits for its results; the crops
     may still be running on a GPU when it returns: the model's stream waits for them)."""
     t = time.perf_counter()
-    out = prep.step(clips)
+    out = prep.step(clips, later)
     return out, time.perf_counter() - t
 
 
@@ -324,6 +353,28 @@ class DeviceStage:
     def forget(self, index: int) -> None:
         self.prep.forget(index)
 
+    def _later(self, dev) -> list:
+        """(key, clip index, first frame on the device) of waiting clips, behind each video's next,
+        whose whole-frame pass can go in this step (``DevicePreparer.search``): at most
+        DETECT_FRAMES."""
+        from .workers import search_flags
+
+        out = []
+        for index, queue_ in self._raw.items():
+            for ev in queue_[1:]:
+                key = (index, ev.meta.clip_index)
+                if len(out) >= DETECT_FRAMES:
+                    return out
+                if key in self.prep.ahead or not search_flags(ev.meta.clip_index)["full"]:
+                    continue
+                if ev.pixels is not None:
+                    frame = ev.pixels[0]
+                else:
+                    frame = torch.from_numpy(self.source.view(ev.slot, ev.meta.shape)[0])
+                frame = frame.to(dev, non_blocking=True) if frame.device != dev else frame
+                out.append((index, ev.meta.clip_index, frame))
+        return out
+
     def release(self, wait: bool = False) -> None:
         """Slots whose copies are over go back (with ``wait``, all of them, after waiting)."""
         keep = []
@@ -341,7 +392,7 @@ class DeviceStage:
         self.release(wait=True)
         self.source.free([ev.slot for queue_ in self._raw.values() for ev in queue_])
         self._raw = {}
-        self.prep.trackers.clear()
+        self.prep.clear()
 
     def step(self) -> list[tuple[int, list[DeviceClip], float]]:
         """One step: (input index, its face clips, its share of the step's seconds) per video."""
@@ -363,6 +414,7 @@ class DeviceStage:
                 frames = torch.from_numpy(self.source.view(ev.slot, meta.shape))
                 frames = frames.to(dev, non_blocking=True) if dev.type != "cpu" else frames
             raws.append(RawClip(ev.job.index, meta.clip_index, meta.frame_indices, meta.times, frames))
+        later = self._later(dev)
         slots = [ev.slot for ev in firsts]
         if dev.type == "cuda" and slots:  # the copies are queued: their slots go back when they are done
             event = torch.cuda.Event()
@@ -370,7 +422,7 @@ class DeviceStage:
             self._held.append((event, slots))
             slots = []
         try:
-            prepared, seconds = timed_step(self.prep, raws)
+            prepared, seconds = timed_step(self.prep, raws, later)
         except Exception as exc:  # noqa: BLE001 - the device (e.g. out of memory) fails the scan, loudly
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise DeepscanError(f"device preparation failed on {dev} ({type(exc).__name__}: {first}); "
