@@ -325,6 +325,13 @@ def test_the_nvdec_check_video_is_made_once_and_kept(monkeypatch, tmp_path):
     assert nvdec.available(torch.device("cpu"), fake_nvc) is None
     assert kept.stat().st_mtime_ns == made  # a second start encoded nothing
     assert [p.name for p in kept.parent.iterdir()] == [nvdec.CHECK_VIDEO]  # no temporary file left
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")  # a cache that cannot hold it: made in a temporary folder, removed after
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    work = tmp_path / "work"
+    work.mkdir()
+    assert nvdec.check_video() is None
+    assert nvdec.available(torch.device("cpu"), fake_nvc, workdir=str(work)) is None and not list(work.iterdir())
 
 
 def test_each_runner_prepares_the_videos_it_scores(media_dir):

@@ -88,8 +88,8 @@ class DevicePreparer:
     tracker lives here from its first clip until ``forget``. With fixed shapes (the default on
     CUDA) detector calls are padded to DETECT_BUCKETS. ``fetches`` counts the copies to the
     host (one per detection round), ``refetches`` the views whose anchors overflowed TOP_ANCHORS,
-    ``shapes_run`` the (thread, network, views) of every network call and ``warmed`` those of the
-    warm-up; ``calls`` counts network calls by (near, views), ``frames_per_step`` steps by clips."""
+    ``warmed`` the (thread, network, views) of the warm-up; ``calls`` counts network calls by
+    (near, views), ``frames_per_step`` steps by clips."""
 
     def __init__(self, device: torch.device | str = "cpu", *, image_size: int = 398, lda_size: int = 224,
                  margin: float | None = None, min_face: int = faces_mod.MIN_FACE, threshold: float = 0.5,
@@ -114,7 +114,6 @@ class DevicePreparer:
         self.fixed_shapes = self.device.type == "cuda" if fixed_shapes is None else fixed_shapes
         self.fetches = self.refetches = 0
         self.warmed: set = set()
-        self.shapes_run: set = set()
         self.calls: Counter = Counter()
         self.frames_per_step: Counter = Counter()
         # whole-frame answers found ahead, (key, clip index) -> faces: a clip that searches the
@@ -253,7 +252,6 @@ class DevicePreparer:
                 b = bucket(len(chunk)) if self.fixed_shapes else len(chunk)
                 if b > len(chunk):
                     chunk = torch.cat([chunk, chunk.new_zeros((b - len(chunk), *chunk.shape[1:]))])
-                self.shapes_run.add((threading.current_thread().name, near, b))
                 self.calls[(near, b)] += 1
                 boxes, keypoints, scores = net(chunk)
                 best, anchor = scores.topk(top, dim=1)  # (b, top): a fixed size, no nonzero

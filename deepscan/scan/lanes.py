@@ -148,9 +148,11 @@ def model_lanes(runners: list) -> list[tuple[object, int]]:
     return [(r, t) for r in runners for t in (cpu_lanes(r.threads) if r.device.type == "cpu" else [0])]
 
 
-def _lane_scorers(runners: list, jobs: queue.Queue, results: queue.Queue,
+def _lane_scorers(runners: list, jobs: queue.Queue | list[queue.Queue], results: queue.Queue,
                   wake: Callable[[], None]) -> list[Scorer]:
-    return [Scorer(r, jobs, results, wake, threads, k) for k, (r, threads) in enumerate(model_lanes(runners))]
+    """A Scorer per lane (``model_lanes``), taking from ``jobs`` (or from its own entry of it)."""
+    return [Scorer(r, jobs[k] if isinstance(jobs, list) else jobs, results, wake, threads, k)
+            for k, (r, threads) in enumerate(model_lanes(runners))]
 
 
 def score_in_lanes(runners: list, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -205,8 +207,8 @@ class Lanes:
             else [list(range(len(lanes)))]
         self._queues = [queue.Queue(maxsize=2 * len(g)) for g in groups]
         home_of = {k: h for h, g in enumerate(groups) for k in g}
-        self._scorers = [Scorer(r, self._queues[home_of[k]], self._results, wake, threads, k)
-                         for k, (r, threads) in enumerate(lanes)]
+        self._scorers = _lane_scorers(runners, [self._queues[home_of[k]] for k in range(len(lanes))], self._results,
+                                      wake)
         self._homes = [[self._scorers[k] for k in g] for g in groups]
         for s in self._scorers:
             s.start()

@@ -64,54 +64,68 @@ def load(module=None):
 CHECK_VIDEO = "nvdec-check-v1.mp4"  # 16 frames of 128x72 H.264, made once per cache folder
 
 
-def check_video(workdir: str | None = None) -> str:
-    """The short H.264 file NVDEC's start check decodes: made by ffmpeg once and kept in deepscan's
-    cache folder (so a scan does not encode a video at every start); made in ``workdir`` (a
-    temporary folder) when the cache cannot hold it."""
+def _encode_check(path: str) -> None:
     import subprocess
+
+    from ..video import ffmpeg_exe
+
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i",
+                    "testsrc=size=128x72:rate=25", "-frames:v", "16", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    path], check=True, capture_output=True, timeout=60)
+
+
+def check_video() -> str | None:
+    """The short H.264 file NVDEC's start check decodes, made by ffmpeg once and kept in deepscan's
+    cache folder (a scan does not encode a video at every start); None where that folder cannot
+    hold it (``available`` then makes one in a temporary folder)."""
     import tempfile
 
     from ..errors import cache_home
-    from ..video import ffmpeg_exe
 
     kept = cache_home() / CHECK_VIDEO
     if kept.is_file() and kept.stat().st_size > 0:
         return str(kept)
     try:
         kept.parent.mkdir(parents=True, exist_ok=True)
-        folder = str(kept.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=kept.parent)
+        os.close(fd)
     except OSError:
-        folder = workdir or tempfile.mkdtemp(prefix="deepscan-nvdec-")
-    fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=folder)
-    os.close(fd)
+        return None
     try:
-        subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i",
-                        "testsrc=size=128x72:rate=25", "-frames:v", "16", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-                        tmp], check=True, capture_output=True, timeout=60)
-        if folder == str(kept.parent):
-            os.replace(tmp, kept)  # whole or not at all: a check never reads a half-written file
-            return str(kept)
+        _encode_check(tmp)
+        os.replace(tmp, kept)  # whole or not at all: a check never reads a half-written file
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return tmp
+    return str(kept)
 
 
 def available(device: torch.device, module=None, workdir: str | None = None) -> str | None:
     """None if NVDEC decodes here (``check_video``, decoded and compared in shape), else the
     reason, for the one notice a scan gives."""
+    import tempfile
+
     try:
         nvc = load(module)
-        path = check_video(workdir)
-        dec = _open(nvc, path, device)
-        frame = _frame(dec.get_batch_frames_by_index([3])[0], 72, 128, device)
-        if tuple(frame.shape) != (72, 128, 3) or len(dec) != 16:
-            return f"NVDEC decoded a check video wrongly (shape {tuple(frame.shape)}, {len(dec)} frames)"
+        path = check_video()
+        if path is not None:
+            return _decodes_check(nvc, path, device)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            path = os.path.join(tmp, "check.mp4")
+            _encode_check(path)
+            return _decodes_check(nvc, path, device)
     except DeepscanError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - whatever the driver or module raises
         return f"NVDEC failed on a check video ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def _decodes_check(nvc, path: str, device: torch.device) -> str | None:
+    dec = _open(nvc, path, device)
+    frame = _frame(dec.get_batch_frames_by_index([3])[0], 72, 128, device)
+    if tuple(frame.shape) != (72, 128, 3) or len(dec) != 16:
+        return f"NVDEC decoded a check video wrongly (shape {tuple(frame.shape)}, {len(dec)} frames)"
     return None
 
 
